@@ -1,0 +1,43 @@
+"""Errors that carry their fix. The CLI prints `error: <message>` and `hint: <hint>`, then exits with the class's code."""
+
+from __future__ import annotations
+
+
+class HubexportError(Exception):
+    """A user-facing failure: a one-line message naming the file or value, and a hint saying how to fix it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class CheckpointError(HubexportError):
+    """The checkpoint is missing, incomplete, corrupt or of an unknown layout."""
+
+
+class ConfigError(HubexportError):
+    """The model config is missing or contradicts the weights or the flags."""
+
+
+class TargetError(HubexportError):
+    """The output path cannot be written as asked."""
+
+
+class MappingError(HubexportError):
+    """Checkpoint tensors and the architecture's expected tensors do not match."""
+
+
+class HubError(HubexportError):
+    """The Hub refused a request (auth, permissions, conflicts)."""
+
+
+class DifferencesFound(HubexportError):
+    """`verify` found differences: not a crash, so a distinct exit code."""
+
+    exit_code = 1

@@ -1,0 +1,112 @@
+"""The conversion plan: every output tensor, its shard file and the rank that writes it, computed from metadata
+before a single tensor byte is read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+
+from hubexport.sources import TensorSpec
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Source tensors that convert together into output tensors (a fused expert block, a qkv split...).
+
+    `convert` is pure: it maps the source tensors (by name) to the output tensors (by name). A group with no outputs
+    is a check (e.g. a tied alias must equal its canonical weight)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[TensorSpec, ...]
+    convert: Callable[[Tensors], Tensors]
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    name: str
+    tensors: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    files: list[ShardFile]
+    cast: torch.dtype | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.files) > 1
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: f.name for f in self.files for t in f.tensors}
+
+    def group_of(self) -> dict[str, int]:
+        return {spec.name: i for i, g in enumerate(self.groups) for spec in g.outputs}
+
+    def peak_bytes(self, source_specs: dict[str, TensorSpec]) -> int:
+        """Upper bound of tensor bytes held at once: the largest group's inputs plus its outputs."""
+        return max(
+            (sum(source_specs[n].nbytes for n in g.inputs) + sum(o.nbytes for o in g.outputs) for g in self.groups),
+            default=0,
+        )
+
+    def files_for_rank(self, rank: int, world_size: int) -> list[ShardFile]:
+        """Files are dealt to ranks greedily, biggest first, to the least-loaded rank: deterministic and
+        balanced by bytes, so every rank computes the same assignment without talking."""
+        load = [0] * world_size
+        owner: dict[str, int] = {}
+        for f in sorted(self.files, key=lambda f: (-f.nbytes, f.name)):
+            r = min(range(world_size), key=lambda i: (load[i], i))
+            owner[f.name] = r
+            load[r] += f.nbytes
+        return [f for f in self.files if owner[f.name] == rank]
+
+
+def cast_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
+    """Casting touches floating-point tensors only (integer buffers keep their type, as in save_pretrained)."""
+    if dtype is None or not spec.dtype.is_floating_point:
+        return spec
+    return TensorSpec(spec.name, spec.shape, dtype)
+
+
+def natural_key(name: str) -> tuple:
+    """`layers.2` sorts before `layers.10`, as transformers orders the tensors it saves."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def make_plan(
+    groups: list[Group],
+    *,
+    max_shard_size: int | str,
+    cast: torch.dtype | None = None,
+    prefix: str = "model",
+) -> Plan:
+    outputs = sorted((cast_spec(o, cast) for g in groups for o in g.outputs), key=lambda s: natural_key(s.name))
+    by_name = {o.name: o for o in outputs}
+    if len(by_name) != len(outputs):
+        dupes = sorted({o.name for o in outputs if sum(p.name == o.name for p in outputs) > 1})
+        raise ValueError(f"two groups produce the same output tensor: {dupes[:3]}")
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda s: s.nbytes,
+        filename_pattern=prefix + "{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    files = [
+        ShardFile(fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
+    ]
+    return Plan(groups=groups, files=files, cast=cast)
