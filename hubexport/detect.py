@@ -1,0 +1,164 @@
+"""'What is this directory?' → a Layout: format, version, the files it needs, world size or parallel sizes.
+Reads directory listings and small JSON files only, never tensors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hubexport.errors import CheckpointError
+
+FSDP_MODEL_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+STEP_RE = re.compile(r"global_step_(\d+)")
+
+
+@dataclass
+class Layout:
+    format: str  # "fsdp" | "megatron" | "hf"
+    version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"
+    root: Path  # the actor (or critic) directory
+    hf_dir: Path | None  # where config.json and the tokenizer live
+    files: list[Path] = field(default_factory=list)  # the weight files the source reads
+    parallel: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int | None:
+        for part in reversed(self.root.resolve().parts):
+            m = STEP_RE.fullmatch(part)
+            if m:
+                return int(m.group(1))
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}", hint="re-copy the file from the training run") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object", hint="re-copy the file from the training run")
+    return data
+
+
+def _is_checkpoint_dir(d: Path) -> bool:
+    return (
+        any(FSDP_MODEL_RE.match(p.name) for p in d.iterdir() if p.is_file())
+        or (d / "dist_ckpt").is_dir()
+        or (d / "model" / "dist_ckpt").is_dir()
+        or (d / "ckpt_contents.json").is_file()
+        or any(p.name.startswith("mp_rank_") for p in (d / "model").glob("mp_rank_*"))
+    )
+
+
+def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
+    """Accept the actor dir itself, a `global_step_N` dir, or the run root with `latest_checkpointed_iteration.txt`."""
+    path = Path(path)
+    notes: list[str] = []
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist", hint="pass --local-dir the path of global_step_N/actor")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory", hint="pass the directory that holds it")
+    latest = path / "latest_checkpointed_iteration.txt"
+    if not _is_checkpoint_dir(path) and latest.is_file():
+        text = latest.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{latest} does not hold a step number: {text[:40]!r}", hint="pass global_step_N/actor")
+        step_dir = path / f"global_step_{int(text)}"
+        if not step_dir.is_dir():
+            raise CheckpointError(f"{latest} points at {step_dir.name}, which is missing", hint="pass an existing step")
+        notes.append(f"{latest.name} says step {int(text)}: using {step_dir}")
+        path = step_dir
+    if not _is_checkpoint_dir(path):
+        for role in ("actor", "critic"):
+            if (path / role).is_dir() and _is_checkpoint_dir(path / role):
+                notes.append(f"using {path / role} (pass {path / 'critic'} for the critic)" if role == "actor" else
+                             f"using {path / role}")
+                return path / role, notes
+    return path, notes
+
+
+def _hf_dir(root: Path) -> Path | None:
+    for cand in (root / "huggingface", root / "model" / "huggingface", root):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def detect_fsdp(root: Path) -> Layout | None:
+    ranks: dict[int, dict[int, Path]] = {}
+    for p in root.iterdir():
+        m = FSDP_MODEL_RE.match(p.name)
+        if m:
+            ranks.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
+    if not ranks:
+        return None
+    if len(ranks) > 1:
+        sizes = ", ".join(str(w) for w in sorted(ranks))
+        raise CheckpointError(
+            f"{root} holds rank files of several world sizes ({sizes})",
+            hint="two runs were copied into one directory; keep the files of one world size only",
+        )
+    (world_size, files), = ranks.items()
+    cfg_path = root / "fsdp_config.json"
+    version = "legacy"
+    if cfg_path.is_file():
+        cfg = _read_json(cfg_path)
+        declared = cfg.get("world_size")
+        if declared is not None and declared != world_size:
+            raise CheckpointError(
+                f"{cfg_path} says world_size={declared} but the rank files are model_world_size_{world_size}_rank_*.pt",
+                hint="the directory mixes two checkpoints, or fsdp_config.json was edited by hand; fix whichever is wrong",
+            )
+        version = {1: "fsdp1", 2: "fsdp2"}.get(cfg.get("FSDP_version"), "legacy")
+    for r in range(world_size):
+        if r not in files:
+            raise CheckpointError(
+                f"rank file {root / f'model_world_size_{world_size}_rank_{r}.pt'} is missing",
+                hint="the checkpoint is incomplete; re-copy it, or point --local-dir at a complete global_step_N/actor",
+            )
+    extra = sorted(r for r in files if r >= world_size)
+    if extra:
+        raise CheckpointError(
+            f"{files[extra[0]]} has rank {extra[0]} but the world size is {world_size}",
+            hint="remove the stray rank file",
+        )
+    return Layout(
+        format="fsdp",
+        version=version,
+        root=root,
+        hf_dir=_hf_dir(root),
+        files=[files[r] for r in range(world_size)],
+        parallel={"world_size": world_size},
+    )
+
+
+def detect_megatron(root: Path) -> Layout | None:
+    """Megatron layouts (v0 mp_rank_*, v1 dist_ckpt/, v2 model/dist_ckpt/, mbridge HF-in-huggingface/)."""
+    for dist, version in ((root / "model" / "dist_ckpt", "v2"), (root / "dist_ckpt", "v1")):
+        if dist.is_dir():
+            return Layout(format="megatron", version=version, root=root, hf_dir=_hf_dir(root), files=[dist])
+    mp = sorted((root / "model").glob("mp_rank_*")) if (root / "model").is_dir() else []
+    if mp:
+        return Layout(format="megatron", version="v0", root=root, hf_dir=_hf_dir(root), files=mp)
+    return None
+
+
+def detect(path: Path, backend: str = "auto") -> Layout:
+    root, notes = resolve_checkpoint_dir(Path(path))
+    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "auto": [detect_fsdp, detect_megatron]}
+    if backend not in detectors:
+        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp or megatron")
+    for fn in detectors[backend]:
+        layout = fn(root)
+        if layout is not None:
+            layout.notes[:0] = notes
+            return layout
+    what = {"auto": "a verl FSDP or Megatron checkpoint", "fsdp": "a verl FSDP checkpoint",
+            "megatron": "a Megatron checkpoint"}[backend]
+    raise CheckpointError(
+        f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/ or model/ found",
+        hint="point --local-dir at global_step_N/actor (or the run root holding latest_checkpointed_iteration.txt)",
+    )
