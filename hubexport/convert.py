@@ -16,7 +16,7 @@ from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
-from hubexport.plan import Plan, make_plan
+from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.sources import Source, TensorSpec
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.writers.safetensors import index_json, read_header, write_file
@@ -84,6 +84,10 @@ def prepare(
     trust_remote_code: bool = False,
 ) -> Prepared:
     """Detect, open lazily, map and plan: reads headers and pickled metadata only."""
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {max_shard_size!r} is not a size", hint="use e.g. 5GB or 500MB") from None
     layout = detect(Path(local_dir), backend)
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=trust_remote_code)
     source = open_source(layout)
@@ -104,11 +108,7 @@ def prepare(
         tied = False
     model = meta_model(config, architecture, trust_remote_code=trust_remote_code)
     groups = saved_groups(model, specs)
-    cast = DTYPE_NAMES[dtype] if dtype else None
-    try:
-        plan = make_plan(groups, max_shard_size=max_shard_size, cast=cast)
-    except ValueError as e:
-        raise ConfigError(f"--max-shard-size {max_shard_size!r} is not a size: {e}", hint="use e.g. 5GB or 500MB")
+    plan = make_plan(groups, max_shard_size=shard_bytes, cast=DTYPE_NAMES[dtype] if dtype else None)
     config.architectures = [architecture]
     return Prepared(layout, source, config, plan, architecture, value_model, tied)
 

@@ -3,6 +3,7 @@ Files are memory-mapped with weights_only=True; a tensor is assembled from its s
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,10 +16,16 @@ from hubexport.sources import TensorSpec
 from hubexport.sources.shards import Placement, covering_coords, local_region
 
 
+def _no_pg_warning(record: logging.LogRecord) -> bool:
+    return "unpickling of the DeviceMesh" not in record.getMessage()
+
+
 def load_rank_file(path: Path) -> dict[str, Any]:
     """Unpickle one rank file without running code: weights_only=True, tensors memory-mapped, not read."""
-    import torch.distributed.tensor
+    import torch.distributed.tensor  # registers DTensor & co. with the weights-only unpickler)
 
+    # Unpickling a DeviceMesh without process groups warns about torch.compile, which does not concern us.
+    logging.getLogger("torch.distributed.device_mesh").addFilter(_no_pg_warning)
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -37,5 +37,5 @@ def covering_coords(mesh_shape: tuple[int, ...], placements: tuple[Placement, ..
     coords: list[tuple[int, ...]] = [()]
     for n, p in zip(mesh_shape, placements, strict=True):
         span = range(n) if p.kind == "shard" else range(1)
-        coords = [c + (i,) for c in coords for i in span]
+        coords = [(*c, i) for c in coords for i in span]
     return coords
