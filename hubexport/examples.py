@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "llama", "qwen3", "qwen3_moe")
+FAMILIES = ("qwen2", "llama", "qwen3", "qwen3_moe", "deepseek_v3")
 PROMPT = [[3, 17, 42, 5, 99, 12, 7, 64]]  # fixed input for logits comparisons
 
 
@@ -53,6 +53,13 @@ def tiny_config(case: FsdpCase):  # -> transformers.PretrainedConfig
             head_dim=case.hidden_size // 4, moe_intermediate_size=case.hidden_size // 2, num_experts=4,
             num_experts_per_tok=2, decoder_sparse_step=1, **common,
         )
+    elif case.family == "deepseek_v3":  # MLA, a dense first layer, and a persistent fp32 buffer FSDP never shards
+        common["num_key_value_heads"] = 4
+        cfg = transformers.DeepseekV3Config(
+            moe_intermediate_size=case.hidden_size // 2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, n_group=1, topk_group=1, **common,
+        )
     else:
         raise ValueError(f"unknown family {case.family!r}; choose from {FAMILIES}")
     # verl keeps the actor's `*ForCausalLM` in a critic's saved config: reproduce that.
@@ -82,6 +89,9 @@ def build_model(case: FsdpCase):
         model = transformers.AutoModelForTokenClassification.from_config(cfg)
     else:
         model = transformers.AutoModelForCausalLM.from_config(cfg)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zeros at init: give the de-duplication real values to check
+            buf.copy_(torch.randn_like(buf))
     return cfg, model.to(getattr(torch, case.dtype))
 
 

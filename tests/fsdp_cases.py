@@ -16,6 +16,7 @@ CASES = {c.name: c for c in [
     FsdpCase("qwen3_fsdp2_w2_tied", family="qwen3", tied=True),
     FsdpCase("qwen3moe_fsdp2_w2", family="qwen3_moe"),
     FsdpCase("qwen2_critic_fsdp2_w2", critic=True),
+    FsdpCase("dsv3_fsdp2_w2", family="deepseek_v3"),  # MLA + an unsharded buffer on every rank
     FsdpCase("qwen2_legacy_fsdp1_w2", fsdp=1, legacy=True),
     # world size 3: uneven shards, last rank smaller
     FsdpCase("qwen2_fsdp2_w3", world_size=3, vocab_size=128),

@@ -80,7 +80,8 @@ def test_config_tells_the_truth(name, merged):
     case = CASES[name]
     result, folder = merged[name]
     config = json.loads((folder / "config.json").read_text())
-    family = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe"}[case.family]
+    family = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe",
+              "deepseek_v3": "DeepseekV3"}[case.family]
     head = "ForTokenClassification" if case.critic else "ForCausalLM"
     assert config["architectures"] == [family + head]
     assert config["dtype"] == case.dtype
@@ -133,5 +134,10 @@ def test_dim1_and_uneven_shards_really_occur(fsdp_root):
     assert local.shape[0] < -(-32 // 3)
     sd = load_rank_file(actor_dir(fsdp_root, "qwen2_hsdp_fsdp2_w4") / "model_world_size_4_rank_3.pt")
     assert sd["model.norm.weight"].device_mesh.mesh_dim_names == ("ddp", "fsdp")
+    buffer = "model.layers.1.mlp.gate.e_score_correction_bias"
+    copies = [load_rank_file(actor_dir(fsdp_root, "dsv3_fsdp2_w2") / f"model_world_size_2_rank_{r}.pt")[buffer]
+              for r in range(2)]
+    assert all(type(t) is torch.Tensor and t.shape == (4,) for t in copies) and torch.equal(*copies)
+    assert copies[0].abs().sum() > 0
     sd = load_rank_file(actor_dir(fsdp_root, "qwen2_plain_w1") / "model_world_size_1_rank_0.pt")
     assert all(type(t) is torch.Tensor for t in sd.values())
