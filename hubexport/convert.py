@@ -42,6 +42,7 @@ class MergeResult:
     tied_embeddings: bool
     value_model: bool
     global_step: int | None
+    peak_tensor_bytes: int  # planned upper bound of tensor bytes held at once (largest group in + out)
     files: list[WrittenFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -201,7 +202,7 @@ def merge(
     result = _result(prep, target)
     log(f"{prep.layout.format} {prep.layout.version} checkpoint, {_fmt_parallel(prep.layout.parallel)}: "
         f"{prep.architecture}, {result.num_parameters:,} parameters → {len(prep.plan.files)} file(s), "
-        f"{prep.plan.total_size / 1e9:.2f} GB")
+        f"{prep.plan.total_size / 1e9:.2f} GB, at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight")
     if dry_run:
         result.files = [WrittenFile(f.name if prep.plan.sharded else "model.safetensors", f.nbytes, None)
                         for f in prep.plan.files]
@@ -251,5 +252,6 @@ def _result(prep: Prepared, target: Path) -> MergeResult:
         tied_embeddings=prep.tied,
         value_model=prep.value_model,
         global_step=prep.layout.global_step,
+        peak_tensor_bytes=prep.plan.peak_bytes(prep.source.metas()),
         notes=list(prep.layout.notes),
     )
