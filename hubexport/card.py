@@ -379,7 +379,7 @@ def _lineage(facts: ModelFacts, base_model: str | None, base_revision: str | Non
         ("Parallel layout", facts.layout),
         ("Training step", str(facts.global_step) if facts.global_step is not None else None),
         ("Architecture", f"{facts.architecture} ({facts.model_type})" if facts.model_type else facts.architecture),
-        ("Parameters", f"{_human(facts.num_parameters)} ({facts.num_parameters:,})"),
+        ("Parameters", _human(facts.num_parameters)),
         ("Weights dtype", facts.dtype),
         ("Tied embeddings", _fmt(facts.tied_embeddings)),
         ("Value model (critic)", "yes" if facts.value_model else None),
@@ -389,9 +389,10 @@ def _lineage(facts: ModelFacts, base_model: str | None, base_revision: str | Non
 
 
 def _human(n: int) -> str:
+    """'494.0M (494,032,768)': the rounded figure people quote, and the exact count."""
     for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= scale:
-            return f"{n / scale:.1f}{unit}"
+            return f"{n / scale:.1f}{unit} ({n:,})"
     return str(n)
 
 
@@ -457,6 +458,7 @@ def render_card(
     data = ModelCardData(**meta)
 
     training = redact(raw_training)
+    config_yaml = yaml.safe_dump(training, sort_keys=True, allow_unicode=True).rstrip() if training else ""
     values = dict(variables or {})
     estimator = _dig(raw_training, "algorithm.adv_estimator")
     context = {
@@ -469,7 +471,7 @@ def render_card(
         "training_rows": [(label, _fmt(v)) for label, path in TRAINING_ROWS if (v := _dig(training, path)) is not None],
         "algorithm": estimator,
         "algorithm_paper": ALGORITHM_PAPERS.get(str(estimator).lower()),
-        "training_config_yaml": yaml.safe_dump(training, sort_keys=True).rstrip() if training else "",
+        "training_config_yaml": config_yaml,
         "verl": "verl" in meta["tags"],
         "vars": values,
         "hubexport_version": __version__,

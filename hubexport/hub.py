@@ -403,6 +403,8 @@ def publish(
     """`hubexport push`: an HF folder is pushed as is; a training checkpoint is merged first (into `target_dir`, or a
     temporary directory removed afterwards), its card rendered with the training config found next to it."""
     source = Path(source)
+    if not source.is_dir():
+        raise HubError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
     s = _session(endpoint, token, log)
     push = dict(private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
                 dry_run=dry_run)

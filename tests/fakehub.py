@@ -73,6 +73,7 @@ class Fault:
     pattern: re.Pattern[str]
     status: int | None
     headers: dict[str, str]
+    body: dict[str, Any] | None
     drop: bool
     stall: threading.Event | None
     times: int
@@ -115,10 +116,11 @@ class FakeHub:
         self.tokens[token] = (user, role)
 
     def inject(self, method: str, pattern: str, *, status: int | None = None, headers: dict[str, str] | None = None,
-               drop: bool = False, stall: threading.Event | None = None, times: int = 1) -> None:
+               body: dict[str, Any] | None = None, drop: bool = False, stall: threading.Event | None = None,
+               times: int = 1) -> None:
         """Make the next `times` requests matching method + path regex fail: a status, a dropped connection, or a
         stall until `stall` is set (the connection is then closed without an answer)."""
-        self.faults.append(Fault(method, re.compile(pattern), status, headers or {}, drop, stall, times))
+        self.faults.append(Fault(method, re.compile(pattern), status, headers or {}, body, drop, stall, times))
 
     def paths(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.requests if (method is None or m == method) and contains in p]
@@ -133,7 +135,7 @@ class FakeHub:
     def start(self) -> str:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self.url
 
     def stop(self) -> None:
@@ -260,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return True
         self._body()  # drain, so keep-alive stays in sync
-        self._json({"error": f"injected {fault.status}"}, fault.status or 500, fault.headers)
+        self._json(fault.body or {"error": f"injected {fault.status}"}, fault.status or 500, fault.headers)
         return True
 
     def _body(self) -> bytes:
