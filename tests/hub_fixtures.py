@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub
+
+from tests.fakehub import FakeHub
 
 TOKEN = "hf_TestWriteToken0123456789abcdef"  # long and unique, so a leak is found by a plain substring search
 READ_TOKEN = "hf_TestReadToken0123456789abcdef"
@@ -32,6 +33,7 @@ def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite's conftest turns it on for everything else
     disable_progress_bars()
     return home
 

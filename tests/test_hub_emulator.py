@@ -8,10 +8,11 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from fakehub import FakeHub
-from hub_fixtures import READ_TOKEN, TOKEN, USER
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+from tests.fakehub import FakeHub
+from tests.hub_fixtures import READ_TOKEN, TOKEN, USER
 
 REPO = f"{USER}/emu"
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's own PUTs

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from fakehub import FakeHub
-from hub_fixtures import ORG, READ_TOKEN, TOKEN, USER, hub_env
 from huggingface_hub import snapshot_download
 
 from hubexport.cli import cli
 from hubexport.errors import HubError
 from hubexport.hub import push_folder
+from tests.fakehub import FakeHub
+from tests.hub_fixtures import ORG, READ_TOKEN, TOKEN, USER, hub_env
 
 REPO = f"{USER}/qwen-grpo"
 ROOT = Path(__file__).resolve().parent.parent
