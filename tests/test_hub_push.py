@@ -231,3 +231,59 @@ def test_a_missing_source_is_refused_before_any_request(fakehub: FakeHub, tmp_pa
     result = run_cli("push", str(tmp_path / "nope"), "--repo-id", REPO)
     assert result.exit_code == 2 and "error:" in result.stderr and "hint:" in result.stderr
     assert fakehub.requests == []
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A verl-style checkpoint made by a real training step (world size 1: no processes to spawn), with the run's
+    resolved Hydra config at the run root, as verl leaves it."""
+    from hubexport.examples import FsdpCase, make_case
+
+    root = tmp_path_factory.mktemp("ckpt")
+    make_case(FsdpCase("run", fsdp=0, world_size=1), root)
+    (root / "run" / "config.yaml").write_text(
+        "algorithm: {adv_estimator: grpo}\nactor_rollout_ref: {actor: {strategy: fsdp}}\n"
+        f"trainer: {{wandb_api_key: {TOKEN}, default_local_dir: /home/alice/ckpts/run}}\n")
+    return root / "run" / "global_step_1" / "actor"
+
+
+def test_push_of_a_checkpoint_merges_in_a_temp_dir_renders_the_card_and_is_idempotent(
+        fakehub: FakeHub, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    args = ("push", str(checkpoint), "--repo-id", REPO, "--private", "--base-model", "Qwen/Qwen2.5-0.5B-Instruct",
+            "--license", "apache-2.0", "--json")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)
+    files = fakehub.files(REPO)
+    assert {"config.json", "README.md", "model.safetensors"} <= set(files)
+    readme = files["README.md"].data.decode()
+    assert "verl FSDP checkpoint" in readme and "| Training step | 1 |" in readme and "- grpo" in readme
+    assert TOKEN not in readme and "/home/alice" not in readme and f"model_id = \"{REPO}\"" in readme
+    assert list(scratch.iterdir()) == []  # the merged copy is gone
+    again = json.loads(run_cli(*args).stdout)  # merge and card are deterministic: same bytes, so no commit
+    assert again["no_op"] is True and again["commit_sha"] == first["commit_sha"]
+
+
+def test_push_of_a_checkpoint_keeps_target_dir_and_fails_fast_on_a_bad_token(fakehub: FakeHub, checkpoint: Path,
+                                                                              tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    bad = run_cli("push", str(checkpoint), "--repo-id", REPO, "--target-dir", str(target),
+                  env={"HF_TOKEN": "hf_WrongToken0123456789"})
+    assert bad.exit_code == 2 and "HTTP 401" in bad.stderr and not target.exists()  # no merge for a bad token
+    ok = run_cli("push", str(checkpoint), "--repo-id", REPO, "--target-dir", str(target), "--license", "mit")
+    assert ok.exit_code == 0, ok.output
+    assert (target / "README.md").is_file() and (target / "config.json").is_file()
+
+
+def test_verl_merge_flag_hf_upload_path_pushes_with_a_card(fakehub: FakeHub, checkpoint: Path,
+                                                           tmp_path: Path) -> None:
+    result = run_cli("merge", "--backend", "fsdp", "--local_dir", str(checkpoint), "--target_dir",
+                     str(tmp_path / "out"), "--hf_upload_path", REPO, "--private", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["push"]["private"] is True
+    assert fakehub.repos[f"model:{REPO}"].private is True and "README.md" in fakehub.files(REPO)
