@@ -8,6 +8,7 @@ stale parents, auth roles), keeps counters the tests assert on, and can inject f
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -259,7 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)  # die mid-body
             self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # the client may already be gone (killed mid-upload)
+                self.connection.shutdown(socket.SHUT_RDWR)
             return True
         self._body()  # drain, so keep-alive stays in sync
         self._json(fault.body or {"error": f"injected {fault.status}"}, fault.status or 500, fault.headers)
