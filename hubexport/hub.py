@@ -125,7 +125,7 @@ def _errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
         hint = _STATUS_HINTS.get(status, "re-run: stored files are not sent again" if status >= 500 else None)
         raise HubError(s.redact(f"{action} failed: HTTP {status}: {detail}"),
                        hint=hint and hint.format(endpoint=s.endpoint, namespace=namespace)) from None
-    except httpx2.TransportError as e:
+    except (httpx2.TransportError, ConnectionError) as e:  # ConnectionError: what the Xet path raises
         raise HubError(s.redact(f"cannot reach {s.endpoint} while {action}: {e or type(e).__name__}"),
                        hint="check HF_ENDPOINT and the network, then re-run: stored files are not sent again") from None
     except ValueError as e:  # the client's own checks: README metadata refused, LFS batch errors, bad server answers
