@@ -287,3 +287,13 @@ def test_verl_merge_flag_hf_upload_path_pushes_with_a_card(fakehub: FakeHub, che
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["push"]["private"] is True
     assert fakehub.repos[f"model:{REPO}"].private is True and "README.md" in fakehub.files(REPO)
+
+
+def test_dry_run_of_a_checkpoint_plans_the_merge_and_sends_nothing(fakehub: FakeHub, checkpoint: Path,
+                                                                   tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    result = run_cli("push", str(checkpoint), "--repo-id", REPO, "--target-dir", str(target), "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["files_uploaded"] >= 1 and out["commit_sha"] is None
+    assert not target.exists() and not fakehub.repos and all(m == "GET" for m, _, _ in fakehub.requests)
