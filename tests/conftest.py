@@ -22,3 +22,5 @@ def fsdp_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fsdp_cases():
     return CASES
+
+from tests.hub_fixtures import *  # noqa: E402, F403  (Hub emulator and card fixtures)
