@@ -16,7 +16,7 @@ from tests.fsdp_cases import actor_dir
 
 def merge_cmd(src: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    head = launcher + ["-m", "hubexport"] if nproc > 1 else [sys.executable, "-m", "hubexport"]
+    head = [*launcher, "-m", "hubexport"] if nproc > 1 else [sys.executable, "-m", "hubexport"]
     return [*head, "merge", "--local-dir", str(src), "--target-dir", str(out), *extra]
 
 
