@@ -1,0 +1,1 @@
+"""One file per architecture: a table of Megatron ↔ Hugging Face mappings."""
