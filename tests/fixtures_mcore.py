@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+__all__ = ["McoreCase", "mcore_hf_models", "mcore_moe_ep2", "mcore_pp2", "mcore_root", "mcore_synthetic",
+           "mcore_tp1", "mcore_tp2", "mcore_tp2pp2", "tiny_hf"]
+
 HERE = Path(__file__).resolve()
 VOCAB = 100  # padded to 128 by megatron (make_vocab_size_divisible_by), trimmed back on export
 
@@ -89,7 +92,153 @@ def hf_to_mcore_global(sd: dict, cfg, padded_vocab: int, value: bool) -> dict:
         out["output_layer.weight"] = sd["score.weight"]
     elif not cfg.tie_word_embeddings:
         out["output_layer.weight"] = pad(sd["lm_head.weight"])
+    else:  # tied with PP > 1: the last stage holds a copy of the embedding
+        out["output_layer.weight"] = out["embedding.word_embeddings.weight"]
     return out
+
+
+def synthetic_mcore(sd: dict, cfg, padded_vocab: int) -> dict:
+    """DCP key → global tensor for checkpoints the CPU model cannot write, by the formats doc's formulas:
+    DeepSeek-V3 (TE-spec MLA names, per-layer keys, grouped experts with an expert axis) and Mixtral (stacked keys,
+    local-spec norm names, stacked experts)."""
+    import torch
+
+    def pad(w):
+        out = torch.zeros(padded_vocab, w.shape[1], dtype=w.dtype)
+        out[: w.shape[0]] = w
+        return out
+
+    out = {"embedding.word_embeddings.weight": pad(sd["model.embed_tokens.weight"]),
+           "decoder.final_layernorm.weight": sd["model.norm.weight"],
+           "output_layer.weight": pad(sd["lm_head.weight"])}
+    n = cfg.num_hidden_layers
+    if cfg.model_type == "deepseek_v3":
+        for i in range(n):
+            h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+            a = h + "self_attn."
+            out.update({
+                m + "input_layernorm.weight": sd[h + "input_layernorm.weight"],
+                m + "self_attention.linear_q_down_proj.weight": sd[a + "q_a_proj.weight"],
+                m + "self_attention.linear_q_up_proj.layer_norm_weight": sd[a + "q_a_layernorm.weight"],
+                m + "self_attention.linear_q_up_proj.weight": sd[a + "q_b_proj.weight"],
+                m + "self_attention.linear_kv_down_proj.weight": sd[a + "kv_a_proj_with_mqa.weight"],
+                m + "self_attention.linear_kv_up_proj.layer_norm_weight": sd[a + "kv_a_layernorm.weight"],
+                m + "self_attention.linear_kv_up_proj.weight": sd[a + "kv_b_proj.weight"],
+                m + "self_attention.linear_proj.weight": sd[a + "o_proj.weight"],
+            })
+            if i < cfg.first_k_dense_replace:
+                out[m + "mlp.linear_fc1.layer_norm_weight"] = sd[h + "post_attention_layernorm.weight"]
+                out[m + "mlp.linear_fc1.weight"] = torch.cat([sd[h + "mlp.gate_proj.weight"],
+                                                             sd[h + "mlp.up_proj.weight"]])
+                out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
+                continue
+            e = cfg.n_routed_experts
+            x = h + "mlp.experts."
+            out.update({
+                m + "pre_mlp_layernorm.weight": sd[h + "post_attention_layernorm.weight"],
+                m + "mlp.router.weight": sd[h + "mlp.gate.weight"],
+                m + "mlp.router.expert_bias": sd[h + "mlp.gate.e_score_correction_bias"],
+                m + "mlp.experts.experts.linear_fc1.weight": torch.stack(
+                    [torch.cat([sd[f"{x}{j}.gate_proj.weight"], sd[f"{x}{j}.up_proj.weight"]]) for j in range(e)]),
+                m + "mlp.experts.experts.linear_fc2.weight": torch.stack(
+                    [sd[f"{x}{j}.down_proj.weight"] for j in range(e)]),
+                m + "mlp.shared_experts.linear_fc1.weight": torch.cat(
+                    [sd[h + "mlp.shared_experts.gate_proj.weight"], sd[h + "mlp.shared_experts.up_proj.weight"]]),
+                m + "mlp.shared_experts.linear_fc2.weight": sd[h + "mlp.shared_experts.down_proj.weight"],
+            })
+        return out
+    if cfg.model_type == "mixtral":
+        nq, ng, hid = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+        d = getattr(cfg, "head_dim", None) or hid // nq
+        L = [f"model.layers.{i}." for i in range(n)]
+        b = [f"model.layers.{i}.block_sparse_moe." for i in range(n)]
+        e = cfg.num_local_experts
+        qkv = [torch.cat([sd[h + "self_attn.q_proj.weight"].view(ng, -1, hid),
+                          sd[h + "self_attn.k_proj.weight"].view(ng, d, hid),
+                          sd[h + "self_attn.v_proj.weight"].view(ng, d, hid)], dim=1).reshape(-1, hid) for h in L]
+        out.update({
+            "decoder.layers.input_layernorm.weight": torch.stack([sd[h + "input_layernorm.weight"] for h in L]),
+            "decoder.layers.self_attention.linear_qkv.weight": torch.stack(qkv),
+            "decoder.layers.self_attention.linear_proj.weight": torch.stack([sd[h + "self_attn.o_proj.weight"]
+                                                                            for h in L]),
+            "decoder.layers.pre_mlp_layernorm.weight": torch.stack([sd[h + "post_attention_layernorm.weight"]
+                                                                   for h in L]),
+            "decoder.layers.mlp.router.weight": torch.stack([sd[x + "gate.weight"] for x in b]),
+            "decoder.layers.mlp.experts.experts.linear_fc1.weight": torch.stack([torch.stack(
+                [torch.cat([sd[f"{x}experts.{j}.w1.weight"], sd[f"{x}experts.{j}.w3.weight"]]) for j in range(e)])
+                for x in b]),
+            "decoder.layers.mlp.experts.experts.linear_fc2.weight": torch.stack([torch.stack(
+                [sd[f"{x}experts.{j}.w2.weight"] for j in range(e)]) for x in b]),
+        })
+        return out
+    raise ValueError(cfg.model_type)
+
+
+def _sharded(key: str, full, n_prepend: int, split_axis: int | None):
+    """ShardedTensors for one key: one per index of the prepended (layer/expert) axes, and the data split in two
+    along `split_axis` like a TP=2 save would, all held by this one rank."""
+    import itertools
+
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    out = []
+    lead = full.shape[:n_prepend]
+    for idx in itertools.product(*(range(s) for s in lead)):
+        data = full[idx] if idx else full
+        parts = data.chunk(2, dim=split_axis) if split_axis is not None and data.shape[split_axis] % 2 == 0 \
+            else [data]
+        for r, part in enumerate(parts):
+            offs = [(a, i, lead[a]) for a, i in enumerate(idx)]
+            if len(parts) > 1:
+                offs.append((n_prepend + split_axis, r, len(parts)))
+            out.append(ShardedTensor.from_rank_offsets(key, part.contiguous().clone(), *offs,
+                                                       prepend_axis_num=n_prepend))
+    return out
+
+
+def _run_synthetic(job: dict) -> None:
+    import safetensors.torch
+    import torch
+    from megatron.core import dist_checkpointing
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(job["hf"])
+    sd = safetensors.torch.load_file(str(Path(job["hf"]) / "model.safetensors"))
+    tensors = synthetic_mcore(sd, cfg, 128)
+    root = Path(job["out"])
+    expected_mtp = {}
+    if job.get("mtp"):  # an MTP block: its transformer layer is a copy of the last layer, its norms/proj random
+        last, n = cfg.num_hidden_layers - 1, cfg.num_hidden_layers
+        g = torch.Generator().manual_seed(7)
+        for k in [k for k in tensors if k.startswith(f"decoder.layers.{last}.")]:
+            tensors[k.replace(f"decoder.layers.{last}.", "mtp.layers.0.transformer_layer.")] = tensors[k].clone()
+        for hf_name, v in sd.items():
+            if hf_name.startswith(f"model.layers.{last}."):
+                expected_mtp[hf_name.replace(f"layers.{last}.", f"layers.{n}.")] = v
+        hid = cfg.hidden_size
+        for mname, hname, shape in (("enorm.weight", "enorm.weight", (hid,)), ("hnorm.weight", "hnorm.weight", (hid,)),
+                                    ("eh_proj.weight", "eh_proj.weight", (hid, 2 * hid)),
+                                    ("final_layernorm.weight", "shared_head.norm.weight", (hid,))):
+            t = torch.randn(shape, generator=g)
+            tensors["mtp.layers.0." + mname] = t
+            expected_mtp[f"model.layers.{n}.{hname}"] = t
+        expected_mtp[f"model.layers.{n}.embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+        expected_mtp[f"model.layers.{n}.shared_head.head.weight"] = sd["lm_head.weight"]
+    state = []
+    for key, full in tensors.items():
+        n_prepend = (1 if ".layers." in key and key.split(".layers.")[1].split(".")[0].isdigit() is False else 0)
+        if ".experts.experts." in key:
+            n_prepend += 1
+        split = 0 if full.dim() - n_prepend == 2 else None  # emulate TP=2 row shards for matrices
+        state.extend(_sharded(key, full, n_prepend, split))
+    dist_dir = root / "dist_ckpt"
+    dist_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"model": state}, str(dist_dir))
+    (root / "huggingface").mkdir(exist_ok=True)
+    (root / "huggingface" / "config.json").write_text((Path(job["hf"]) / "config.json").read_text())
+    if expected_mtp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in expected_mtp.items()},
+                                    str(root / "expected_mtp.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,6 +252,7 @@ def _patch_cpu() -> None:
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings with PP > 1 sync the copies "on cuda"
     try:
         from megatron.core.transformer.moe import moe_utils
 
@@ -124,7 +274,7 @@ def _transformer_config(cfg, job: dict):
             moe_ffn_hidden_size=cfg.moe_intermediate_size,
             moe_router_topk=cfg.num_experts_per_tok,
             moe_router_load_balancing_type="none",
-            moe_token_dispatcher_type="alltoall",
+            moe_token_dispatcher_type="allgather",
             moe_router_pre_softmax=not getattr(cfg, "norm_topk_prob", True),
             moe_grouped_gemm=False,
             moe_aux_loss_coeff=0.0,
@@ -153,6 +303,7 @@ def _transformer_config(cfg, job: dict):
         expert_model_parallel_size=job["ep"],
         use_cpu_initialization=True,
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -309,6 +460,12 @@ def _main() -> None:
     from megatron.core import tensor_parallel
 
     j0 = jobs[0]
+    if j0.get("synthetic"):
+        for job in jobs:
+            _run_synthetic(job)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     ps.initialize_model_parallel(tensor_model_parallel_size=j0["tp"], pipeline_model_parallel_size=j0["pp"],
                                  expert_model_parallel_size=j0["ep"])
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -342,6 +499,14 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> 
         cfg = tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=1,
                                 mlp_only_layers=[], **common)
+    elif kind == "mixtral":
+        cfg = tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+    elif kind == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1,
+                                  **{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                                  num_key_value_heads=4)
     else:
         raise ValueError(kind)
     torch.manual_seed(1234)
@@ -357,6 +522,13 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> 
                 p.uniform_(0.5, 1.5)
             if "score" in n or "lm_head" in n:
                 p.normal_(0, 0.5)
+            if n == "score.bias":  # verl's value head has no bias: its HF equivalent has a zero one
+                p.zero_()
+            if "e_score_correction_bias" in n:
+                p.uniform_(-0.1, 0.1)
+        for n, b in model.named_buffers():
+            if "e_score_correction_bias" in n:
+                b.uniform_(-0.1, 0.1)
     model.save_pretrained(out)
     return out
 
@@ -484,6 +656,21 @@ def mcore_moe_ep2(mcore_root, mcore_hf_models) -> dict[str, McoreCase]:
     jobs = {"ep2": (_job(_steps(mcore_root, "moe_ep2"), mcore_hf_models["qwen2_moe"], ep=2), False)}
     run_torchrun(2, [j for j, _ in jobs.values()])
     return {k: _case(k, j, t) for k, (j, t) in jobs.items()}
+
+
+@pytest.fixture(scope="session")
+def mcore_synthetic(mcore_root) -> dict[str, McoreCase]:
+    """ShardedTensor checkpoints written with dist_checkpointing.save from the formats-doc formulas: DeepSeek-V3
+    (MLA, TE names, per-layer keys, MTP block) and Mixtral (stacked, local-spec norm names)."""
+    cases = {}
+    jobs = []
+    for kind, mtp in (("deepseek_v3", True), ("mixtral", False)):
+        hf = tiny_hf(kind, mcore_root / f"hf_{kind}")
+        root = _steps(mcore_root, f"synthetic_{kind}")
+        jobs.append(dict(hf=str(hf), out=str(root), synthetic=True, mtp=mtp))
+        cases[kind] = McoreCase(kind, root, hf, 2, 1, 1, "v1", False, False, None)
+    run_torchrun(1, jobs)
+    return cases
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes
@@ -80,6 +82,10 @@ def _mtp_heads(metas: dict[str, TensorSpec], n_layers: int, tied: bool) -> list[
     return out
 
 
+def _zeros(spec: TensorSpec, tensors: dict) -> dict:
+    return {spec.name: torch.zeros(spec.shape, dtype=spec.dtype)}
+
+
 def _first(names, n: int = SHOW) -> str:
     names = sorted(names)
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
@@ -128,6 +134,10 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
         outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.hf, shapes, strict=True))
         groups.append(Group(inputs=b.mcore, outputs=outputs,
                             convert=functools.partial(apply_to_hf, b.op, dims, b.mcore, b.hf)))
+    if "score.weight" in {n for b in heads for n in b.hf}:
+        # HF's score head has a bias; verl's value head has none, so the exact equivalent is a zero bias
+        spec = TensorSpec("score.bias", (1,), metas[OUTPUT].dtype)
+        groups.append(Group(inputs=(), outputs=(spec,), convert=functools.partial(_zeros, spec)))
     if notes is not None:
         notes.extend(head_notes)
     return groups, updates

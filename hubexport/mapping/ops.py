@@ -64,10 +64,10 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
 
 def tp_shards_to_global_gate_up(shards: list[torch.Tensor]) -> torch.Tensor:
     """TP-local fc1 shard i is [gate_i; up_i]: concatenating shards naively would interleave them (legacy v0 files)."""
-    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
     return torch.cat([*gates, *ups], dim=0)
 
 
 def global_gate_up_to_tp_shards(fc1: torch.Tensor, tp: int) -> list[torch.Tensor]:
     gate, up = fc1.chunk(2, dim=0)
-    return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
+    return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]

@@ -69,7 +69,9 @@ class Rule:
 def R(mcore: str | tuple[str, ...], hf: str | tuple[str, ...], op: str = "copy", *, when: str | None = None,
       if_config: str | None = None, alt: Iterable[str | tuple[str, ...]] = ()) -> Rule:
     """Table-row constructor: a single name may be given as a plain string."""
-    tup = (lambda x: (x,) if isinstance(x, str) else tuple(x))
+    def tup(x: str | tuple[str, ...]) -> tuple[str, ...]:
+        return (x,) if isinstance(x, str) else tuple(x)
+
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
     return Rule(tup(mcore), tup(hf), op, when, if_config, tuple(tup(a) for a in alt))

@@ -31,6 +31,9 @@ _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # strided layouts pickle through it
+    # StorageMeta.checkpoint_id may be the writer's path object
+    **{("pathlib", n): getattr(__import__("pathlib"), n) for n in ("Path", "PosixPath", "PurePosixPath",
+                                                                   "WindowsPath", "PureWindowsPath")},
 }
 for _mod, _names in {
     "torch.distributed.checkpoint.metadata": ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -144,14 +147,14 @@ def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> tor
     out = torch.empty(out_shape, dtype=t.dtype)
     covered = 0
     for c in t.chunks:
-        if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes)):
+        if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
         data = _load_blob(dist_dir, c, t.key)
         if tuple(data.shape) != c.sizes:
             raise CheckpointError(f"chunk of {t.key} at {c.offsets} has shape {tuple(data.shape)}, "
                                   f"metadata says {c.sizes}", hint="the checkpoint is corrupt; re-copy it")
-        sel = data[tuple(i - o for i, o in zip(lead, c.offsets))]
-        dst = tuple(slice(o, o + s) for o, s in zip(c.offsets[n:], c.sizes[n:]))
+        sel = data[tuple(i - o for i, o in zip(lead, c.offsets, strict=False))]
+        dst = tuple(slice(o, o + s) for o, s in zip(c.offsets[n:], c.sizes[n:], strict=True))
         out[dst] = sel
         covered += sel.numel()
     if covered != out.numel():

@@ -65,6 +65,11 @@ def _logical_names(t: DcpTensor) -> dict[str, tuple[_Entry, tuple[int, ...]]]:
     return out
 
 
+def model_tensor_keys(dist_dir: Path) -> list[str]:
+    """The model tensor keys of a torch_dist directory, from its metadata alone."""
+    return [k for k in tensor_index(read_metadata(Path(dist_dir))) if _is_model_key(k)]
+
+
 class TorchDistSource(Source):
     def __init__(self, dist_dir: Path) -> None:
         self.dir = Path(dist_dir)
@@ -139,7 +144,10 @@ def open_megatron_source(layout) -> Source:
     if layout.version == "v0":
         from hubexport.sources.mcore_legacy import LegacySource
 
-        return LegacySource(layout.files, layout.parallel)
+        tied = False
+        if layout.hf_dir is not None and (layout.hf_dir / "config.json").is_file():
+            tied = bool(json.loads((layout.hf_dir / "config.json").read_text()).get("tie_word_embeddings", False))
+        return LegacySource(layout.files, layout.parallel, tied=tied)
     if layout.version == "mbridge":
         from hubexport.sources.hf import SafetensorsSource
 
