@@ -72,11 +72,11 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
         notes.append(f"{latest.name} says step {int(text)}: using {step_dir}")
         path = step_dir
     if not _is_checkpoint_dir(path):
-        for role in ("actor", "critic"):
-            if (path / role).is_dir() and _is_checkpoint_dir(path / role):
-                notes.append(f"using {path / role} (pass {path / 'critic'} for the critic)" if role == "actor" else
-                             f"using {path / role}")
-                return path / role, notes
+        roles = [r for r in ("actor", "critic") if (path / r).is_dir() and _is_checkpoint_dir(path / r)]
+        if roles:
+            other = f" (pass {path / roles[1]} for the critic)" if len(roles) > 1 else ""
+            notes.append(f"using {path / roles[0]}{other}")
+            return path / roles[0], notes
     return path, notes
 
 

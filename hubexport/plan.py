@@ -3,6 +3,7 @@ before a single tensor byte is read."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,6 +77,21 @@ class Plan:
         return [f for f in self.files if owner[f.name] == rank]
 
 
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """`5GB` → 5·10⁹ (as save_pretrained reads it), `2GiB` → 2·2³⁰, a bare number is bytes."""
+    if isinstance(size, int):
+        return size
+    m = SIZE_RE.match(size)
+    if not m:
+        raise ValueError(f"{size!r} is not a size")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
 def cast_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
     """Casting touches floating-point tensors only (integer buffers keep their type, as in save_pretrained)."""
     if dtype is None or not spec.dtype.is_floating_point:
@@ -104,7 +120,7 @@ def make_plan(
         by_name,
         get_storage_size=lambda s: s.nbytes,
         filename_pattern=prefix + "{suffix}.safetensors",
-        max_shard_size=max_shard_size,
+        max_shard_size=parse_size(max_shard_size),
     )
     files = [
         ShardFile(fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()

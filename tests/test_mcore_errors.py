@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mcore_check import export_megatron
 from safetensors.torch import save_file
 
 from hubexport.detect import detect
@@ -18,6 +17,7 @@ from hubexport.mapping.mcore import megatron_to_hf_groups
 from hubexport.sources import TensorSpec
 from hubexport.sources.dcp import read_metadata
 from hubexport.sources.mcore import TorchDistSource
+from tests.mcore_check import export_megatron
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures_mcore import McoreCase
-from mcore_check import assert_same_tensors, export_megatron, load_logits
+
+from tests.fixtures_mcore import McoreCase
+from tests.mcore_check import assert_same_tensors, export_megatron, load_logits
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mcore_check import export_megatron, load_logits
 from safetensors.torch import load_file
+
+from tests.mcore_check import export_megatron, load_logits
 
 pytestmark = pytest.mark.slow
 

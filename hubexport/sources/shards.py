@@ -1,0 +1,41 @@
+"""Pure shard geometry: where a rank's local piece of a DTensor sits in the global tensor (torch.chunk semantics,
+as DTensor's Shard placement uses), and which ranks are needed to cover it once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: str  # "shard" | "replicate" | "partial"
+    dim: int = -1
+
+
+def local_region(
+    global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: tuple[int, ...], placements: tuple[Placement, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Offsets and sizes of the local tensor at mesh coordinate `coord`. Shards nest left to right over mesh dims,
+    each chunking what the previous mesh dims left: chunk = ceil(size / n), trailing chunks smaller or empty."""
+    offsets = [0] * len(global_shape)
+    sizes = list(global_shape)
+    for mesh_dim, p in enumerate(placements):
+        if p.kind != "shard":
+            continue
+        n, c = mesh_shape[mesh_dim], coord[mesh_dim]
+        size = sizes[p.dim]
+        chunk = -(-size // n) if size else 0
+        start = min(c * chunk, size)
+        sizes[p.dim] = min(chunk, size - start)
+        offsets[p.dim] += start
+    return tuple(offsets), tuple(sizes)
+
+
+def covering_coords(mesh_shape: tuple[int, ...], placements: tuple[Placement, ...]) -> list[tuple[int, ...]]:
+    """Mesh coordinates that hold each element exactly once: index 0 along replicated mesh dims (one replica group,
+    as in HSDP), every index along sharded ones."""
+    coords: list[tuple[int, ...]] = [()]
+    for n, p in zip(mesh_shape, placements, strict=True):
+        span = range(n) if p.kind == "shard" else range(1)
+        coords = [(*c, i) for c in coords for i in span]
+    return coords

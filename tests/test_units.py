@@ -1,0 +1,103 @@
+"""Pure pieces: shard geometry against torch's own chunking, the streaming writer against safetensors, plan maths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from hubexport.plan import Group, make_plan, parse_size
+from hubexport.sources import TensorSpec
+from hubexport.sources.shards import Placement, covering_coords, local_region
+from hubexport.writers.safetensors import index_json, read_header, write_file
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(0, 40), other=st.integers(1, 5), n=st.integers(1, 9), dim=st.integers(0, 1))
+def test_local_region_matches_torch_chunk(size, other, n, dim):
+    """DTensor's Shard placement follows torch.chunk: same offsets and sizes, trailing pieces empty."""
+    shape = (size, other) if dim == 0 else (other, size)
+    x = torch.arange(size * other).reshape(shape)
+    pieces = list(torch.chunk(x, n, dim=dim)) if size else []
+    start = 0
+    for c in range(n):
+        offsets, sizes = local_region(shape, (n,), (c,), (Placement("shard", dim),))
+        expected = pieces[c].shape[dim] if c < len(pieces) else 0
+        assert sizes[dim] == expected and sizes[1 - dim] == other
+        if expected:
+            assert offsets[dim] == start
+        start += expected
+
+
+def test_hsdp_reads_one_replica_group():
+    coords = covering_coords((2, 3), (Placement("replicate"), Placement("shard", 0)))
+    assert coords == [(0, 0), (0, 1), (0, 2)]
+    assert covering_coords((4,), (Placement("replicate"),)) == [(0,)]
+
+
+def test_nested_shards_cover_the_tensor_once():
+    shape, mesh = (10, 6), (2, 3)
+    placements = (Placement("shard", 0), Placement("shard", 1))
+    seen = torch.zeros(shape, dtype=torch.int32)
+    for coord in covering_coords(mesh, placements):
+        off, size = local_region(shape, mesh, coord, placements)
+        seen[off[0]:off[0] + size[0], off[1]:off[1] + size[1]] += 1
+    assert torch.equal(seen, torch.ones(shape, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                                   torch.int32, torch.uint8, torch.bool, torch.float8_e4m3fn])
+def test_writer_is_read_by_safetensors(dtype, tmp_path):
+    tensors = {
+        "a.weight": torch.randn(3, 5).to(dtype),
+        "scalar": torch.tensor(7).to(dtype),
+        "empty": torch.empty(0, 4).to(dtype),
+        "t.transposed": torch.randn(4, 2).t().to(dtype),  # non-contiguous input
+    }
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    sha = write_file(tmp_path / "x.safetensors", specs, lambda s: tensors[s.name])
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == dtype and torch.equal(back[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8))
+    import hashlib
+
+    assert sha == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    assert set(read_header(tmp_path / "x.safetensors")) == set(tensors)
+
+
+def test_writer_refuses_a_tensor_unlike_its_plan(tmp_path):
+    spec = TensorSpec("w", (2, 2), torch.float32)
+    with pytest.raises(AssertionError, match="planned"):
+        write_file(tmp_path / "x.safetensors", [spec], lambda s: torch.zeros(3, 2))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123 and parse_size("10KB") == 10_000
+    with pytest.raises(ValueError):
+        parse_size("five gigs")
+
+
+def test_plan_shards_in_natural_order_and_balances_ranks():
+    specs = [TensorSpec(f"model.layers.{i}.w", (250,), torch.float32) for i in (10, 2, 1)]
+    groups = [Group((s.name,), (s,), lambda t: t) for s in specs]
+    plan = make_plan(groups, max_shard_size=1000)
+    assert [t.name for f in plan.files for t in f.tensors] == [
+        "model.layers.1.w", "model.layers.2.w", "model.layers.10.w"]
+    assert len(plan.files) == 3 and plan.total_size == 3000
+    owners = [plan.files_for_rank(r, 2) for r in range(2)]
+    assert sorted(f.name for o in owners for f in o) == sorted(f.name for f in plan.files)
+    assert {len(o) for o in owners} == {1, 2}
+    index = json.loads(index_json(plan.weight_map(), plan.total_size))
+    assert index["metadata"]["total_size"] == 3000 and len(index["weight_map"]) == 3
+
+
+def test_plan_cast_touches_floats_only():
+    specs = [TensorSpec("w", (2,), torch.float32), TensorSpec("ids", (2,), torch.int64)]
+    plan = make_plan([Group((s.name,), (s,), lambda t: t) for s in specs], max_shard_size="5GB", cast=torch.bfloat16)
+    assert {t.name: t.dtype for t in plan.files[0].tensors} == {"w": torch.bfloat16, "ids": torch.int64}
