@@ -16,9 +16,11 @@ from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
+from hubexport.mapping.mcore import megatron_to_hf_groups
 from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.sources import Source, TensorSpec
 from hubexport.sources.fsdp import FsdpSource
+from hubexport.sources.mcore import open_megatron_source
 from hubexport.writers.safetensors import index_json, read_header, write_file
 from hubexport.writers.staging import check_target, discard, fresh_staging, publish, staging_dir
 
@@ -70,6 +72,8 @@ class Prepared:
 def open_source(layout: Layout) -> Source:
     if layout.format == "fsdp":
         return FsdpSource(layout.files)
+    if layout.format == "megatron":
+        return open_megatron_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
 
@@ -93,6 +97,9 @@ def prepare(
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=trust_remote_code)
     source = open_source(layout)
     specs = source.metas()
+    if layout.format == "megatron" and layout.version != "mbridge":  # mbridge weights are HF-native already
+        return _prepare_megatron(layout, source, config, specs, tie_word_embedding=tie_word_embedding,
+                                 is_value_model=is_value_model, shard_bytes=shard_bytes, dtype=dtype)
     value_model = is_value_model or is_value_checkpoint(specs, specs)
     if is_value_model and "score.weight" not in specs:
         raise ConfigError(f"--is-value-model was given but {layout.root} has no score.weight value head",
@@ -112,6 +119,19 @@ def prepare(
     plan = make_plan(groups, max_shard_size=shard_bytes, cast=DTYPE_NAMES[dtype] if dtype else None)
     config.architectures = [architecture]
     return Prepared(layout, source, config, plan, architecture, value_model, tied)
+
+
+def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, specs: dict[str, TensorSpec], *,
+                      tie_word_embedding: bool, is_value_model: bool, shard_bytes: int,
+                      dtype: str | None) -> Prepared:
+    """Megatron names and layouts → HF through the architecture tables; heads decided by the checkpoint's keys."""
+    groups, updates = megatron_to_hf_groups(specs, config, tie_word_embedding=tie_word_embedding,
+                                            value_model=is_value_model, notes=layout.notes)
+    config.update(updates)
+    plan = make_plan(groups, max_shard_size=shard_bytes, cast=DTYPE_NAMES[dtype] if dtype else None)
+    value_model = "num_labels" in updates
+    return Prepared(layout, source, config, plan, updates["architectures"][0], value_model,
+                    bool(updates.get("tie_word_embeddings", False)) and not value_model)
 
 
 def dominant_dtype(plan: Plan) -> torch.dtype:
