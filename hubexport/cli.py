@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -304,5 +305,10 @@ def demo(out_dir: Path, world_size: int) -> None:
     run_demo(out_dir, world_size=world_size, log=say)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="hubexport")

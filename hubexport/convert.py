@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
-from hubexport.errors import CheckpointError, ConfigError, HubexportError
+from hubexport.errors import CheckpointError, ConfigError, HubexportError, TargetError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
 from hubexport.mapping.mcore import megatron_to_hf_groups
@@ -235,11 +235,16 @@ def merge(
             mine = write_weights(prep, tmp, dist)
         except HubexportError as e:
             error, mine = e, []
+        except OSError as e:
+            error, mine = _write_error(e, target), []
         dist.sync(error)
         result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: f.name)
         if dist.is_main:
-            finish_folder(prep, tmp, result.files)
-            publish(tmp, target)
+            try:
+                finish_folder(prep, tmp, result.files)
+                publish(tmp, target)
+            except OSError as e:
+                raise _write_error(e, target) from None
         dist.sync()
     except BaseException:
         if dist.is_main:
@@ -249,6 +254,13 @@ def merge(
         prep.source.close()
     log(f"wrote {target} ({len(result.files)} weight file(s))")
     return result
+
+
+def _write_error(e: OSError, target: Path) -> TargetError:
+    """Disk full, file too large, read-only filesystem...: one line, the target left as it was."""
+    where = Path(e.filename).name if e.filename else target
+    return TargetError(f"writing {where} for {target} failed: {e.strerror or e}",
+                       hint="free space (or quota) on that filesystem, or choose another --target-dir")
 
 
 def _silent(_: str) -> None:
