@@ -84,6 +84,16 @@ def merge_options(fn: Callable) -> Callable:
                      help="Allow the config's custom modeling code (auto_map)."),
         click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
                      hidden=True, help="Accepted for verl compatibility; hubexport never needs a GPU."),
+        click.option("--lora", "lora_mode", type=click.Choice(["adapter", "fuse", "both"]), default=None,
+                     help="For LoRA checkpoints: adapter = base model + lora_adapter/ (the default); fuse = one model "
+                          "with W + (alpha/r)·B·A folded in; both = the fused model + lora_adapter/ (apply the adapter "
+                          "to the base model, never to the fused one)."),
+        click.option("--lora-alpha", "--lora_alpha", "lora_alpha", type=float, default=None,
+                     help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
+        click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
+                     help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
+        click.option("--base-model", "--base_model", "base_model", type=click.Path(path_type=Path), default=None,
+                     help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only)."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty target directory."),
     ]
     for opt in reversed(opts):
