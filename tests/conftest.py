@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 
 from tests.fsdp_cases import CASES, build_all
+from tests.lora_cases import lora_root  # noqa: F401  (session fixture for tests/test_lora.py)
 
 
 @pytest.fixture(scope="session")

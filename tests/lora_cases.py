@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hubexport.examples import FsdpCase, LoraSpec, make_checkpoints
 
 CASES = {c.name: c for c in [
@@ -21,6 +23,8 @@ CASES = {c.name: c for c in [
     # world size 1 (plain tensors), tied embeddings with LoRA on them, no record of alpha at all
     FsdpCase("qwen3_lora_tied_w1", family="qwen3", fsdp=0, world_size=1, tied=True,
              lora=LoraSpec(targets=("q_proj", "embed_tokens"), meta="none")),
+    # not LoRA: the LoRA options must refuse it
+    FsdpCase("qwen2_full_w1", fsdp=0, world_size=1),
 ]}
 
 
@@ -31,3 +35,9 @@ def build_all(root: Path) -> Path:
 
 def actor_dir(root: Path, name: str) -> Path:
     return root / name / "global_step_1" / "actor"
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory) -> Path:
+    """Every LoRA case, made once per session with real PEFT + torch FSDP (gloo, 2 processes)."""
+    return build_all(tmp_path_factory.mktemp("lora"))
