@@ -76,11 +76,6 @@ class LoraModule:
     b_bias: str | None = None
     magnitude: str | None = None  # DoRA
 
-    @property
-    def rank_source(self) -> str:
-        assert self.a is not None
-        return self.a
-
 
 @dataclass
 class LoraKeys:
@@ -231,7 +226,8 @@ def check_settings(s: LoraSettings, root: Path) -> None:
 
 
 def module_rank(mod: LoraModule, specs: dict[str, TensorSpec]) -> int:
-    return specs[mod.rank_source].shape[0]
+    assert mod.a is not None  # split_keys guarantees both matrices
+    return specs[mod.a].shape[0]
 
 
 def resolve_ranks(keys: LoraKeys, specs: dict[str, TensorSpec], s: LoraSettings) -> list[str]:
@@ -312,7 +308,7 @@ def base_recipes(keys: LoraKeys, base: dict[str, str], specs: dict[str, TensorSp
                                hint="the base model does not match the LoRA tensors; check --base-model")
         scale = module_scale(mod.name, module_rank(mod, specs), s)
         assert mod.a is not None and mod.b is not None
-        _check_shapes(mod, specs, weight, recipes[weight], base)
+        _check_shapes(mod, specs, specs[base[weight]].shape)
         fn = fuse_embedding if mod.embedding else fuse_linear
         recipes[weight] = Recipe((base[weight], mod.a, mod.b), partial(_fused, fn, (base[weight], mod.a, mod.b), scale))
         if mod.b_bias is not None:
@@ -324,14 +320,14 @@ def base_recipes(keys: LoraKeys, base: dict[str, str], specs: dict[str, TensorSp
     return recipes
 
 
-def _check_shapes(mod: LoraModule, specs: dict[str, TensorSpec], weight: str, recipe: Recipe,
-                  base: dict[str, str]) -> None:
+def _check_shapes(mod: LoraModule, specs: dict[str, TensorSpec], w: tuple[int, ...]) -> None:
     assert mod.a is not None and mod.b is not None
-    a, b, w = specs[mod.a].shape, specs[mod.b].shape, specs[base[weight]].shape
+    a, b = specs[mod.a].shape, specs[mod.b].shape
     want = (a[1], b[0]) if mod.embedding else (b[0], a[1])
-    if len(w) != 2 or tuple(w) != want or a[0] != b[1]:
+    if len(a) != 2 or len(b) != 2 or tuple(w) != want or a[0] != b[1]:
         raise MappingError(
-            f"{weight} has shape {list(w)} but its LoRA A {list(a)} and B {list(b)} make a {list(want)} delta",
+            f"{mod.name}.weight has shape {list(w)} but its LoRA A {list(a)} and B {list(b)} make a {list(want)} "
+            "delta",
             hint="only LoRA on Linear and Embedding layers can be fused; use --lora adapter",
         )
 
@@ -352,13 +348,10 @@ def adapter_names(keys: LoraKeys, all_keys: Iterable[str], bias: str) -> dict[st
     `.weight` dropped; modules_to_save under the module's own name; biases as PEFT's `bias` setting selects)."""
     out: dict[str, str] = {}
     for mod in keys.modules.values():
+        assert mod.a is not None and mod.b is not None
         p = PEFT_PREFIX + mod.name
-        if mod.embedding:
-            out[mod.a or ""] = f"{p}.lora_embedding_A"
-            out[mod.b or ""] = f"{p}.lora_embedding_B"
-        else:
-            out[mod.a or ""] = f"{p}.lora_A.weight"
-            out[mod.b or ""] = f"{p}.lora_B.weight"
+        suffix = ("_embedding_A", "_embedding_B") if mod.embedding else ("_A.weight", "_B.weight")
+        out[mod.a], out[mod.b] = f"{p}.lora{suffix[0]}", f"{p}.lora{suffix[1]}"
         if mod.b_bias:
             out[mod.b_bias] = f"{p}.lora_B.bias"
         if mod.magnitude:
