@@ -92,8 +92,6 @@ def merge_options(fn: Callable) -> Callable:
                      help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
         click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
                      help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
-        click.option("--base-model", "--base_model", "base_model", type=click.Path(path_type=Path), default=None,
-                     help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only)."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty target directory."),
     ]
     for opt in reversed(opts):
@@ -101,8 +99,16 @@ def merge_options(fn: Callable) -> Callable:
     return fn
 
 
+def lora_base_option(*flags: str) -> Callable:
+    """The base weights of a LoRA-only checkpoint. `merge` spells it --base-model; `push` only --lora-base-model,
+    because there --base-model is the card's Hub id."""
+    return click.option(*flags, "lora_base_model", type=click.Path(path_type=Path), default=None,
+                        help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only).")
+
+
 def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     kw.pop("use_cpu_initialization", None)
+    kw["base_model"] = kw.pop("lora_base_model", None)
     return kw
 
 
@@ -112,6 +118,7 @@ def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--target-dir", "--target_dir", "target_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (created atomically).")
 @merge_options
+@lora_base_option("--base-model", "--base_model", "--lora-base-model")
 @click.option("--hf-upload-path", "--hf_upload_path", "hf_upload_path", default=None,
               help="verl flag: push the merged model to this Hub repo id.")
 @click.option("--private", is_flag=True, help="With --hf-upload-path: create the repo private.")
@@ -131,6 +138,105 @@ def merge(local_dir: Path, target_dir: Path, hf_upload_path: str | None, private
         result = {"merge": result, "push": push}
     if as_json:
         emit_json(result)
+
+
+def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        pairs[key.strip()] = value
+    return pairs
+
+
+def card_options(fn: Callable) -> Callable:
+    """The options `card` and `push` share: what the card says beyond what hubexport can read from the model."""
+    opts = [
+        click.option("--base-model", default=None, help="Hub id of the model the training started from."),
+        click.option("--license", "license", default=None,
+                     help="Hub license id. Default: the base model's, when its card is on this machine."),
+        click.option("--var", "variables", multiple=True, metavar="KEY=VALUE", callback=_parse_vars,
+                     help='A value for the template, e.g. --var reward="exact match" (summary, reward, evaluation, '
+                          "limitations have sections; others go to Notes). Repeatable."),
+        click.option("--card-data", type=click.Path(path_type=Path), default=None,
+                     help="YAML file of extra card metadata: language, datasets, tags, model-index, ..."),
+        click.option("--template", default="default", show_default=True,
+                     help="Bundled card template (default, minimal) or a path to a .md.j2 file."),
+        click.option("--training-config", type=click.Path(path_type=Path), default=None,
+                     help="verl config YAML. Default for checkpoints: config.yaml or .hydra/config.yaml next to it."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def card_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Split the card options out of a command's keyword arguments (they are removed from `kw`)."""
+    out = {k: kw.pop(k) for k in ("base_model", "license", "variables", "card_data", "template", "training_config")}
+    if out["template"].endswith(".j2") or Path(out["template"]).is_file():
+        out["template"] = Path(out["template"])
+    return out
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@card_options
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Where to write the card; - for stdout. Default: FOLDER/README.md.")
+@friendly
+def card(folder: Path, output: Path | None, **kw: Any) -> None:
+    """Render the model card (README.md) of a Hugging Face model folder; its metadata is validated."""
+    from hubexport.card import render_card
+
+    text = render_card(folder, log=say, **card_kwargs(kw))
+    if output == Path("-"):
+        click.echo(text, nl=False)
+        return
+    path = output or folder / "README.md"
+    path.write_text(text)
+    say(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--repo-id", "--repo_id", "repo_id", required=True, help="namespace/name (or just name: yours).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to push to; created from main if missing.")
+@click.option("--commit-message", default=None, help="Commit title.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--target-dir", "--target_dir", "target_dir", type=click.Path(path_type=Path), default=None,
+              help="For a checkpoint: keep the merged model here (default: a temporary directory, removed after).")
+@card_options
+@merge_options
+@lora_base_option("--lora-base-model")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded; create and send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@friendly
+def push(source: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+         create_pr: bool, target_dir: Path | None, dry_run: bool, as_json: bool, **kw: Any) -> None:
+    """Push a model folder to the Hub, or merge a training checkpoint, render its card and push it.
+
+    Token from HF_TOKEN (or `hf auth login`), endpoint from HF_ENDPOINT. Re-running is safe: unchanged files are
+    not sent, and a run with nothing new makes no commit."""
+    from hubexport.card import CardOptions
+    from hubexport.hub import publish
+
+    card = CardOptions(**card_kwargs(kw))
+    result = publish(source, repo_id=repo_id, target_dir=target_dir, merge_options=merge_kwargs(kw), card=card,
+                     private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
+                     dry_run=dry_run, log=say)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"repo:     {result.repo_url} ({'private' if result.private else 'public'})")
+    click.echo(f"revision: {result.revision}")
+    if result.commit_sha:
+        click.echo(f"commit:   {result.commit_sha} {result.commit_url}" + (" (no change)" if result.no_op else ""))
+    if result.pr_url:
+        click.echo(f"pr:       {result.pr_url}")
+    verb = "would upload" if dry_run else "uploaded"
+    click.echo(f"{verb}: {result.files_uploaded} files, {result.bytes_uploaded:,} bytes")
 
 
 @cli.command()

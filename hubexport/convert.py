@@ -18,10 +18,12 @@ from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError, HubexportError, MappingError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, check_keys, is_value_checkpoint, meta_model, saved_groups
+from hubexport.mapping.mcore import megatron_to_hf_groups
 from hubexport.plan import Group, Plan, make_plan, natural_key, parse_size
 from hubexport.sources import CombinedSource, Source, TensorSpec
 from hubexport.sources.fsdp import FsdpSource
-from hubexport.sources.hf import HfSource
+from hubexport.sources.hf import SafetensorsSource
+from hubexport.sources.mcore import open_megatron_source
 from hubexport.writers.safetensors import index_json, read_header, write_file
 from hubexport.writers.staging import check_target, discard, fresh_staging, publish, staging_dir
 
@@ -45,6 +47,7 @@ class MergeResult:
     tied_embeddings: bool
     value_model: bool
     global_step: int | None
+    peak_tensor_bytes: int  # planned upper bound of tensor bytes held at once (largest group in + out)
     files: list[WrittenFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lora: dict | None = None  # {"mode", "r", "lora_alpha", "modules", "adapter_dir", ...} for PEFT checkpoints
@@ -92,6 +95,8 @@ class LoraExport:
 def open_source(layout: Layout) -> Source:
     if layout.format == "fsdp":
         return FsdpSource(layout.files)
+    if layout.format == "megatron":
+        return open_megatron_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
 
@@ -127,6 +132,9 @@ def prepare(
     if keys is None and (lora_mode or base_model or lora_alpha or lora_rank):
         raise ConfigError(f"{layout.root} holds no LoRA tensors, so --lora/--lora-alpha/--lora-rank/--base-model "
                           "do not apply", hint="drop those options for a full fine-tuning checkpoint")
+    if layout.format == "megatron" and layout.version != "mbridge":  # mbridge weights are HF-native already
+        return _prepare_megatron(layout, source, config, specs, tie_word_embedding=tie_word_embedding,
+                                 is_value_model=is_value_model, shard_bytes=shard_bytes, dtype=dtype)
     base_specs = specs if keys is None else {n: TensorSpec(n, specs[k].shape, specs[k].dtype) for n, k in keys.base.items()}
     value_model = is_value_model or is_value_checkpoint(base_specs, base_specs)
     if is_value_model and "score.weight" not in base_specs and not (keys and keys.lora_only):
@@ -183,7 +191,7 @@ def prepare_lora(
         groups, writes_base = [], False
         notes.append("LoRA-only checkpoint: writing the adapter alone (pass --base-model to write the model too)")
     else:
-        base = HfSource(Path(base_model))
+        base = SafetensorsSource(Path(base_model))
         base_names = check_base_folder(model, base)
         source = CombinedSource(base, source)
         specs = source.metas()
@@ -200,7 +208,7 @@ def prepare_lora(
     return groups, source, LoraExport(mode, settings, keys, adapter, config, writes_base, notes)
 
 
-def check_base_folder(model: PreTrainedModel, base: HfSource) -> list[str]:
+def check_base_folder(model: PreTrainedModel, base: SafetensorsSource) -> list[str]:
     """--base-model must hold exactly what save_pretrained writes for the checkpoint's architecture."""
     meta = {k: TensorSpec(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     expected = {o.name: o.shape for g in saved_groups(model, meta) for o in g.outputs}
@@ -222,6 +230,19 @@ def check_fusable_ties(model: PreTrainedModel, keys: lora.LoraKeys) -> None:
             other = canonical if hit[0] == alias else alias
             raise ConfigError(f"fusing the LoRA of {hit[0]} would also change {other}, which is tied to it",
                               hint="export with --lora adapter, or untie the embeddings before training")
+
+
+def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, specs: dict[str, TensorSpec], *,
+                      tie_word_embedding: bool, is_value_model: bool, shard_bytes: int,
+                      dtype: str | None) -> Prepared:
+    """Megatron names and layouts → HF through the architecture tables; heads decided by the checkpoint's keys."""
+    groups, updates = megatron_to_hf_groups(specs, config, tie_word_embedding=tie_word_embedding,
+                                            value_model=is_value_model, notes=layout.notes)
+    config.update(updates)
+    plan = make_plan(groups, max_shard_size=shard_bytes, cast=DTYPE_NAMES[dtype] if dtype else None)
+    value_model = "num_labels" in updates
+    return Prepared(layout, source, config, plan, updates["architectures"][0], value_model,
+                    bool(updates.get("tie_word_embeddings", False)) and not value_model)
 
 
 def dominant_dtype(plan: Plan) -> torch.dtype:
@@ -333,7 +354,7 @@ def merge(
     result = _result(prep, target)
     log(f"{prep.layout.format} {prep.layout.version} checkpoint, {_fmt_parallel(prep.layout.parallel)}: "
         f"{prep.architecture}, {result.num_parameters:,} parameters → {len(prep.plan.files)} file(s), "
-        f"{prep.plan.total_size / 1e9:.2f} GB")
+        f"{prep.plan.total_size / 1e9:.2f} GB, at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight")
     if prep.lora:
         log(_lora_line(prep.lora))
     if dry_run:
@@ -403,6 +424,7 @@ def _result(prep: Prepared, target: Path) -> MergeResult:
         tied_embeddings=prep.tied,
         value_model=prep.value_model,
         global_step=prep.layout.global_step,
+        peak_tensor_bytes=prep.plan.peak_bytes(prep.source.metas()),
         notes=list(prep.layout.notes) + (prep.lora.notes if prep.lora else []),
         lora=prep.lora.summary() if prep.lora else None,
     )

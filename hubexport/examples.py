@@ -58,6 +58,8 @@ class FsdpCase:
     hidden_size: int = 32
     layers: int = 2
     seed: int = 0
+    intermediate_size: int | None = None  # default 2 × hidden
+    reference: bool = True  # train one step and save the full state dict and logits (off for big benchmarks)
     lora: LoraSpec | None = None
 
 
@@ -65,7 +67,8 @@ def tiny_config(case: FsdpCase):  # -> transformers.PretrainedConfig
     import transformers
 
     common = dict(
-        vocab_size=case.vocab_size, hidden_size=case.hidden_size, intermediate_size=2 * case.hidden_size,
+        vocab_size=case.vocab_size, hidden_size=case.hidden_size,
+        intermediate_size=case.intermediate_size or 2 * case.hidden_size,
         num_hidden_layers=case.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=case.tied, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
@@ -111,15 +114,15 @@ def build_model(case: FsdpCase):
 
     torch.manual_seed(case.seed)
     cfg = tiny_config(case)
+    auto = transformers.AutoModelForCausalLM
     if case.critic:
         cfg.num_labels = 1
-        model = transformers.AutoModelForTokenClassification.from_config(cfg)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        auto = transformers.AutoModelForTokenClassification
+    model = auto.from_config(cfg, dtype=getattr(torch, case.dtype))
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # zeros at init: give the de-duplication real values to check
             buf.copy_(torch.randn_like(buf))
-    return cfg, model.to(getattr(torch, case.dtype))
+    return cfg, model
 
 
 def _train_step(model, critic: bool, lr: float = 1e-2) -> None:
@@ -209,16 +212,7 @@ def _save_hf_dir(hf_dir: Path, cfg, case: FsdpCase) -> None:
             hf_dir)
 
 
-def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
-    """Train and save one case; call on every rank (inside a gloo process group when case.fsdp > 0)."""
-    cfg, model = build_model(case)
-    step_dir = out / case.name / "global_step_1"
-    actor = step_dir / "actor"
-    if case.lora:
-        model = _peft_wrap(model, case, out / case.name / "base_model", rank)
-    if case.fsdp:
-        model = _wrap(model, case)
-    _train_step(model, case.critic, lr=5e-2 if case.lora else 1e-2)
+def _full_state_and_logits(model, case: FsdpCase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if case.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -228,6 +222,21 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(PROMPT)).logits.float()
+    return full, logits
+
+
+def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
+    """Train and save one case; call on every rank (inside a gloo process group when case.fsdp > 0)."""
+    cfg, model = build_model(case)
+    step_dir = out / case.name / "global_step_1"
+    actor = step_dir / "actor"
+    if case.lora:
+        model = _peft_wrap(model, case, out / case.name / "base_model", rank)
+    if case.fsdp:
+        model = _wrap(model, case)
+    if case.reference:
+        _train_step(model, case.critic, lr=5e-2 if case.lora else 1e-2)
+        full, logits = _full_state_and_logits(model, case)
     sharded = _sharded_state_dict(model, case) if case.fsdp else model.state_dict()
     if case.lora and case.lora.only:  # verl's save_lora_only filter
         sharded = {k: v for k, v in sharded.items() if "lora_" in k or ".adapter_" in k}
@@ -244,7 +253,8 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
             (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": case.fsdp or 2,
                                                                  "world_size": case.world_size}))
         (out / case.name / "latest_checkpointed_iteration.txt").write_text("1")
-        _save_reference(out / case.name / "expected", full, logits, case)
+        if case.reference:
+            _save_reference(out / case.name / "expected", full, logits, case)
         if case.lora:
             _save_lora_meta(actor, model, case.lora)
     _barrier(case)

@@ -23,3 +23,6 @@ def fsdp_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fsdp_cases():
     return CASES
+
+from tests.fixtures_mcore import *  # noqa: E402, F403  (megatron-core checkpoint fixtures, built once per session)
+from tests.hub_fixtures import *  # noqa: E402, F403  (Hub emulator and card fixtures)

@@ -63,7 +63,8 @@ def test_writer_is_read_by_safetensors(dtype, tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     assert set(back) == set(tensors)
     for k, v in tensors.items():
-        assert back[k].dtype == dtype and torch.equal(back[k].reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8))
+        raw = v.contiguous().reshape(-1).view(torch.uint8)
+        assert back[k].dtype == dtype and torch.equal(back[k].reshape(-1).view(torch.uint8), raw)
     import hashlib
 
     assert sha == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()

@@ -13,6 +13,7 @@ import torch
 
 from hubexport.errors import CheckpointError
 from hubexport.sources import TensorSpec
+from hubexport.sources.pages import MappedFiles
 from hubexport.sources.shards import Placement, covering_coords, local_region
 
 
@@ -72,6 +73,7 @@ class FsdpSource:
         self._dtensor = DTensor
         self.files = files
         self._sds = [load_rank_file(f) for f in files]
+        self._pages = MappedFiles(files)
         first = self._sds[0]
         for path, sd in zip(files[1:], self._sds[1:], strict=True):
             if sd.keys() != first.keys():
@@ -128,11 +130,10 @@ class FsdpSource:
                     f"expected {list(sizes)} {spec.dtype} for a {list(spec.shape)} tensor",
                     hint="the shard is padded or from another checkpoint; re-save with current torch",
                 )
-            if len(coords) == 1:
-                return lt  # the whole tensor on one rank: no copy
             if out is None:
                 out = torch.empty(spec.shape, dtype=spec.dtype)
             out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))].copy_(lt)
+            self._pages.release(lt)
             covered += lt.numel()
         if out is None or covered != out.numel():
             raise CheckpointError(f"the shards of {name} cover {covered} of its elements",
@@ -150,7 +151,10 @@ class FsdpSource:
                     f"{name} differs between {self.files[0].name} and {path.name}",
                     hint="an unsharded tensor must be identical on every rank; the files are from different steps",
                 )
-        return t
+            self._pages.release(other)
+        out = t.clone()
+        self._pages.release(t)
+        return out
 
     def close(self) -> None:
         self._sds.clear()
