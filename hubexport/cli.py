@@ -240,6 +240,77 @@ def push(source: Path, repo_id: str, private: bool, revision: str | None, commit
 
 
 @cli.command()
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="An HF folder (single-file or sharded), or a training checkpoint merged on the fly.")
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
+              help="Kind of a training-checkpoint reference.")
+@click.option("--logits", is_flag=True, help="Also load both with transformers on CPU and compare logits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def verify(candidate: Path, reference: Path, backend: str, logits: bool, as_json: bool) -> None:
+    """Compare CANDIDATE with a reference tensor by tensor (exit 0 = same, 1 = differences, 2 = error)."""
+    _verify(candidate, reference, backend=backend, logits=logits, as_json=as_json)
+
+
+@cli.command("test", hidden=True)
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto")
+@click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--test-hf-dir", "--test_hf_dir", "test_hf_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--tie-word-embedding", "--tie_word_embedding", is_flag=True, hidden=True)
+@click.option("--is-value-model", "--is_value_model", is_flag=True, hidden=True)
+@click.option("--trust-remote-code", "--trust_remote_code", is_flag=True, hidden=True)
+@click.option("--use-cpu-initialization", "--use_cpu_initialization", is_flag=True, hidden=True)
+@friendly
+def verl_test(backend: str, local_dir: Path, test_hf_dir: Path, **_: Any) -> None:
+    """verl's `model_merger test`: the checkpoint, merged on the fly, must equal --test_hf_dir."""
+    _verify(test_hf_dir, local_dir, backend=backend, logits=False, as_json=False)
+
+
+def _verify(candidate: Path, reference: Path, *, backend: str, logits: bool, as_json: bool) -> None:
+    from hubexport.errors import DifferencesFound
+    from hubexport.verify import verify as do_verify
+
+    report = do_verify(candidate, reference, backend=backend, logits=logits, log=say)
+    if as_json:
+        emit_json({"ok": report.ok, **_jsonable(report)})
+    else:
+        for d in report.differences[:50]:
+            click.echo(f"{d.kind:8} {d.name}: {d.detail}")
+        more = len(report.differences) - 50
+        click.echo(f"... and {more} more" if more > 0 else "", nl=more > 0)
+        logit = f", max |Δlogits| {report.max_logit_diff:.3g}" if report.max_logit_diff is not None else ""
+        click.echo(f"{'OK' if report.ok else 'DIFFERENT'}: {report.compared} tensors compared, "
+                   f"{len(report.differences)} difference(s){logit}")
+    if not report.ok:
+        raise DifferencesFound(f"{candidate} differs from {reference} ({len(report.differences)} difference(s), "
+                               f"first: {report.differences[0].name})", hint="see the list above")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True)
+@click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True)
+@click.option("--dtype", type=DTYPES, default=None, help="Plan with this cast.")
+@click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def inspect(path: Path, backend: str, max_shard_size: str, dtype: str | None, trust_remote_code: bool,
+            as_json: bool) -> None:
+    """Show what PATH is (format, parallel layout, architecture, dtype, parameters) and the conversion plan,
+    without reading tensor data."""
+    from hubexport.inspection import inspect as do_inspect
+    from hubexport.inspection import render_text
+
+    info = do_inspect(path, backend=backend, max_shard_size=max_shard_size, dtype=dtype,
+                      trust_remote_code=trust_remote_code)
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(render_text(info))
+
+
+@cli.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Where the demo checkpoint and the merged model go.")
 @click.option("--world-size", default=2, show_default=True, help="FSDP processes for the demo training step.")

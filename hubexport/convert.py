@@ -47,7 +47,7 @@ class MergeResult:
     tied_embeddings: bool
     value_model: bool
     global_step: int | None
-    peak_tensor_bytes: int  # planned upper bound of tensor bytes held at once (largest group in + out)
+    peak_tensor_bytes: int = 0  # planned upper bound of tensor bytes held at once (largest group in + out)
     files: list[WrittenFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lora: dict | None = None  # {"mode", "r", "lora_alpha", "modules", "adapter_dir", ...} for PEFT checkpoints

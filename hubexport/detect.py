@@ -33,6 +33,12 @@ class Layout:
         return None
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A save_pretrained-style folder (what merge writes), as opposed to a training checkpoint."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and not _is_checkpoint_dir(path)
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
