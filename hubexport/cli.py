@@ -85,6 +85,14 @@ def merge_options(fn: Callable) -> Callable:
                      help="Allow the config's custom modeling code (auto_map)."),
         click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
                      hidden=True, help="Accepted for verl compatibility; hubexport never needs a GPU."),
+        click.option("--lora", "lora_mode", type=click.Choice(["adapter", "fuse", "both"]), default=None,
+                     help="For LoRA checkpoints: adapter = base model + lora_adapter/ (the default); fuse = one model "
+                          "with W + (alpha/r)·B·A folded in; both = the fused model + lora_adapter/ (apply the adapter "
+                          "to the base model, never to the fused one)."),
+        click.option("--lora-alpha", "--lora_alpha", "lora_alpha", type=float, default=None,
+                     help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
+        click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
+                     help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty target directory."),
     ]
     for opt in reversed(opts):
@@ -92,8 +100,16 @@ def merge_options(fn: Callable) -> Callable:
     return fn
 
 
+def lora_base_option(*flags: str) -> Callable:
+    """The base weights of a LoRA-only checkpoint. `merge` spells it --base-model; `push` only --lora-base-model,
+    because there --base-model is the card's Hub id."""
+    return click.option(*flags, "lora_base_model", type=click.Path(path_type=Path), default=None,
+                        help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only).")
+
+
 def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     kw.pop("use_cpu_initialization", None)
+    kw["base_model"] = kw.pop("lora_base_model", None)
     return kw
 
 
@@ -103,6 +119,7 @@ def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--target-dir", "--target_dir", "target_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (created atomically).")
 @merge_options
+@lora_base_option("--base-model", "--base_model", "--lora-base-model")
 @click.option("--hf-upload-path", "--hf_upload_path", "hf_upload_path", default=None,
               help="verl flag: push the merged model to this Hub repo id.")
 @click.option("--private", is_flag=True, help="With --hf-upload-path: create the repo private.")
@@ -193,6 +210,7 @@ def card(folder: Path, output: Path | None, **kw: Any) -> None:
               help="For a checkpoint: keep the merged model here (default: a temporary directory, removed after).")
 @card_options
 @merge_options
+@lora_base_option("--lora-base-model")
 @click.option("--dry-run", is_flag=True, help="Show what would be uploaded; create and send nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @friendly

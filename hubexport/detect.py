@@ -216,6 +216,9 @@ def _detect_v0(root: Path) -> Layout | None:
 def detect_megatron(root: Path) -> Layout | None:
     """Megatron layouts: v0 `model/mp_rank_*`, v1 `dist_ckpt/`, v2 `model/dist_ckpt/` (+ ckpt_contents.json), and
     mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors)."""
+    from hubexport.lora import check_megatron_adapter  # LoRA adapters come first: never export the base alone
+
+    check_megatron_adapter(root)
     v2 = (root / "model" / "dist_ckpt").is_dir() or (root / "ckpt_contents.json").is_file()
     dist = root / "model" / "dist_ckpt" if v2 else root / "dist_ckpt"
     if not dist.is_dir() and not v2:

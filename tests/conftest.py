@@ -14,6 +14,7 @@ from hubexport.examples import FsdpCase, make_checkpoints
 from tests.fixtures_mcore import *  # noqa: F403  (megatron-core checkpoint fixtures, built once per session)
 from tests.fsdp_cases import CASES, actor_dir, build_all
 from tests.hub_fixtures import *  # noqa: F403  (Hub emulator and card fixtures)
+from tests.lora_cases import lora_root  # noqa: F401  (session fixture for tests/test_lora.py)
 
 
 @pytest.fixture(scope="session")
