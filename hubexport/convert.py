@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -323,30 +324,19 @@ def merge(
     local_dir: Path,
     target_dir: Path,
     *,
-    backend: str = "auto",
-    dtype: str | None = None,
-    max_shard_size: int | str = "5GB",
-    tie_word_embedding: bool = False,
-    is_value_model: bool = False,
-    trust_remote_code: bool = False,
-    lora_mode: str | None = None,
-    lora_alpha: float | None = None,
-    lora_rank: int | None = None,
-    base_model: Path | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
+    **options: Any,
 ) -> MergeResult:
-    """Merge a sharded training checkpoint into a save_pretrained-style folder at `target_dir`, atomically."""
+    """Merge a sharded training checkpoint into a save_pretrained-style folder at `target_dir`, atomically.
+    `options` are prepare()'s (backend, dtype, max_shard_size, tying, value model, LoRA...)."""
     dist = Dist.from_env()
     if not dist.is_main:
         log = _silent
     target = Path(target_dir)
     check_target(target, overwrite=overwrite)
-    prep = prepare(local_dir, backend=backend, dtype=dtype, max_shard_size=max_shard_size,
-                   tie_word_embedding=tie_word_embedding, is_value_model=is_value_model,
-                   trust_remote_code=trust_remote_code, lora_mode=lora_mode, lora_alpha=lora_alpha,
-                   lora_rank=lora_rank, base_model=base_model)
+    prep = prepare(local_dir, **options)
     for note in prep.layout.notes + (prep.lora.notes if prep.lora else []):
         log(note)
     result = _result(prep, target)

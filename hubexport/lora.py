@@ -5,7 +5,6 @@ names, specs and tensors out; convert.py does the I/O."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from hubexport.errors import CheckpointError, ConfigError, MappingError
+from hubexport.jsonfile import read_json_object
 from hubexport.plan import Group, Tensors
 from hubexport.sources import TensorSpec
 
@@ -163,16 +163,6 @@ class LoraSettings:
     origin: str = ""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}", hint="re-copy it from the training run") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object", hint="re-copy it from the training run")
-    return data
-
-
 def find_settings(root: Path, *, alpha: float | None, rank: int | None) -> LoraSettings:
     """r/alpha from the flags, else verl's `lora_train_meta.json` (actor dir; the SFT trainer writes it one level up),
     else a training `adapter_config.json` (legacy verl's `lora_adapter/`), which also carries the patterns."""
@@ -180,7 +170,7 @@ def find_settings(root: Path, *, alpha: float | None, rank: int | None) -> LoraS
     origins = []
     for path in (root / ADAPTER_DIR / "adapter_config.json", root / "adapter_config.json"):
         if path.is_file():
-            cfg = _read_json(path)
+            cfg = read_json_object(path)
             s.training_config = cfg
             s.r, s.lora_alpha = cfg.get("r"), cfg.get("lora_alpha")
             s.rank_pattern = dict(cfg.get("rank_pattern") or {})
@@ -192,7 +182,7 @@ def find_settings(root: Path, *, alpha: float | None, rank: int | None) -> LoraS
             break
     for path in (root / "lora_train_meta.json", root.parent / "lora_train_meta.json"):
         if path.is_file():
-            meta = _read_json(path)
+            meta = read_json_object(path)
             s.r = meta.get("r", s.r)
             s.lora_alpha = meta.get("lora_alpha", s.lora_alpha)
             s.task_type = meta.get("task_type") or s.task_type
@@ -414,7 +404,7 @@ def check_megatron_adapter(root: Path) -> None:
     peft = adapter_dir.is_dir() and any(adapter_dir.glob("*_adapter.pt"))
     contents = root / "ckpt_contents.json"
     if not peft and contents.is_file():
-        backend = _read_json(contents).get("backend") or {}
+        backend = read_json_object(contents).get("backend") or {}
         peft = bool(isinstance(backend, dict) and backend.get("peft"))
     if peft:
         raise CheckpointError(

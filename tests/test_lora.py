@@ -23,6 +23,7 @@ from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.examples import PROMPT, FsdpCase, LoraSpec, lora_config, tiny_config
 from hubexport.sources import TensorSpec
 from tests.lora_cases import CASES, actor_dir
+from tests.tensors import folder_tensors
 
 FULL = ["qwen2_lora_fsdp2_w2", "qwen2_lora_patterns_fsdp2_w2", "qwen2_lora_bias_fsdp1_w2_bf16"]
 ONLY = "qwen2_lora_only_fsdp2_w2"
@@ -48,13 +49,6 @@ def expected_logits(root, name) -> torch.Tensor:
 
 def load(folder) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +77,7 @@ def test_adapter_loads_with_peft_and_gives_the_trained_logits(name, exported, lo
     else:
         base = load(target)
         untouched = load_file(base_dir / "model.safetensors")  # the model before LoRA training
-        written = tensors(target)
+        written = folder_tensors(target)
         assert set(written) == set(untouched)
         trained_biases = CASES[name].lora.bias != "none"
         for key, value in untouched.items():
@@ -101,7 +95,7 @@ def test_fused_model_gives_the_trained_logits_without_peft(name, exported, lora_
     _, target = exported[name, "fuse"]
     assert not (target / lora.ADAPTER_DIR).exists()
     model = load(target)
-    assert set(tensors(target)) == set(load_file(lora_root / name / "base_model" / "model.safetensors"))
+    assert set(folder_tensors(target)) == set(load_file(lora_root / name / "base_model" / "model.safetensors"))
     torch.testing.assert_close(logits_of(model), expected_logits(lora_root, name), rtol=tol(name), atol=tol(name))
 
 
@@ -119,13 +113,13 @@ def test_fused_weights_follow_the_formula(exported, lora_root):
     """W + (alpha/r)·B·A with the numbers the cases trained with: r=4, alpha=16; and in the patterns case layer 1's
     q_proj at r=2 (rank_pattern), v_proj at alpha=3 (alpha_pattern), the embedding's (B·A)ᵀ, lm_head trained whole."""
     ref = load_file(lora_root / FULL[0] / "expected" / "state_dict.safetensors")
-    fused = tensors(exported[FULL[0], "fuse"][1])
+    fused = folder_tensors(exported[FULL[0], "fuse"][1])
     p = "base_model.model.model.layers.1.self_attn.q_proj."
     want = ref[p + "base_layer.weight"] + 16 / 4 * ref[p + "lora_B.default.weight"] @ ref[p + "lora_A.default.weight"]
     torch.testing.assert_close(fused["model.layers.1.self_attn.q_proj.weight"], want, rtol=0, atol=1e-6)
 
     ref = load_file(lora_root / FULL[1] / "expected" / "state_dict.safetensors")
-    fused = tensors(exported[FULL[1], "fuse"][1])
+    fused = folder_tensors(exported[FULL[1], "fuse"][1])
     for module, scale in (("layers.0.self_attn.q_proj", 16 / 4), ("layers.1.self_attn.q_proj", 16 / 2),
                           ("layers.1.self_attn.v_proj", 3 / 4), ("layers.1.mlp.down_proj", 16 / 4)):
         p = f"base_model.model.model.{module}."
