@@ -59,8 +59,9 @@ class Plan:
         return {spec.name: i for i, g in enumerate(self.groups) for spec in g.outputs}
 
     def peak_bytes(self, source_specs: dict[str, TensorSpec]) -> int:
-        """Upper bound of tensor bytes held at once: the largest group's inputs plus its outputs."""
-        return max(
+        """Upper bound of tensor bytes held at once: the largest group's inputs plus its outputs, twice, since the
+        writer fetches one tensor ahead (which may start the next group)."""
+        return 2 * max(
             (sum(source_specs[n].nbytes for n in g.inputs) + sum(o.nbytes for o in g.outputs) for g in self.groups),
             default=0,
         )

@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,8 +72,7 @@ def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], to
         head = header_bytes(specs)
         f.write(head)
         digest.update(head)
-        for spec in specs:
-            t = fetch(spec)
+        for spec, t in _one_ahead(specs, fetch):
             if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
                 raise AssertionError(
                     f"{spec.name}: produced {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}"
@@ -85,6 +85,21 @@ def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], to
         if fsync:
             os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _one_ahead(specs: list[TensorSpec], fetch: Callable[[TensorSpec], torch.Tensor]
+               ) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+    """Fetch the next tensor while the current one is written, so reading/converting overlaps writing/hashing (torch
+    copies, file writes and hashlib all release the GIL). One tensor ahead bounds the extra memory."""
+    if not specs:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="hubexport-fetch") as pool:
+        pending = pool.submit(fetch, specs[0])
+        for i, spec in enumerate(specs):
+            t = pending.result()
+            if i + 1 < len(specs):
+                pending = pool.submit(fetch, specs[i + 1])
+            yield spec, t
 
 
 def read_header(path: Path) -> dict[str, dict]:
