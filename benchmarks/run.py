@@ -81,8 +81,24 @@ def make_fsdp(work: Path) -> Path:
     return actor
 
 
+def make_megatron(work: Path, hf_model: Path) -> Path:
+    """The same weights as a megatron-core torch_dist checkpoint (v1 layout), written by two ranks."""
+    actor = work / "mcore" / "global_step_1" / "actor"
+    if not (actor / "dist_ckpt" / "metadata.json").is_file():
+        shutil.rmtree(work / "mcore", ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "hubexport", "to-megatron", "--hf-model-path", str(hf_model), "--output-path",
+                        str(actor / "dist_ckpt")], check=True)
+        (actor / "huggingface").mkdir()
+        for p in hf_model.iterdir():
+            if not p.name.endswith((".safetensors", ".index.json")):
+                shutil.copy(p, actor / "huggingface" / p.name)
+    return actor
+
+
 def input_bytes(actor: Path) -> int:
-    return sum(p.stat().st_size for p in actor.glob("model_world_size_*.pt"))
+    return sum(p.stat().st_size for p in actor.rglob("*") if p.name.startswith("model_world_size_")
+               or p.suffix == ".distcp")
 
 
 def run_suite(name: str, src: Path, work: Path, contenders: dict[str, list[str]], repeat: int) -> dict:
@@ -138,11 +154,23 @@ def main() -> None:
                                                    "fsdp", "--local_dir", str(actor), "--target_dir", "{out}"]
     started = time.time()
     fsdp = run_suite("fsdp", actor, args.work, contenders, args.repeat)
+    hf_model = args.work / "hf_model"
+    if not (hf_model / "config.json").is_file():
+        subprocess.run([*hub[:-1], str(hf_model)], check=True)
+    mcore = make_megatron(args.work, hf_model)
+    floor_label = "disk floor (read + write + fsync)"
+    mhub = [sys.executable, "-m", "hubexport", "merge", "--local-dir", str(mcore), "--target-dir", "{out}"]
+    megatron = run_suite("megatron", mcore, args.work, {
+        floor_label: [sys.executable, "-c", FLOOR, str(mcore), "{out}"],
+        "hubexport, 1 process": mhub,
+        "hubexport, torchrun 2 processes": [*torchrun[:7], *mhub[3:]],
+    }, args.repeat)
     results = {"env": env_note, "fsdp": {"input_bytes": input_bytes(actor), "runs": fsdp},
-               "seconds": time.time() - started}
+               "megatron": {"input_bytes": input_bytes(mcore), "runs": megatron}, "seconds": time.time() - started}
     (REPO / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
     baseline = "verl.model_merger (0.9.1)" if args.verl_python else "hubexport, 1 process"
-    print(table(fsdp, baseline, "disk floor (read + write + fsync)"))
+    print(table(fsdp, baseline, floor_label))
+    print(table(megatron, "hubexport, 1 process", floor_label))
 
 
 if __name__ == "__main__":
