@@ -33,6 +33,12 @@ class Layout:
         return None
 
 
+def is_hf_folder(path: Path) -> bool:
+    """A save_pretrained-style folder (what merge writes), as opposed to a training checkpoint."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and not _is_checkpoint_dir(path)
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -135,15 +141,120 @@ def detect_fsdp(root: Path) -> Layout | None:
     )
 
 
-def detect_megatron(root: Path) -> Layout | None:
-    """Megatron layouts (v0 mp_rank_*, v1 dist_ckpt/, v2 model/dist_ckpt/, mbridge HF-in-huggingface/)."""
-    for dist, version in ((root / "model" / "dist_ckpt", "v2"), (root / "dist_ckpt", "v1")):
-        if dist.is_dir():
-            return Layout(format="megatron", version=version, root=root, hf_dir=_hf_dir(root), files=[dist])
-    mp = sorted((root / "model").glob("mp_rank_*")) if (root / "model").is_dir() else []
-    if mp:
-        return Layout(format="megatron", version="v0", root=root, hf_dir=_hf_dir(root), files=mp)
+MP_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def _megatron_hf_dir(root: Path) -> Path | None:
+    for cand in (root / "model" / "huggingface", root / "huggingface", root / "hf_config_and_tokenizer", root):
+        if (cand / "config.json").is_file():
+            return cand
     return None
+
+
+def _parallel_from_config(root: Path) -> dict[str, int]:
+    """verl writes asdict(TransformerConfig) next to the checkpoint: the training layout, for reporting and v0."""
+    path = root / "transformer_config.json"
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    out = {}
+    for short, key in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+                       ("ep", "expert_model_parallel_size"), ("vpp", "virtual_pipeline_model_parallel_size"),
+                       ("etp", "expert_tensor_parallel_size"), ("cp", "context_parallel_size")):
+        if isinstance(cfg.get(key), int):
+            out[short] = cfg[key]
+    return out
+
+
+def _has_hf_weights(hf_dir: Path | None) -> bool:
+    return hf_dir is not None and any(hf_dir.glob("*.safetensors"))
+
+
+def _dist_has_model(dist: Path) -> bool:
+    from hubexport.sources.mcore import model_tensor_keys  # reads the .metadata pickle only, never tensor bytes
+
+    return bool(model_tensor_keys(dist))
+
+
+def _detect_v0(root: Path) -> Layout | None:
+    mp = sorted(p for p in (root / "model").glob("mp_rank_*") if p.is_dir()) if (root / "model").is_dir() else []
+    if not mp:
+        return None
+    parallel = _parallel_from_config(root)
+    notes = []
+    ranks: dict[tuple[int, int, int], Path] = {}
+    for d in mp:
+        m = MP_RANK_RE.match(d.name)
+        if not m:
+            raise CheckpointError(f"{d} is not an mp_rank_TT[_PPP][_EEE] directory", hint="remove the stray folder")
+        if not (d / "model.pt").is_file():
+            raise CheckpointError(f"{d / 'model.pt'} is missing", hint="the v0 checkpoint is incomplete; re-copy it")
+        tp, a, b = int(m.group(1)), m.group(2), m.group(3)
+        if b is not None:
+            pp, ep = int(a), int(b)
+        elif a is not None and parallel.get("pp", 0) <= 1 and parallel.get("ep", 1) > 1:
+            pp, ep = 0, int(a)  # mp_rank_TT_EEE: PP == 1 with EP > 1 (ambiguous by name; transformer_config says so)
+        else:
+            pp, ep = (int(a) if a is not None else 0), 0
+            note = "no transformer_config.json: reading mp_rank_TT_NNN as TT=tensor, NNN=pipeline rank"
+            if a is not None and not parallel and note not in notes:
+                notes.append(note)
+        ranks[(tp, pp, ep)] = d / "model.pt"
+    sizes = {k: max(r[i] for r in ranks) + 1 for i, k in enumerate(("tp", "pp", "ep"))}
+    for t in range(sizes["tp"]):
+        for p in range(sizes["pp"]):
+            for e in range(sizes["ep"]):
+                if (t, p, e) not in ranks:
+                    raise CheckpointError(
+                        f"rank tp={t} pp={p} ep={e} has no mp_rank_* directory under {root / 'model'}",
+                        hint="the v0 checkpoint is incomplete; re-copy it")
+    files = [ranks[k] for k in sorted(ranks)]
+    return Layout(format="megatron", version="v0", root=root, hf_dir=_megatron_hf_dir(root), files=files,
+                  parallel={**parallel, **sizes}, notes=notes)
+
+
+def detect_megatron(root: Path) -> Layout | None:
+    """Megatron layouts: v0 `model/mp_rank_*`, v1 `dist_ckpt/`, v2 `model/dist_ckpt/` (+ ckpt_contents.json), and
+    mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors)."""
+    from hubexport.lora import check_megatron_adapter  # LoRA adapters come first: never export the base alone
+
+    check_megatron_adapter(root)
+    v2 = (root / "model" / "dist_ckpt").is_dir() or (root / "ckpt_contents.json").is_file()
+    dist = root / "model" / "dist_ckpt" if v2 else root / "dist_ckpt"
+    if not dist.is_dir() and not v2:
+        return _detect_v0(root)
+    hf_dir = _megatron_hf_dir(root)
+    parallel = _parallel_from_config(root)
+    if v2 and (root / "ckpt_contents.json").is_file():
+        contents = _read_json(root / "ckpt_contents.json")
+        if isinstance(contents.get("world_size"), int):
+            parallel.setdefault("world_size", contents["world_size"])
+    version = "v2" if v2 else "v1"
+    notes: list[str] = []
+    complete = dist.is_dir() and (dist / "metadata.json").is_file() and (dist / ".metadata").is_file()
+    if complete and _dist_has_model(dist):
+        if _has_hf_weights(hf_dir):
+            notes.append(f"{hf_dir} also holds safetensors; converting from {dist} (the training state)")
+        return Layout(format="megatron", version=version, root=root, hf_dir=hf_dir, files=[dist],
+                      parallel=parallel, notes=notes)
+    if _has_hf_weights(hf_dir):
+        why = "holds no model tensors" if complete else "is absent or incomplete"
+        notes.append(f"mbridge checkpoint: model weights are already HF safetensors in {hf_dir} ({dist.name} {why}); "
+                     "validating and re-sharding them")
+        return Layout(format="megatron", version="mbridge", root=root, hf_dir=hf_dir, files=[hf_dir],
+                      parallel=parallel, notes=notes)
+    if not dist.is_dir():
+        raise CheckpointError(f"{root} has neither {dist.relative_to(root)}/ nor HF weights in huggingface/",
+                              hint="the checkpoint holds no model weights; check checkpoint.save_contents")
+    if not complete:
+        missing = "metadata.json" if not (dist / "metadata.json").is_file() else ".metadata"
+        raise CheckpointError(f"{dist / missing} is missing: the torch_dist save did not finish",
+                              hint="use an earlier global_step_N, or re-copy the directory if the copy was cut short")
+    raise CheckpointError(
+        f"{dist} holds no model tensors and {hf_dir or root / 'huggingface'} has no safetensors",
+        hint="this checkpoint saved optimizer/RNG state only (verl mbridge default without HF weights); "
+             "add 'model' to checkpoint.save_contents, or use a step that saved the model",
+    )
 
 
 def detect(path: Path, backend: str = "auto") -> Layout:

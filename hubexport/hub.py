@@ -31,6 +31,7 @@ from hubexport.card import (
     sha256_file,
     validate_card,
 )
+from hubexport.detect import is_hf_folder
 from hubexport.errors import HubError, HubexportError
 
 if TYPE_CHECKING:
@@ -84,11 +85,6 @@ class _Session:
         text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
         text = " ".join(text.split())
         return text if len(text) <= 400 else text[:397] + "..."
-
-
-def is_hf_folder(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def git_blob_oid(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""Name and layout mappings between training checkpoints and Hugging Face models."""

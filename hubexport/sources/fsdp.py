@@ -82,6 +82,11 @@ class FsdpSource:
                     f"{path} has different tensors from {files[0].name} (e.g. {diff[0]})",
                     hint="the rank files come from different checkpoints or models; re-copy one consistent step",
                 )
+        for rank, (path, sd) in enumerate(zip(files, self._sds, strict=True)):
+            saved_by = next((getattr(t.device_mesh, "_rank", None) for t in sd.values() if isinstance(t, DTensor)), None)
+            if saved_by is not None and saved_by != rank:
+                raise CheckpointError(f"{path} holds the shards of rank {saved_by}, not rank {rank}",
+                                      hint="a rank file was duplicated or renamed; re-copy the checkpoint")
         self._specs: dict[str, TensorSpec] = {}
         self._geometry: dict[str, tuple[tuple[int, ...], tuple[Placement, ...], torch.Tensor]] = {}
         for name, t in first.items():

@@ -1,1 +1,21 @@
-"""One file per architecture: a table of Megatron ↔ Hugging Face mappings."""
+"""One module per architecture; this index finds the table for a config's `model_type`."""
+
+from __future__ import annotations
+
+from hubexport.errors import ConfigError
+from hubexport.mapping.archs import deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from hubexport.mapping.registry import Arch
+
+ARCHS: dict[str, Arch] = {
+    t: m.ARCH for m in (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, deepseek_v3) for t in m.ARCH.model_types
+}
+
+
+def arch_for(config) -> Arch:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ConfigError(
+            f"no Megatron mapping for model_type {model_type!r}",
+            hint=f"supported: {', '.join(sorted(ARCHS))}; add a table in hubexport/mapping/archs/",
+        )
+    return ARCHS[model_type]

@@ -1,0 +1,45 @@
+"""DeepSeek-V3: multi-latent attention (1:1 copies, formats doc §2.7), the first `first_k_dense_replace` layers dense,
+the rest MoE with a shared expert and `router.expert_bias` → `e_score_correction_bias`; MTP blocks become HF layer L+m.
+"""
+
+from hubexport.mapping.archs._parts import DENSE_MLP, EMBEDDING, EXPERTS, MOE_NORM, ROUTER, H, M, shared_experts
+from hubexport.mapping.registry import Arch, R
+
+A, SA = M + "self_attention.", H + "self_attn."
+MLA = (
+    R(M + "input_layernorm.weight", H + "input_layernorm.weight"),
+    R(A + "linear_q_down_proj.weight", SA + "q_a_proj.weight", if_config="q_lora_rank"),
+    # TE spec fuses the q/kv latent norms into the up projections; the local spec has separate q/kv_layernorm
+    R(A + "linear_q_up_proj.layer_norm_weight", SA + "q_a_layernorm.weight", if_config="q_lora_rank",
+      alt=(A + "q_layernorm.weight",)),
+    R(A + "linear_q_up_proj.weight", SA + "q_b_proj.weight", if_config="q_lora_rank"),
+    R(A + "linear_q_proj.weight", SA + "q_proj.weight", if_config="!q_lora_rank"),
+    R(A + "linear_kv_down_proj.weight", SA + "kv_a_proj_with_mqa.weight"),
+    R(A + "linear_kv_up_proj.layer_norm_weight", SA + "kv_a_layernorm.weight", alt=(A + "kv_layernorm.weight",)),
+    R(A + "linear_kv_up_proj.weight", SA + "kv_b_proj.weight"),
+    R(A + "linear_proj.weight", SA + "o_proj.weight"),
+)
+
+MTP = "mtp.layers.{M}."
+MTP_RULES = (
+    R(MTP + "enorm.weight", H + "enorm.weight"),
+    R(MTP + "hnorm.weight", H + "hnorm.weight"),
+    R(MTP + "eh_proj.weight", H + "eh_proj.weight"),
+    R(MTP + "final_layernorm.weight", H + "shared_head.norm.weight"),
+)
+
+ARCH = Arch(
+    name="deepseek_v3",
+    model_types=("deepseek_v3",),
+    causal_lm="DeepseekV3ForCausalLM",
+    rules=(
+        *EMBEDDING, *MLA, *DENSE_MLP, MOE_NORM, ROUTER,
+        R(M + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", when="moe"),
+        *EXPERTS, *shared_experts("mlp.shared_experts"),
+    ),
+    layer_kinds=lambda cfg: ["dense" if i < cfg.first_k_dense_replace else "moe"
+                             for i in range(cfg.num_hidden_layers)],
+    num_experts=lambda cfg: cfg.n_routed_experts,
+    mtp_rules=MTP_RULES,
+    mtp_kind="moe",
+)

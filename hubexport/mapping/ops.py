@@ -1,0 +1,73 @@
+"""Pure, invertible tensor ops between megatron-core and Hugging Face layouts (formats doc §2.3, §2.4).
+
+No I/O, no config objects: plain tensors and integers. Every `to_hf` op has an exact `to_mcore` inverse; both only
+view, slice and concatenate, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def identity(*xs: torch.Tensor) -> Tensors:
+    return xs
+
+
+def qkv_to_hf(qkv: torch.Tensor, *, num_query_groups: int, heads_per_group: int, head_dim: int) -> Tensors:
+    """mcore stores q, k, v interleaved per query group: [g0: q×p, k, v | g1: ...]; HF keeps them apart.
+    Works on weights [rows, H] and biases [rows]."""
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(num_query_groups, (heads_per_group + 2) * head_dim, *rest)
+    qd = heads_per_group * head_dim
+    q, k, v = grouped.split([qd, head_dim, head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_query_groups: int) -> Tensors:
+    rest = q.shape[1:]
+    g = num_query_groups
+    stacked = torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], dim=1)
+    return (stacked.reshape(-1, *rest),)
+
+
+def gate_up_to_hf(fc1: torch.Tensor) -> Tensors:
+    """A global (dist_ckpt) SwiGLU fc1 is [gate; up] along dim 0."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate, up
+
+
+def gate_up_to_mcore(gate: torch.Tensor, up: torch.Tensor) -> Tensors:
+    return (torch.cat([gate, up], dim=0),)
+
+
+def trim_vocab(w: torch.Tensor, *, vocab_size: int) -> Tensors:
+    """megatron pads the vocabulary (make_vocab_size_divisible_by × TP); HF has exactly vocab_size rows."""
+    if w.shape[0] < vocab_size:
+        raise ValueError(f"{w.shape[0]} rows is fewer than vocab_size {vocab_size}")
+    return (w[:vocab_size],)
+
+
+def pad_vocab(w: torch.Tensor, *, padded_size: int) -> Tensors:
+    """Inverse of trim_vocab: zero rows up to padded_size (what megatron's initialisation leaves unused)."""
+    out = torch.zeros((padded_size, *w.shape[1:]), dtype=w.dtype)
+    out[: w.shape[0]] = w
+    return (out,)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """megatron's `_vocab_size_with_padding`."""
+    m = divisible_by * tp
+    return -(-vocab_size // m) * m
+
+
+def tp_shards_to_global_gate_up(shards: list[torch.Tensor]) -> torch.Tensor:
+    """TP-local fc1 shard i is [gate_i; up_i]: concatenating shards naively would interleave them (legacy v0 files)."""
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
+    return torch.cat([*gates, *ups], dim=0)
+
+
+def global_gate_up_to_tp_shards(fc1: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    gate, up = fc1.chunk(2, dim=0)
+    return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]

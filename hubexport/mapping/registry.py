@@ -1,0 +1,187 @@
+"""Bidirectional name rules between megatron-core and Hugging Face, with `{L}` (layer) and `{E}` (expert) wildcards,
+and their expansion against a config with coverage checks.
+
+A Rule says: these mcore tensors ↔ these HF tensors, through this op. The same row serves both directions
+(`to_hf` / `to_mcore`); `alt` lists other mcore spellings of the same tensors (local vs Transformer-Engine spec).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from hubexport.mapping import ops
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The plain numbers ops need; derived from the HF config."""
+
+    num_query_groups: int
+    heads_per_group: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab: int | None = None  # only the HF → mcore direction needs it
+
+
+@dataclass(frozen=True)
+class Op:
+    to_hf: Callable[[tuple[torch.Tensor, ...], Dims], tuple[torch.Tensor, ...]]
+    to_mcore: Callable[[tuple[torch.Tensor, ...], Dims], tuple[torch.Tensor, ...]]
+
+
+OPS: dict[str, Op] = {
+    "copy": Op(lambda xs, d: ops.identity(*xs), lambda xs, d: ops.identity(*xs)),
+    "qkv": Op(
+        lambda xs, d: ops.qkv_to_hf(xs[0], num_query_groups=d.num_query_groups, heads_per_group=d.heads_per_group,
+                                    head_dim=d.head_dim),
+        lambda xs, d: ops.qkv_to_mcore(*xs, num_query_groups=d.num_query_groups),
+    ),
+    "gate_up": Op(lambda xs, d: ops.gate_up_to_hf(xs[0]), lambda xs, d: ops.gate_up_to_mcore(*xs)),
+    "vocab": Op(
+        lambda xs, d: ops.trim_vocab(xs[0], vocab_size=d.vocab_size),
+        lambda xs, d: ops.pad_vocab(xs[0], padded_size=d.padded_vocab or xs[0].shape[0]),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    mcore: tuple[str, ...]
+    hf: tuple[str, ...]
+    op: str = "copy"
+    when: str | None = None  # layer kind ("dense" | "moe"); None: every layer
+    if_config: str | None = None  # config attribute that must be truthy ("!attr": falsy)
+    alt: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def per_layer(self) -> bool:
+        return any("{L}" in n for n in (*self.mcore, *self.hf))
+
+    @property
+    def per_expert(self) -> bool:
+        return any("{E}" in n for n in (*self.mcore, *self.hf))
+
+
+def R(mcore: str | tuple[str, ...], hf: str | tuple[str, ...], op: str = "copy", *, when: str | None = None,
+      if_config: str | None = None, alt: Iterable[str | tuple[str, ...]] = ()) -> Rule:
+    """Table-row constructor: a single name may be given as a plain string."""
+    def tup(x: str | tuple[str, ...]) -> tuple[str, ...]:
+        return (x,) if isinstance(x, str) else tuple(x)
+
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    return Rule(tup(mcore), tup(hf), op, when, if_config, tuple(tup(a) for a in alt))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: its rules and the config facts that decide which rules apply to which layer."""
+
+    name: str
+    model_types: tuple[str, ...]
+    causal_lm: str  # HF class for the LM export; the critic swaps ForCausalLM for ForTokenClassification
+    rules: tuple[Rule, ...]
+    layer_kinds: Callable[[object], list[str]]  # config → "dense" | "moe" per layer
+    num_experts: Callable[[object], int] = lambda cfg: 0
+    mtp_rules: tuple[Rule, ...] = ()  # rules of a multi-token-prediction block, `{M}` = MTP index
+    mtp_kind: str = "dense"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A rule made concrete: actual mcore names (the spelling found) ↔ HF names."""
+
+    mcore: tuple[str, ...]
+    hf: tuple[str, ...]
+    op: str
+
+
+@dataclass
+class Expansion:
+    bindings: list[Binding] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # expected mcore tensors that are absent
+
+
+def config_flag(cfg: object, flag: str | None) -> bool:
+    if flag is None:
+        return True
+    neg = flag.startswith("!")
+    value = bool(getattr(cfg, flag.lstrip("!"), None))
+    return not value if neg else value
+
+
+def _fill(names: tuple[str, ...], subs: dict[str, str]) -> tuple[str, ...]:
+    out = []
+    for n in names:
+        for k, v in subs.items():
+            n = n.replace("{" + k + "}", v)
+        out.append(n)
+    return tuple(out)
+
+
+def _bind(rule: Rule, subs: dict[str, str], present: set[str], exp: Expansion,
+          mcore_prefix: tuple[str, str] | None = None) -> None:
+    spellings = [rule.mcore, *rule.alt]
+    if mcore_prefix:  # MTP: the same layer rules under another mcore prefix
+        spellings = [tuple(n.replace(*mcore_prefix) for n in s) for s in spellings]
+    concrete = [_fill(s, subs) for s in spellings]
+    for names in concrete:
+        if all(n in present for n in names):
+            exp.bindings.append(Binding(names, _fill(rule.hf, subs), rule.op))
+            return
+    exp.missing.extend(n for n in concrete[0] if n not in present)
+
+
+def expand(arch: Arch, cfg: object, present: set[str], *, extra: Iterable[Rule] = ()) -> Expansion:
+    """Every rule the config implies, bound to the checkpoint's spelling; absent tensors are collected, not raised."""
+    exp = Expansion()
+    kinds = arch.layer_kinds(cfg)
+    n_exp = arch.num_experts(cfg)
+    for rule in (*arch.rules, *extra):
+        if not config_flag(cfg, rule.if_config):
+            continue
+        if not rule.per_layer:
+            _bind(rule, {}, present, exp)
+            continue
+        for i, kind in enumerate(kinds):
+            if rule.when not in (None, kind):
+                continue
+            for e in range(n_exp) if rule.per_expert else [None]:
+                _bind(rule, {"L": str(i), **({"E": str(e)} if e is not None else {})}, present, exp)
+    mtp = sorted({int(m.group(1)) for n in present if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
+    for m in mtp:  # MTP block m is exported as HF layer L + m (DeepSeek-V3 layout)
+        hf_layer = str(len(kinds) + m)
+        for rule in arch.mtp_rules:
+            if config_flag(cfg, rule.if_config):
+                _bind(rule, {"M": str(m), "L": hf_layer}, present, exp)
+        for rule in arch.rules:
+            if not rule.per_layer or rule.when not in (None, arch.mtp_kind) or not config_flag(cfg, rule.if_config):
+                continue
+            for e in range(n_exp) if rule.per_expert else [None]:
+                subs = {"L": hf_layer, **({"E": str(e)} if e is not None else {})}
+                _bind(rule, subs, present, exp,
+                      mcore_prefix=("decoder.layers.{L}.", f"mtp.layers.{m}.transformer_layer."))
+    return exp
+
+
+def apply_to_hf(op: str, dims: Dims, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pure: the op on the named inputs, results named; contiguous so writers can take raw bytes."""
+    results = OPS[op].to_hf(tuple(tensors[n] for n in inputs), dims)
+    return {name: t.contiguous() for name, t in zip(outputs, results, strict=True)}
+
+
+def apply_to_mcore(op: str, dims: Dims, hf_names: tuple[str, ...], mcore_names: tuple[str, ...],
+                   tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    results = OPS[op].to_mcore(tuple(tensors[n] for n in hf_names), dims)
+    return {name: t.contiguous() for name, t in zip(mcore_names, results, strict=True)}
+
+
+def output_shapes(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Run the op on meta tensors: output shapes without bytes, and shape errors surface before any read."""
+    metas = tuple(torch.empty(s, device="meta") for s in shapes)
+    return [tuple(t.shape) for t in OPS[op].to_hf(metas, dims)]

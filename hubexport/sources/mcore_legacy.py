@@ -1,0 +1,149 @@
+"""verl v0 Megatron checkpoints: `model/mp_rank_TT[_PPP][_EEE]/model.pt`, each `torch.save([chunk.state_dict() for
+chunk in vpp_chunks])` with local layer and expert numbers and TP-local shards (formats doc §2.1, §2.5, §2.10).
+
+Files are opened with mmap and weights_only, so metas() reads no tensor bytes; read() merges one tensor's TP shards.
+Names are presented like the torch_dist source: global `decoder.layers.<i>.` and `...local_experts.<j>.`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hubexport.errors import CheckpointError
+from hubexport.mapping.ops import tp_shards_to_global_gate_up
+from hubexport.sources import Source, TensorSpec
+
+LAYER_RE = re.compile(r"^((?:.*\.)?decoder\.layers\.)(\d+)\.(.*)$")
+SEQ_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
+GROUPED_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+MP_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?")
+REPLICATED = ("layer_norm", "layernorm", "norm.weight", "router", "expert_bias", "gate_weight",
+              "linear_q_down_proj", "linear_kv_down_proj", "enorm", "hnorm")
+ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+ROW_PARALLEL_BIAS = ("linear_proj.bias", "linear_fc2.bias")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    file: int
+    chunk: int
+    key: str
+
+
+def _load(path: Path) -> list[dict]:
+    try:
+        with torch.serialization.safe_globals([io.BytesIO]):  # TE _extra_state is a BytesIO
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle, zip and weights_only errors have no common base
+        raise CheckpointError(f"cannot load {path}: {e}",
+                              hint="the file is corrupt or holds non-tensor objects; re-copy it") from e
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) or v is None or isinstance(v, io.BytesIO)
+                                     for v in obj.values()):
+        return [obj]
+    if isinstance(obj, dict):  # {"model": sd} or {"model0": sd, "model1": sd}
+        keys = sorted((k for k in obj if re.fullmatch(r"model\d*", k)), key=lambda k: int(k[5:] or 0))
+        return [obj[k] for k in keys]
+    if isinstance(obj, list):
+        return obj
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a list of state dicts", hint="re-copy it")
+
+
+def _tp_merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    if len(shards) == 1 or any(r in name for r in REPLICATED) or name.endswith(ROW_PARALLEL_BIAS):
+        return shards[0]
+    if name.endswith("output_layer.weight") and shards[0].shape[0] == 1:  # critic value head: replicated
+        return shards[0]
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        return tp_shards_to_global_gate_up(shards)
+    if name.endswith(ROW_PARALLEL):
+        return torch.cat(shards, dim=1)
+    return torch.cat(shards, dim=0)  # column-parallel (qkv keeps whole groups per rank), vocab-parallel embedding
+
+
+class LegacySource(Source):
+    def __init__(self, files: list[Path], parallel: dict[str, int], *, tied: bool = False) -> None:
+        self.files = [Path(f) for f in files]
+        coords = []
+        for f in self.files:
+            m = MP_RE.fullmatch(f.parent.name)
+            if not m:
+                raise CheckpointError(f"{f.parent} is not an mp_rank_* directory", hint="remove the stray folder")
+            coords.append(m)
+        tp_n, pp_n, ep_n = (parallel.get(k, 1) for k in ("tp", "pp", "ep"))
+        self._coords: list[tuple[int, int, int]] = []
+        for m in coords:
+            t, a, b = int(m.group(1)), m.group(2), m.group(3)
+            if b is not None:
+                self._coords.append((t, int(a), int(b)))
+            elif a is not None and pp_n <= 1 and ep_n > 1:
+                self._coords.append((t, 0, int(a)))
+            else:
+                self._coords.append((t, int(a or 0), 0))
+        self._data = [_load(f) for f in self.files]
+        self._pieces: dict[str, list[_Piece]] = {}  # logical name → one piece per TP rank, in TP order
+        by = {c: i for i, c in enumerate(self._coords)}
+        chunks = len(self._data[0])
+        # global layer offset of (vpp chunk v, pp rank p): interleaved order, chunk v of rank p is block v*P + p
+        offsets: dict[tuple[int, int], int] = {}
+        total = 0
+        for v in range(chunks):
+            for p in range(pp_n):
+                offsets[(v, p)] = total
+                sd = self._data[by[(0, p, 0)]][v]
+                total += 1 + max((int(m.group(2)) for k in sd if (m := LAYER_RE.match(k))), default=-1)
+        for fi, (t, p, e) in enumerate(self._coords):
+            for v, sd in enumerate(self._data[fi]):
+                n_local = self._local_experts(sd)
+                for key, val in sd.items():
+                    if not isinstance(val, torch.Tensor) or "_extra_state" in key:
+                        continue
+                    if tied and pp_n > 1 and key == "output_layer.weight" and p == pp_n - 1:
+                        continue  # the last stage's copy of a tied embedding (formats doc §2.8)
+                    if e > 0 and "experts." not in key:
+                        continue  # non-expert weights are identical on every EP rank
+                    name = self._global_name(key, offsets[(v, p)], e * n_local)
+                    self._pieces.setdefault(name, [None] * tp_n)[t] = _Piece(fi, v, key)
+        self._specs = {}
+        for name, pieces in self._pieces.items():
+            if any(pc is None for pc in pieces):
+                raise CheckpointError(f"{name} is missing on some TP ranks", hint="the v0 checkpoint is incomplete")
+            shards = [self._tensor(pc) for pc in pieces]
+            meta = _tp_merge(name, [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards])
+            self._specs[name] = TensorSpec(name, tuple(meta.shape), meta.dtype)
+
+    @staticmethod
+    def _local_experts(sd: dict) -> int:
+        idx = set()
+        for k in sd:
+            if m := SEQ_EXPERT_RE.match(k):
+                idx.add(int(m.group(2)))
+            elif m := GROUPED_EXPERT_RE.match(k):
+                idx.add(int(m.group(4)))
+        return len(idx)
+
+    @staticmethod
+    def _global_name(key: str, layer_offset: int, expert_offset: int) -> str:
+        if m := LAYER_RE.match(key):
+            key = f"{m.group(1)}{int(m.group(2)) + layer_offset}.{m.group(3)}"
+        if m := SEQ_EXPERT_RE.match(key):
+            key = f"{m.group(1)}local_experts.{int(m.group(2)) + expert_offset}.{m.group(3)}"
+        elif m := GROUPED_EXPERT_RE.match(key):
+            key = f"{m.group(1)}local_experts.{int(m.group(4)) + expert_offset}.{m.group(2)}.{m.group(3)}"
+        return key
+
+    def _tensor(self, pc: _Piece) -> torch.Tensor:
+        return self._data[pc.file][pc.chunk][pc.key]
+
+    def metas(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str) -> torch.Tensor:
+        return _tp_merge(name, [self._tensor(pc) for pc in self._pieces[name]]).clone()
+
+    def close(self) -> None:
+        self._data = []

@@ -1,0 +1,80 @@
+"""The pure layout ops: exact inverses, and the layouts the formats doc (§2.4) states, checked row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hubexport.mapping import ops
+
+
+@pytest.mark.parametrize(("groups", "per_group", "head_dim"), [(2, 2, 4), (1, 4, 3), (4, 1, 2), (3, 7, 5)])
+def test_qkv_split_follows_the_row_formula(groups: int, per_group: int, head_dim: int) -> None:
+    hidden = 6
+    rows = groups * (per_group + 2) * head_dim
+    qkv = torch.arange(rows * hidden, dtype=torch.float64).reshape(rows, hidden)
+    q, k, v = ops.qkv_to_hf(qkv, num_query_groups=groups, heads_per_group=per_group, head_dim=head_dim)
+    block = (per_group + 2) * head_dim
+    for r in range(rows):  # formats doc §2.4: g = r // B, o = r % B
+        g, o = divmod(r, block)
+        if o < per_group * head_dim:
+            assert torch.equal(q[g * per_group * head_dim + o], qkv[r])
+        elif o < (per_group + 1) * head_dim:
+            assert torch.equal(k[g * head_dim + o - per_group * head_dim], qkv[r])
+        else:
+            assert torch.equal(v[g * head_dim + o - (per_group + 1) * head_dim], qkv[r])
+    assert q.shape == (groups * per_group * head_dim, hidden) and k.shape == v.shape == (groups * head_dim, hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qkv_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+    g, p, d, h = 2, 3, 4, 8
+    w = torch.randn(g * (p + 2) * d, h).to(dtype)
+    b = torch.randn(g * (p + 2) * d).to(dtype)
+    for x in (w, b):
+        parts = ops.qkv_to_hf(x, num_query_groups=g, heads_per_group=p, head_dim=d)
+        (back,) = ops.qkv_to_mcore(*parts, num_query_groups=g)
+        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), x.view(torch.uint8))
+    q, k, v = torch.randn(g * p * d, h), torch.randn(g * d, h), torch.randn(g * d, h)
+    (qkv,) = ops.qkv_to_mcore(q, k, v, num_query_groups=g)
+    q2, k2, v2 = ops.qkv_to_hf(qkv, num_query_groups=g, heads_per_group=p, head_dim=d)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_qkv_bias_layout() -> None:
+    # two groups, one q head each, head_dim 1: [q0, k0, v0, q1, k1, v1]
+    q, k, v = ops.qkv_to_hf(torch.tensor([10.0, 20, 30, 11, 21, 31]), num_query_groups=2, heads_per_group=1,
+                            head_dim=1)
+    assert q.tolist() == [10, 11] and k.tolist() == [20, 21] and v.tolist() == [30, 31]
+
+
+def test_gate_up_round_trip_and_layout() -> None:
+    fc1 = torch.randn(10, 3)
+    gate, up = ops.gate_up_to_hf(fc1)
+    assert torch.equal(gate, fc1[:5]) and torch.equal(up, fc1[5:])
+    (back,) = ops.gate_up_to_mcore(gate, up)
+    assert torch.equal(back, fc1)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_gate_up_shards_round_trip(tp: int) -> None:
+    gate, up = torch.randn(8, 3), torch.randn(8, 3)
+    (fc1,) = ops.gate_up_to_mcore(gate, up)
+    shards = ops.global_gate_up_to_tp_shards(fc1, tp)
+    # shard i is [gate_i; up_i] (formats doc §2.4), so a naive cat would be wrong for tp > 1
+    for i, s in enumerate(shards):
+        assert torch.equal(s, torch.cat([gate.chunk(tp)[i], up.chunk(tp)[i]]))
+    assert torch.equal(ops.tp_shards_to_global_gate_up(shards), fc1)
+
+
+def test_vocab_trim_and_pad_are_inverse() -> None:
+    w = torch.randn(100, 4)
+    assert ops.padded_vocab_size(100, 128, 1) == 128 and ops.padded_vocab_size(100, 128, 2) == 256
+    (padded,) = ops.pad_vocab(w, padded_size=128)
+    assert padded.shape == (128, 4) and not padded[100:].any()
+    (trimmed,) = ops.trim_vocab(padded, vocab_size=100)
+    assert torch.equal(trimmed, w)
+    (again,) = ops.pad_vocab(trimmed, padded_size=128)
+    assert torch.equal(again, padded)
+    with pytest.raises(ValueError):
+        ops.trim_vocab(w, vocab_size=101)
