@@ -21,6 +21,7 @@ import yaml
 
 from hubexport.summary import action_outputs, github_output_lines, render_summary
 from tests.fakehub import FakeHub
+from tests.fsdp_cases import actor_dir
 from tests.hub_fixtures import TOKEN, USER, hub_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,20 @@ def test_workflows_pass_actionlint_which_checks_the_inputs_against_action_yml(tm
 def test_zizmor_has_no_findings() -> None:
     proc = run(tool("zizmor"), "--offline", "--no-progress", ACTION, *WORKFLOWS, ACT_WORKFLOW)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_action_scripts_pass_shellcheck(tmp_path: Path) -> None:
+    """The `run:` scripts of action.yml, as bash runs them (actionlint does this for workflows, not for actions)."""
+    scripts = []
+    for i, step in enumerate(action()["runs"]["steps"]):
+        script = tmp_path / f"step{i}.sh"
+        script.write_text("#!/usr/bin/env bash\nset -eo pipefail\n" + step["run"])
+        scripts.append(script)
+    ok = run(tool("shellcheck"), *scripts)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    scripts[0].write_text(scripts[0].read_text() + 'echo $HX_REPO_ID\n')  # unquoted: word splitting
+    bad = run(tool("shellcheck"), scripts[0])
+    assert bad.returncode != 0 and "SC2086" in bad.stdout
 
 
 def test_inputs_reach_scripts_only_through_env() -> None:
@@ -152,19 +167,6 @@ def test_summary_cli_appends_markdown_and_outputs(tmp_path: Path) -> None:
 
 
 # ---- a real run under act -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real verl-style FSDP2 checkpoint from two processes, with the run's config (holding a secret) at the root."""
-    from hubexport.examples import FsdpCase, make_checkpoints
-
-    root = tmp_path_factory.mktemp("act-ckpt")
-    make_checkpoints([FsdpCase("run", world_size=2)], root)
-    (root / "run" / "config.yaml").write_text(
-        "algorithm: {adv_estimator: grpo}\nactor_rollout_ref: {actor: {strategy: fsdp2}}\n"
-        f"trainer: {{wandb_api_key: {TOKEN}}}\n")
-    return root / "run" / "global_step_1" / "actor"
-
-
 def act_env(hub: FakeHub, home: Path) -> dict[str, str]:
     """No token and no endpoint in act's own environment: the workflow passes them, as a user's would."""
     env = hub_env(hub, token=None)
@@ -223,14 +225,20 @@ def safetensors_params(folder: Path) -> int:
 
 
 @pytest.mark.slow
-def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, checkpoint: Path,
+def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, fsdp_root: Path,
                                                                 tmp_path: Path) -> None:
+    """A real FSDP2 checkpoint written by two processes (the suite's shared one: read only), and the run's verl config
+    holding a secret, through the training-config input."""
     fakehub.add_token(USER, TOKEN2, "write")
     results, target, home = tmp_path / "results", tmp_path / "merged", tmp_path / "home"
     results.mkdir()
     home.mkdir()
-    env_args = {"HXT_SRC": ROOT, "HXT_PYTHON": sys.executable, "HXT_CKPT": checkpoint, "HXT_TARGET": target,
-                "HXT_HUB": fakehub.url, "HXT_RESULTS": results, "HF_TOKEN": TOKEN, "HXT_TOKEN2": TOKEN2}
+    training_config = tmp_path / "config.yaml"
+    training_config.write_text("algorithm: {adv_estimator: grpo}\nactor_rollout_ref: {actor: {strategy: fsdp2}}\n"
+                               f"trainer: {{wandb_api_key: {TOKEN}}}\n")
+    env_args = {"HXT_SRC": ROOT, "HXT_PYTHON": sys.executable, "HXT_CKPT": actor_dir(fsdp_root, "qwen2_fsdp2_w2_dim1"),
+                "HXT_TARGET": target, "HXT_TRAINING_CONFIG": training_config, "HXT_HUB": fakehub.url,
+                "HXT_RESULTS": results, "HF_TOKEN": TOKEN, "HXT_TOKEN2": TOKEN2}
     cmd = [tool("act"), "workflow_dispatch", "-W", ACT_WORKFLOW, "-P", "self-hosted=-self-hosted",
            "--action-offline-mode", "--no-cache-server", "--json"]
     for key, value in env_args.items():
@@ -277,7 +285,8 @@ def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, 
     for name in shards:
         assert files[name].lfs == digests[name] and repo.lfs[digests[name]] == local[name].read_bytes()
     readme = files["README.md"].data.decode()
-    assert "verl FSDP checkpoint" in readme and "exact match on GSM8K" in readme and TOKEN not in readme
+    assert "verl FSDP checkpoint" in readme and "exact match on GSM8K" in readme and "- grpo" in readme
+    assert TOKEN not in readme  # the training config's secret is redacted
 
     # The job summary: what was merged from what, the shards with sizes and sha256, the repo link and visibility.
     (summary,) = set(summaries(log, "hub"))
