@@ -54,6 +54,13 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, i
     return float(wall), int(rss)
 
 
+def clear(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def warm(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
@@ -84,7 +91,7 @@ def run_suite(name: str, src: Path, work: Path, contenders: dict[str, list[str]]
         walls, rsss = [], []
         for _ in range(repeat):
             out = work / "out"
-            shutil.rmtree(out, ignore_errors=True)
+            clear(out)
             warm(src)
             wall, rss = measure([a.replace("{out}", str(out)) for a in cmd])
             walls.append(wall)
@@ -93,7 +100,7 @@ def run_suite(name: str, src: Path, work: Path, contenders: dict[str, list[str]]
                        "walls": walls, "rss": rsss}
         print(f"{name:8} {label:34} wall {rows[label]['wall_s']:7.2f} s   peak RSS {rows[label]['peak_rss_bytes'] / 1e6:8.0f} MB",
               flush=True)
-    shutil.rmtree(work / "out", ignore_errors=True)
+    clear(work / "out")
     return rows
 
 
