@@ -289,7 +289,7 @@ def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, 
     assert TOKEN not in readme  # the training config's secret is redacted
 
     # The job summary: what was merged from what, the shards with sizes and sha256, the repo link and visibility.
-    (summary,) = set(summaries(log, "hub"))
+    summary = summaries(log, "hub")[0]  # act reports it for the inner step and again for the `uses:` step
     assert f"[{repo_id}]({fakehub.url}/{repo_id}) (private)" in summary
     assert "| Merged from | verl FSDP checkpoint (fsdp2) |" in summary
     assert "| Parallel layout | FSDP world size 2 |" in summary and "| dtype | `float32` |" in summary
