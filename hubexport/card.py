@@ -203,6 +203,13 @@ def facts_from_folder(folder: Path, config: Mapping[str, Any], sha256: Mapping[s
     )
 
 
+def model_facts(folder: Path, merge_result: MergeResult | None = None,
+                sha256: Mapping[str, str] | None = None) -> ModelFacts:
+    """What the card (and the action's summary) say about the model in `folder`: from the merge when there was one."""
+    config = _model_config(Path(folder))
+    return facts_from_merge(merge_result, config) if merge_result else facts_from_folder(Path(folder), config, sha256)
+
+
 # ---- training config ------------------------------------------------------------------------------------------------
 def find_training_config(checkpoint: Path) -> Path | None:
     """verl runs keep their resolved Hydra config near the checkpoint: the actor dir, global_step_N, or the run root."""
@@ -420,7 +427,7 @@ def render_card(
     `sha256` maps file names to known digests so a caller that already hashed the shards does not hash twice."""
     folder = Path(folder)
     config = _model_config(folder)
-    facts = facts_from_merge(merge_result, config) if merge_result else facts_from_folder(folder, config, sha256)
+    facts = model_facts(folder, merge_result, sha256)
     raw_training = _load_yaml(training_config, "training config") if training_config else {}
     user_meta = _load_yaml(card_data, "card data") if card_data else {}
     model_path = _dig(raw_training, "actor_rollout_ref.model.path")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -32,6 +33,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports, so stdout holds one document
+        return
     click.echo(json.dumps(_jsonable(obj), indent=2))
 
 
@@ -227,6 +230,8 @@ def push(source: Path, repo_id: str, private: bool, revision: str | None, commit
     result = publish(source, repo_id=repo_id, target_dir=target_dir, merge_options=merge_kwargs(kw), card=card,
                      private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
                      dry_run=dry_run, log=say)
+    if result is None:  # a torchrun rank other than 0: it merged its share, rank 0 pushed and reports
+        return
     if as_json:
         emit_json(result)
         return
@@ -238,6 +243,31 @@ def push(source: Path, repo_id: str, private: bool, revision: str | None, commit
         click.echo(f"pr:       {result.pr_url}")
     verb = "would upload" if dry_run else "uploaded"
     click.echo(f"{verb}: {result.files_uploaded} files, {result.bytes_uploaded:,} bytes")
+
+
+# ---- summary: a push result rendered for CI (the GitHub Action's step summary and outputs) ---------------------------
+@cli.command()
+@click.argument("result_json", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Append the markdown here (e.g. $GITHUB_STEP_SUMMARY). Default: stdout.")
+@click.option("--github-output", type=click.Path(path_type=Path), default=None,
+              help="Append the step outputs here ($GITHUB_OUTPUT format): repo-id, repo-url, commit-sha, ...")
+@click.option("--template", default="default", show_default=True, help="Bundled summary template or a .md.j2 path.")
+@friendly
+def summary(result_json: Path, output: Path | None, github_output: Path | None, template: str) -> None:
+    """Render RESULT_JSON (what `hubexport push --json` printed) as a markdown job summary, and as step outputs."""
+    from hubexport.summary import action_outputs, github_output_lines, load_result, render_summary
+
+    result = load_result(result_json)
+    text = render_summary(result, template)
+    if github_output is not None:
+        with open(github_output, "a") as f:
+            f.write(github_output_lines(action_outputs(result)))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        with open(output, "a") as f:
+            f.write(text)
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -19,7 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hubexport.card import REPO_ID_RE, CardOptions, find_training_config, render_card, sha256_file, validate_card
+from hubexport.card import (
+    REPO_ID_RE,
+    CardOptions,
+    ModelFacts,
+    facts_from_merge,
+    find_training_config,
+    model_facts,
+    render_card,
+    sha256_file,
+    validate_card,
+)
 from hubexport.detect import is_hf_folder
 from hubexport.errors import HubError, HubexportError
 
@@ -28,6 +39,7 @@ if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile
 
     from hubexport.convert import MergeResult
+    from hubexport.dist import Dist
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 IGNORED_DIRS = {".git", ".cache"}  # what upload_folder skips too: VCS data and huggingface_hub's local state
@@ -46,6 +58,9 @@ class PushResult:
     bytes_uploaded: int  # their size; LFS objects the Hub already stored are not sent again
     no_op: bool
     pr_url: str | None = None
+    target_dir: str | None = None  # the folder that was uploaded, unless it was a temporary merge (removed)
+    model: ModelFacts | None = None  # what was merged from what, and the shards with sizes and sha256
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,7 +330,7 @@ def _push_folder(s: _Session, folder: Path, *, repo_id: str, private: bool, revi
     repo_id = _preflight(s, repo_id)
     return _push(s, folder, repo_id=repo_id, private=private, revision=revision or "main",
                  commit_message=commit_message or _default_message(merge_result), create_pr=create_pr,
-                 dry_run=dry_run, known=known, virtual_readme=virtual_readme)
+                 dry_run=dry_run, known=known, virtual_readme=virtual_readme, merge_result=merge_result)
 
 
 def _default_message(merge_result: MergeResult | None) -> str:
@@ -324,7 +339,8 @@ def _default_message(merge_result: MergeResult | None) -> str:
 
 
 def _push(s: _Session, folder: Path, *, repo_id: str, private: bool, revision: str, commit_message: str,
-          create_pr: bool, dry_run: bool, known: Mapping[str, str], virtual_readme: str | None) -> PushResult:
+          create_pr: bool, dry_run: bool, known: Mapping[str, str], virtual_readme: str | None,
+          merge_result: MergeResult | None) -> PushResult:
     url, private, exists = _ensure_repo(s, repo_id, private, dry_run)
     base = _ensure_revision(s, repo_id, revision, exists, dry_run)
     head, remote = _remote(s, repo_id, base) if exists else ("", {})
@@ -332,7 +348,9 @@ def _push(s: _Session, folder: Path, *, repo_id: str, private: bool, revision: s
     changed = [f for f in local if _changed(f, remote.get(f.path))]
     stale = _stale_weights(local, remote)
     n_files, n_bytes = len(changed), sum(f.size for f in changed)
-    result = PushResult(repo_id, url, None, None, revision, private, n_files, n_bytes, no_op=False)
+    facts = model_facts(folder, merge_result, {f.path: f.sha256 for f in local})  # every file is hashed already
+    result = PushResult(repo_id, url, None, None, revision, private, n_files, n_bytes, no_op=False,
+                        target_dir=str(folder), model=facts)
     if dry_run:
         return _report_dry_run(s, result, changed, stale, len(local), virtual_readme)
     if not changed and not stale:
@@ -367,17 +385,27 @@ def _report_dry_run(s: _Session, result: PushResult, changed: list[LocalFile], s
         s.log(f"  - {p} (stale weight file)")
     s.log(f"dry run: would upload {result.files_uploaded} files ({result.bytes_uploaded:,} bytes) to "
           f"{result.repo_id}@{result.revision}; {n_local - len(changed)} unchanged; nothing was sent")
-    return replace(result, no_op=result.files_uploaded == 0 and not stale)
+    return replace(result, no_op=result.files_uploaded == 0 and not stale, dry_run=True)
 
 
 # ---- checkpoint → merge → card → push -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _merge_target(target_dir: Path | None) -> Iterator[Path]:
+def _merge_target(target_dir: Path | None, dist: Dist) -> Iterator[Path]:
+    """`target_dir`, or a temporary directory that rank 0 makes, shares with the other torchrun ranks, and removes."""
     if target_dir is not None:
         yield Path(target_dir)
         return
-    with tempfile.TemporaryDirectory(prefix="hubexport-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="hubexport-") if dist.is_main else None
+    tmp = dist.gather(tmp)[0]
+    try:
         yield Path(tmp) / "model"
+    finally:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def publish(
@@ -395,30 +423,49 @@ def publish(
     endpoint: str | None = None,
     token: str | None = None,
     log: Callable[[str], None] = print,
-) -> PushResult:
+) -> PushResult | None:
     """`hubexport push`: an HF folder is pushed as is; a training checkpoint is merged first (into `target_dir`, or a
-    temporary directory removed afterwards), its card rendered with the training config found next to it."""
+    temporary directory removed afterwards), its card rendered with the training config found next to it.
+
+    Under torchrun every rank merges its share of the files; rank 0 alone checks the token (every rank stops when it
+    is bad), pushes and returns the result; the other ranks return None."""
     source = Path(source)
     if not source.is_dir():
         raise HubError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
-    s = _session(endpoint, token, log)
     push = dict(private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
                 dry_run=dry_run)
     if is_hf_folder(source):
-        return _push_folder(s, source, repo_id=repo_id, merge_result=None, card=card, **push)
+        if os.environ.get("RANK", "0") != "0":  # a ready folder under torchrun: nothing to share, rank 0 pushes
+            return None
+        return _push_folder(_session(endpoint, token, log), source, repo_id=repo_id, merge_result=None, card=card,
+                            **push)
     from hubexport.convert import merge
+    from hubexport.dist import Dist
 
-    repo_id = _preflight(s, repo_id)  # a bad token should fail before a long merge, not after it
+    dist = Dist.from_env()
+    if not dist.is_main:
+        log = _quiet
+    s, error = None, None
+    if dist.is_main:
+        try:
+            s = _session(endpoint, token, log)
+            repo_id = _preflight(s, repo_id)  # a bad token should fail before a long merge, not after it
+        except HubexportError as e:
+            error = e
+    dist.sync(error)
     options = card or CardOptions()
     training_config = options.training_config or find_training_config(source)
     if training_config is not None:
         log(f"card: training config {training_config}")
-    with _merge_target(target_dir) as out:
+    with _merge_target(target_dir, dist) as out:
         result = merge(source, out, dry_run=dry_run, log=log, **(merge_options or {}))
+        if s is None:
+            return None
         if dry_run:
             size = sum(f.size for f in result.files)
             log(f"dry run: would merge into {len(result.files)} files ({size:,} bytes) and push them to {repo_id}")
             return PushResult(repo_id, f"{s.endpoint}/{repo_id}", None, None, revision or "main", private,
-                              len(result.files), size, no_op=False)
-        return _push_folder(s, result.target_dir, repo_id=repo_id, merge_result=result,
-                            card=replace(options, training_config=training_config), **push)
+                              len(result.files), size, no_op=False, model=facts_from_merge(result, {}), dry_run=True)
+        pushed = _push_folder(s, result.target_dir, repo_id=repo_id, merge_result=result,
+                              card=replace(options, training_config=training_config), **push)
+        return pushed if target_dir is not None else replace(pushed, target_dir=None)

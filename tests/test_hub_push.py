@@ -297,3 +297,31 @@ def test_dry_run_of_a_checkpoint_plans_the_merge_and_sends_nothing(fakehub: Fake
     out = json.loads(result.stdout)
     assert out["files_uploaded"] >= 1 and out["commit_sha"] is None
     assert not target.exists() and not fakehub.repos and all(m == "GET" for m, _, _ in fakehub.requests)
+    assert out["dry_run"] is True and out["model"]["source"].startswith("verl FSDP checkpoint")
+
+
+def test_json_result_says_what_was_pushed_with_shard_digests(fakehub: FakeHub, model_dir: Path) -> None:
+    """What CI (the action's summary) reads: the folder, the model facts, every shard with its size and sha256."""
+    from hubexport.card import sha256_file
+
+    out = push_json(model_dir)
+    assert out["target_dir"] == str(model_dir) and out["dry_run"] is False
+    model = out["model"]
+    assert model["architecture"] == "Qwen2ForCausalLM" and model["source"] is None and model["dtype"] == "float32"
+    shards = sorted(model_dir.glob("*.safetensors"))
+    assert [s["name"] for s in model["shards"]] == [p.name for p in shards]
+    for entry, path in zip(model["shards"], shards, strict=True):
+        assert entry["size"] == path.stat().st_size and entry["sha256"] == sha256_file(path)
+        assert fakehub.files(REPO)[path.name].lfs == entry["sha256"]
+
+
+def test_push_under_torchrun_with_a_bad_token_stops_every_rank_before_the_merge(fakehub: FakeHub, checkpoint: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Rank 0 checks the token; the other ranks must not wait for it in the merge's collectives (that would hang)."""
+    target = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hubexport",
+           "push", str(checkpoint), "--repo-id", REPO, "--target-dir", str(target), "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=hub_env(fakehub, token="hf_WrongToken0123456789"), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode != 0 and "HTTP 401" in proc.stderr and "another rank failed" in proc.stderr
+    assert proc.stdout.strip() == "" and not target.exists() and not fakehub.repos
