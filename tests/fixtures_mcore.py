@@ -405,16 +405,13 @@ def _save_layouts(model, job: dict, tcfg) -> None:
     dist.barrier()
 
 
-def _run_job(job: dict) -> None:
-    import safetensors.torch
+def _build_model(cfg, job: dict):
+    """A local-spec GPTModel for this rank (TP/PP/EP from parallel_state), verl's value head when asked."""
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(job["hf"])
     tcfg = _transformer_config(cfg, job)
     tp = job["tp"]
     padded = -(-cfg.vocab_size // (128 * tp)) * 128 * tp
@@ -433,21 +430,66 @@ def _run_job(job: dict) -> None:
                 return super().forward(x), None
 
         model.output_layer = ValueHead(cfg.hidden_size, 1, bias=False)
+    return model, tcfg
+
+
+def _forward(model, cfg, job: dict, out: Path) -> None:
+    """Rank 0 saves the logits of the model's own forward (PP=1 only), trimmed to the real vocabulary."""
+    import torch
+    import torch.distributed as dist
+
+    ids = torch.tensor(json.loads(job["ids"]))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        # megatron's default causal mask is built on "cuda": pass one (True = masked out)
+        mask = torch.triu(torch.ones(ids.shape[1], ids.shape[1]), diagonal=1).bool()[None, None]
+        logits = model(ids, pos, attention_mask=mask)
+    if dist.get_rank() == 0:
+        torch.save(logits[..., : (1 if job["value"] else cfg.vocab_size)].clone(), out)
+
+
+def _run_job(job: dict) -> None:
+    import safetensors.torch
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(job["hf"])
+    model, tcfg = _build_model(cfg, job)
+    padded = model.vocab_size
     Path(job["out"]).mkdir(parents=True, exist_ok=True)
     sd = safetensors.torch.load_file(str(Path(job["hf"]) / "model.safetensors"))
     _fill(model, hf_to_mcore_global(sd, cfg, padded, job["value"]), job)
     model.eval()
     if job.get("forward") and ps.get_pipeline_model_parallel_world_size() == 1:
-        ids = torch.tensor(json.loads(job["ids"]))
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with torch.no_grad():
-            # megatron's default causal mask is built on "cuda": pass one (True = masked out)
-            mask = torch.triu(torch.ones(ids.shape[1], ids.shape[1]), diagonal=1).bool()[None, None]
-            logits = model(ids, pos, attention_mask=mask)
-        if dist.get_rank() == 0:
-            torch.save(logits[..., : (1 if job["value"] else cfg.vocab_size)].clone(),
-                       Path(job["out"]) / "mcore_logits.pt")
+        _forward(model, cfg, job, Path(job["out"]) / "mcore_logits.pt")
     _save_layouts(model, job, tcfg)
+
+
+def _run_load(job: dict) -> None:
+    """Load a torch_dist checkpoint the way Megatron-LM and verl do (`dist_checkpointing.load(model.sharded_state_dict(),
+    path)`, default strictness), run the forward, and record what a `return_all` load reports as mismatched."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(job["hf"])
+    model, _ = _build_model(cfg, job)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"])
+    model.load_state_dict(loaded)
+    model.eval()
+    out = Path(job["out"])
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _forward(model, cfg, job, out / "logits.pt")
+    _, ckpt_only, model_only = dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"], strict="return_all")
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, (sorted(ckpt_only), sorted(model_only)))
+    if dist.get_rank() == 0:
+        (out / "mismatch.json").write_text(json.dumps({
+            "checkpoint_only": sorted({k for c, _ in keys for k in c}),
+            "model_only": sorted({k for _, m in keys for k in m}),
+        }))
 
 
 def _main() -> None:
@@ -470,7 +512,10 @@ def _main() -> None:
                                  expert_model_parallel_size=j0["ep"])
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
     for job in jobs:
-        _run_job(job)
+        if job.get("ckpt"):
+            _run_load(job)
+        else:
+            _run_job(job)
     dist.barrier()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
