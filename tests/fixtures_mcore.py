@@ -528,15 +528,22 @@ def _main() -> None:
 IDS = [[3, 17, 42, 99, 7, 64, 23, 5], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 
-def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> Path:
-    """A random tiny HF model saved with save_pretrained (the ground truth for every comparison)."""
+def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False, dtype=None, **overrides) -> Path:
+    """A random tiny HF model saved with save_pretrained (the ground truth for every comparison); `overrides` go to
+    the config, `dtype` casts the saved weights."""
     import torch
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64, rms_norm_eps=1e-6,
                   tie_word_embeddings=tie)
-    if kind == "qwen2":
+    if kind == "llama":
+        cfg = tf.LlamaConfig(**common, **overrides)
+    elif kind == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=True, decoder_sparse_step=1, **{"mlp_only_layers": [], **overrides},
+                                **common)
+    elif kind == "qwen2":
         cfg = tf.Qwen2Config(**common)
     elif kind == "qwen3":
         cfg = tf.Qwen3Config(head_dim=16, **common)
@@ -574,6 +581,8 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> 
         for n, b in model.named_buffers():
             if "e_score_correction_bias" in n:
                 b.uniform_(-0.1, 0.1)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out)
     return out
 
