@@ -67,11 +67,12 @@ def extra_state_modules(names: list[str], spec: str) -> list[str]:
     with the TE spec its norms too. Found from the tensor names, so they follow the architecture table."""
     modules = []
     for name in names:
-        if not LAYER.match(name) and not name.startswith("decoder."):
+        if not name.startswith("decoder."):
             continue  # embedding and output layer: megatron's LanguageModule saves no extra state for them
-        module = name.rsplit(".", 1)[0]
+        module, param = name.rsplit(".", 1)
         last = module.rsplit(".", 1)[-1]
-        if last.startswith("linear_") or (spec == "te" and last in TE_NORMS):
+        # a module's own weight, not a norm folded into its name (local MoE: `mlp.linear_fc1.layer_norm_weight`)
+        if param in ("weight", "bias") and (last.startswith("linear_") or (spec == "te" and last in TE_NORMS)):
             modules.append(module)
     return list(dict.fromkeys(modules))
 
