@@ -465,6 +465,23 @@ def _run_job(job: dict) -> None:
     _save_layouts(model, job, tcfg)
 
 
+def _run_model_less(job: dict) -> None:
+    """A torch_dist archive as verl writes it under mbridge's default: optimizer state (model-space keys), an lr
+    scheduler and RNG state, no model tensor."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    Path(job["out"]).mkdir(parents=True, exist_ok=True)
+    state = {
+        "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight", torch.zeros(4, 192, 64), replica_id=0)},
+        "lr_scheduler": {"num_steps": 3},
+        "rng_state": ShardedObject("rng_state", [torch.get_rng_state()], (1, 1), (0, 0), replica_id=0),
+    }
+    dist_checkpointing.save(state, job["out"])
+
+
 def _run_load(job: dict) -> None:
     """Load a torch_dist checkpoint the way Megatron-LM and verl do (`dist_checkpointing.load(model.sharded_state_dict(),
     path)`, default strictness), run the forward, and record what a `return_all` load reports as mismatched."""
@@ -502,9 +519,12 @@ def _main() -> None:
     from megatron.core import tensor_parallel
 
     j0 = jobs[0]
-    if j0.get("synthetic"):
+    if j0.get("synthetic") or j0.get("model_less"):
         for job in jobs:
-            _run_synthetic(job)
+            if job.get("synthetic"):
+                _run_synthetic(job)
+            else:
+                _run_model_less(job)
         dist.barrier()
         dist.destroy_process_group()
         return
