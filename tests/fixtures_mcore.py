@@ -485,8 +485,10 @@ def _run_model_less(job: dict) -> None:
 def _run_load(job: dict) -> None:
     """Load a torch_dist checkpoint the way Megatron-LM and verl do (`dist_checkpointing.load(model.sharded_state_dict(),
     path)`, default strictness), run the forward, and record what a `return_all` load reports as mismatched."""
+    import torch
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(job["hf"])
@@ -498,7 +500,18 @@ def _run_load(job: dict) -> None:
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    _forward(model, cfg, job, out / "logits.pt")
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        _forward(model, cfg, job, out / "logits.pt")
+    else:  # no pipeline schedule here: each stage saves what it loaded, under global layer numbers
+        glob = {f"decoder.layers.{k}.": f"decoder.layers.{layer.layer_number - 1}."
+                for k, layer in enumerate(model.decoder.layers)}
+        state = {}
+        for name, t in model.state_dict().items():
+            if "_extra_state" in name or t is None:
+                continue
+            local = next((lp for lp in glob if name.startswith(lp)), None)
+            state[glob[local] + name[len(local):] if local else name] = t.clone()
+        torch.save(state, out / f"state_pp{ps.get_pipeline_model_parallel_rank()}.pt")
     _, ckpt_only, model_only = dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"], strict="return_all")
     keys = [None] * dist.get_world_size()
     dist.all_gather_object(keys, (sorted(ckpt_only), sorted(model_only)))

@@ -1,6 +1,7 @@
 """Checkpoints written by `hubexport to-megatron` loaded the way Megatron-LM and verl load them:
 `dist_checkpointing.load(model.sharded_state_dict(), path)` into a megatron-core GPTModel built on CPU at TP=1, TP=2
-and EP=2, whose forward must give the HF model's logits. The EP=2 checkpoint is written by two torchrun ranks."""
+and EP=2, whose forward must give the HF model's logits, and at PP=2 (each stage's loaded tensors). The EP=2 checkpoint
+is written by two torchrun ranks."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoConfig
 
 from hubexport.to_megatron import to_megatron
-from tests.fixtures_mcore import IDS, _free_port, run_torchrun, tiny_hf
+from tests.fixtures_mcore import IDS, _free_port, hf_to_mcore_global, run_torchrun, tiny_hf
 from tests.mcore_check import load_logits
 from tests.test_to_megatron import stored
 
@@ -26,8 +29,9 @@ MODELS = {"qwen2": ("qwen2", {}), "qwen2_tied": ("qwen2", {"tie": True}), "qwen3
 # (run, model, spec): runs share one torchrun (same TP/EP); TP=2 with MoE needs Transformer Engine (cpu-lab.md)
 LOADS = [("tp1", "qwen2", "te"), ("tp1", "qwen3", "local"), ("tp1", "qwen2_moe", "local"), ("tp1", "critic", "te"),
          ("tp2", "qwen2", "te"), ("tp2", "qwen2_tied", "te"), ("tp2", "qwen3", "local"),
-         ("ep2", "qwen2_moe", "local")]
-RUNS = {"tp1": dict(tp=1, ep=1), "tp2": dict(tp=2, ep=1), "ep2": dict(tp=1, ep=2)}
+         ("ep2", "qwen2_moe", "local"), ("pp2", "qwen2_tied", "te")]
+RUNS = {"tp1": dict(tp=1, pp=1, ep=1), "tp2": dict(tp=2, pp=1, ep=1), "ep2": dict(tp=1, pp=1, ep=2),
+        "pp2": dict(tp=1, pp=2, ep=1)}
 
 
 def torchrun_cli(nproc: int, args: list[str], timeout: int = 300) -> tuple[str, float]:
@@ -65,14 +69,17 @@ def loads(tmp_path_factory) -> dict:
             if r != run:
                 continue
             out_dir = root / f"load_{run}_{model}_{spec}"
-            jobs.append(dict(hf=str(hf[model]), ckpt=str(ckpts[model, spec]), out=str(out_dir), pp=1,
+            jobs.append(dict(hf=str(hf[model]), ckpt=str(ckpts[model, spec]), out=str(out_dir),
                              value=model == "critic", ids=json.dumps(IDS), **par))
             results[run, model, spec] = out_dir
         timings[run] = run_torchrun(max(par.values()), jobs)
     return {"hf": hf, "results": results, "json": json.loads(out), "two": two, "one": one, "timings": timings}
 
 
-@pytest.mark.parametrize("run,model,spec", LOADS, ids=[f"{r}-{m}-{s}" for r, m, s in LOADS])
+FORWARD = [case for case in LOADS if case[0] != "pp2"]
+
+
+@pytest.mark.parametrize("run,model,spec", FORWARD, ids=[f"{r}-{m}-{s}" for r, m, s in FORWARD])
 def test_megatron_forward_matches_hf(loads, run, model, spec) -> None:
     out = loads["results"][run, model, spec]
     ref = load_logits(loads["hf"][model], torch.tensor(IDS))
@@ -83,6 +90,21 @@ def test_megatron_forward_matches_hf(loads, run, model, spec) -> None:
         assert mismatch["checkpoint_only"] == []  # the local spec's key set exactly
     else:  # TE norms' extra state, which a local-spec model does not have (ignored by the default load)
         assert all(k.split("/")[0].endswith("layernorm._extra_state") for k in mismatch["checkpoint_only"])
+
+
+def test_pipeline_stages_load_their_layers(loads) -> None:
+    """PP=2, tied: each stage holds its own layers; the last stage's output layer is loaded from the embedding."""
+    out = loads["results"]["pp2", "qwen2_tied", "te"]
+    hf_dir = loads["hf"]["qwen2_tied"]
+    want = hf_to_mcore_global(load_file(hf_dir / "model.safetensors"), AutoConfig.from_pretrained(hf_dir), 128,
+                              value=False)
+    first, last = (torch.load(out / f"state_pp{r}.pt") for r in (0, 1))
+    assert {k.split(".")[2] for k in first if k.startswith("decoder.layers.")} == {"0", "1"}
+    assert {k.split(".")[2] for k in last if k.startswith("decoder.layers.")} == {"2", "3"}
+    assert "embedding.word_embeddings.weight" in first and "output_layer.weight" in last
+    for k, t in [*first.items(), *last.items()]:
+        assert torch.equal(t, want[k]), k
+    assert json.loads((out / "mismatch.json").read_text())["model_only"] == []
 
 
 def test_two_writer_ranks_share_the_work_and_match_one(loads) -> None:
