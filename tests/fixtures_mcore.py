@@ -570,12 +570,13 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False, dty
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64, rms_norm_eps=1e-6,
                   tie_word_embeddings=tie)
+    common.update(overrides)
     if kind == "llama":
-        cfg = tf.LlamaConfig(**common, **overrides)
+        cfg = tf.LlamaConfig(**common)
     elif kind == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                norm_topk_prob=True, decoder_sparse_step=1, **{"mlp_only_layers": [], **overrides},
-                                **common)
+        cfg = tf.Qwen3MoeConfig(**{"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 32, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                                   "mlp_only_layers": [], **common})
     elif kind == "qwen2":
         cfg = tf.Qwen2Config(**common)
     elif kind == "qwen3":

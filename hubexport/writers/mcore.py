@@ -148,11 +148,8 @@ def assign_ranks(sizes: list[int], world_size: int) -> list[int]:
 
 def _unwrap_failure(e: BaseException) -> BaseException:
     """torch wraps each rank's exception; find a HubexportError to report as itself."""
-    for failure in (getattr(e, "failures", None) or {}).values():
-        inner = getattr(failure, "exc", failure)
-        if isinstance(inner, HubexportError):
-            return inner
-    return e
+    failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    return next((f for f in failures if isinstance(f, HubexportError)), failures[0] if failures else e)
 
 
 def save_torch_dist(out_dir: Path, chunks: list[Chunk], mine: list[bool], produce: Callable[[str], torch.Tensor],
@@ -194,5 +191,7 @@ def save_torch_dist(out_dir: Path, chunks: list[Chunk], mine: list[bool], produc
         inner = _unwrap_failure(e)
         if isinstance(inner, HubexportError):
             raise inner from None
-        raise TargetError(f"writing the torch_dist checkpoint in {out_dir} failed: {str(inner)[:300]}",
-                          hint="check free disk space and write permission; nothing was published") from None
+        hint = ("check free disk space and write permission" if isinstance(inner, OSError)
+                else "this is a bug in hubexport; run with --debug and report the traceback")
+        raise TargetError(f"writing the torch_dist checkpoint in {out_dir} failed: "
+                          f"{type(inner).__name__}: {str(inner)[:300]}", hint=hint + "; nothing was published") from None
