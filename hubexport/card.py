@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ import yaml
 from hubexport import __version__
 from hubexport.detect import STEP_RE
 from hubexport.errors import HubError
+from hubexport.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from hubexport.convert import MergeResult
@@ -128,14 +128,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        hint = "pass a Hugging Face model folder (hubexport merge output)"
-        raise HubError(f"cannot read {path}: {e}", hint=hint) from None
-    if not isinstance(data, dict):
-        raise HubError(f"{path} does not hold a JSON object", hint="pass a Hugging Face model folder")
-    return data
+    return read_json_object(path, error=HubError, hint="pass a Hugging Face model folder (hubexport merge output)")
 
 
 def _model_config(folder: Path) -> dict[str, Any]:

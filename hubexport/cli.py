@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -84,6 +85,14 @@ def merge_options(fn: Callable) -> Callable:
                      help="Allow the config's custom modeling code (auto_map)."),
         click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
                      hidden=True, help="Accepted for verl compatibility; hubexport never needs a GPU."),
+        click.option("--lora", "lora_mode", type=click.Choice(["adapter", "fuse", "both"]), default=None,
+                     help="For LoRA checkpoints: adapter = base model + lora_adapter/ (the default); fuse = one model "
+                          "with W + (alpha/r)·B·A folded in; both = the fused model + lora_adapter/ (apply the adapter "
+                          "to the base model, never to the fused one)."),
+        click.option("--lora-alpha", "--lora_alpha", "lora_alpha", type=float, default=None,
+                     help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
+        click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
+                     help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty target directory."),
     ]
     for opt in reversed(opts):
@@ -91,8 +100,16 @@ def merge_options(fn: Callable) -> Callable:
     return fn
 
 
+def lora_base_option(*flags: str) -> Callable:
+    """The base weights of a LoRA-only checkpoint. `merge` spells it --base-model; `push` only --lora-base-model,
+    because there --base-model is the card's Hub id."""
+    return click.option(*flags, "lora_base_model", type=click.Path(path_type=Path), default=None,
+                        help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only).")
+
+
 def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     kw.pop("use_cpu_initialization", None)
+    kw["base_model"] = kw.pop("lora_base_model", None)
     return kw
 
 
@@ -102,6 +119,7 @@ def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 @click.option("--target-dir", "--target_dir", "target_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder (created atomically).")
 @merge_options
+@lora_base_option("--base-model", "--base_model", "--lora-base-model")
 @click.option("--hf-upload-path", "--hf_upload_path", "hf_upload_path", default=None,
               help="verl flag: push the merged model to this Hub repo id.")
 @click.option("--private", is_flag=True, help="With --hf-upload-path: create the repo private.")
@@ -230,6 +248,7 @@ def card(folder: Path, output: Path | None, **kw: Any) -> None:
               help="For a checkpoint: keep the merged model here (default: a temporary directory, removed after).")
 @card_options
 @merge_options
+@lora_base_option("--lora-base-model")
 @click.option("--dry-run", is_flag=True, help="Show what would be uploaded; create and send nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @friendly
@@ -260,6 +279,77 @@ def push(source: Path, repo_id: str, private: bool, revision: str | None, commit
 
 
 @cli.command()
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="An HF folder (single-file or sharded), or a training checkpoint merged on the fly.")
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
+              help="Kind of a training-checkpoint reference.")
+@click.option("--logits", is_flag=True, help="Also load both with transformers on CPU and compare logits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def verify(candidate: Path, reference: Path, backend: str, logits: bool, as_json: bool) -> None:
+    """Compare CANDIDATE with a reference tensor by tensor (exit 0 = same, 1 = differences, 2 = error)."""
+    _verify(candidate, reference, backend=backend, logits=logits, as_json=as_json)
+
+
+@cli.command("test", hidden=True)
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto")
+@click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--test-hf-dir", "--test_hf_dir", "test_hf_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--tie-word-embedding", "--tie_word_embedding", is_flag=True, hidden=True)
+@click.option("--is-value-model", "--is_value_model", is_flag=True, hidden=True)
+@click.option("--trust-remote-code", "--trust_remote_code", is_flag=True, hidden=True)
+@click.option("--use-cpu-initialization", "--use_cpu_initialization", is_flag=True, hidden=True)
+@friendly
+def verl_test(backend: str, local_dir: Path, test_hf_dir: Path, **_: Any) -> None:
+    """verl's `model_merger test`: the checkpoint, merged on the fly, must equal --test_hf_dir."""
+    _verify(test_hf_dir, local_dir, backend=backend, logits=False, as_json=False)
+
+
+def _verify(candidate: Path, reference: Path, *, backend: str, logits: bool, as_json: bool) -> None:
+    from hubexport.errors import DifferencesFound
+    from hubexport.verify import verify as do_verify
+
+    report = do_verify(candidate, reference, backend=backend, logits=logits, log=say)
+    if as_json:
+        emit_json({"ok": report.ok, **_jsonable(report)})
+    else:
+        for d in report.differences[:50]:
+            click.echo(f"{d.kind:8} {d.name}: {d.detail}")
+        more = len(report.differences) - 50
+        click.echo(f"... and {more} more" if more > 0 else "", nl=more > 0)
+        logit = f", max |Δlogits| {report.max_logit_diff:.3g}" if report.max_logit_diff is not None else ""
+        click.echo(f"{'OK' if report.ok else 'DIFFERENT'}: {report.compared} tensors compared, "
+                   f"{len(report.differences)} difference(s){logit}")
+    if not report.ok:
+        raise DifferencesFound(f"{candidate} differs from {reference} ({len(report.differences)} difference(s), "
+                               f"first: {report.differences[0].name})", hint="see the list above")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True)
+@click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True)
+@click.option("--dtype", type=DTYPES, default=None, help="Plan with this cast.")
+@click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def inspect(path: Path, backend: str, max_shard_size: str, dtype: str | None, trust_remote_code: bool,
+            as_json: bool) -> None:
+    """Show what PATH is (format, parallel layout, architecture, dtype, parameters) and the conversion plan,
+    without reading tensor data."""
+    from hubexport.inspection import inspect as do_inspect
+    from hubexport.inspection import render_text
+
+    info = do_inspect(path, backend=backend, max_shard_size=max_shard_size, dtype=dtype,
+                      trust_remote_code=trust_remote_code)
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(render_text(info))
+
+
+@cli.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Where the demo checkpoint and the merged model go.")
 @click.option("--world-size", default=2, show_default=True, help="FSDP processes for the demo training step.")
@@ -271,5 +361,10 @@ def demo(out_dir: Path, world_size: int) -> None:
     run_demo(out_dir, world_size=world_size, log=say)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="hubexport")

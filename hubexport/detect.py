@@ -3,12 +3,12 @@ Reads directory listings and small JSON files only, never tensors."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hubexport.errors import CheckpointError
+from hubexport.jsonfile import read_json_object
 
 FSDP_MODEL_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 STEP_RE = re.compile(r"global_step_(\d+)")
@@ -33,14 +33,10 @@ class Layout:
         return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}", hint="re-copy the file from the training run") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object", hint="re-copy the file from the training run")
-    return data
+def is_hf_folder(path: Path) -> bool:
+    """A save_pretrained-style folder (what merge writes), as opposed to a training checkpoint."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and not _is_checkpoint_dir(path)
 
 
 def _is_checkpoint_dir(d: Path) -> bool:
@@ -105,7 +101,7 @@ def detect_fsdp(root: Path) -> Layout | None:
     cfg_path = root / "fsdp_config.json"
     version = "legacy"
     if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
+        cfg = read_json_object(cfg_path)
         declared = cfg.get("world_size")
         if declared is not None and declared != world_size:
             raise CheckpointError(
@@ -150,7 +146,7 @@ def _parallel_from_config(root: Path) -> dict[str, int]:
     path = root / "transformer_config.json"
     if not path.is_file():
         return {}
-    cfg = _read_json(path)
+    cfg = read_json_object(path)
     out = {}
     for short, key in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
                        ("ep", "expert_model_parallel_size"), ("vpp", "virtual_pipeline_model_parallel_size"),
@@ -210,6 +206,9 @@ def _detect_v0(root: Path) -> Layout | None:
 def detect_megatron(root: Path) -> Layout | None:
     """Megatron layouts: v0 `model/mp_rank_*`, v1 `dist_ckpt/`, v2 `model/dist_ckpt/` (+ ckpt_contents.json), and
     mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors)."""
+    from hubexport.lora import check_megatron_adapter  # LoRA adapters come first: never export the base alone
+
+    check_megatron_adapter(root)
     v2 = (root / "model" / "dist_ckpt").is_dir() or (root / "ckpt_contents.json").is_file()
     dist = root / "model" / "dist_ckpt" if v2 else root / "dist_ckpt"
     if not dist.is_dir() and not v2:
@@ -217,7 +216,7 @@ def detect_megatron(root: Path) -> Layout | None:
     hf_dir = _megatron_hf_dir(root)
     parallel = _parallel_from_config(root)
     if v2 and (root / "ckpt_contents.json").is_file():
-        contents = _read_json(root / "ckpt_contents.json")
+        contents = read_json_object(root / "ckpt_contents.json")
         if isinstance(contents.get("world_size"), int):
             parallel.setdefault("world_size", contents["world_size"])
     version = "v2" if v2 else "v1"

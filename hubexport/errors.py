@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 
+def _one_line(text: str) -> str:
+    """Library messages (pickle, OS, HTTP) may span lines; ours are always one."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
 class HubexportError(Exception):
     """A user-facing failure: a one-line message naming the file or value, and a hint saying how to fix it."""
 
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        message = _one_line(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = _one_line(hint) if hint else hint
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"

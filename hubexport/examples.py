@@ -16,6 +16,32 @@ PROMPT = [[3, 17, 42, 5, 99, 12, 7, 64]]  # fixed input for logits comparisons
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A PEFT LoRA run as verl makes one (get_peft_model before FSDP), with the knobs PEFT offers beyond verl's."""
+
+    r: int = 4
+    alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, int], ...] = ()
+    modules_to_save: tuple[str, ...] = ()
+    bias: str = "none"  # PEFT's: none | all | lora_only
+    lora_bias: bool = False
+    only: bool = False  # verl's checkpoint.save_lora_only: keep only keys containing "lora_"
+    meta: str = "train_meta"  # train_meta: lora_train_meta.json; adapter_config: legacy lora_adapter/; none
+
+
+def lora_config(spec: LoraSpec):  # -> peft.LoraConfig
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern), modules_to_save=list(spec.modules_to_save) or None, bias=spec.bias,
+        lora_bias=spec.lora_bias, lora_dropout=0.0, task_type="CAUSAL_LM",
+    )
+
+
+@dataclass(frozen=True)
 class FsdpCase:
     """One checkpoint to make. fsdp=0 saves an unwrapped model (plain tensors, as verl does at world size 1)."""
 
@@ -34,6 +60,7 @@ class FsdpCase:
     seed: int = 0
     intermediate_size: int | None = None  # default 2 × hidden
     reference: bool = True  # train one step and save the full state dict and logits (off for big benchmarks)
+    lora: LoraSpec | None = None
 
 
 def tiny_config(case: FsdpCase):  # -> transformers.PretrainedConfig
@@ -98,9 +125,9 @@ def build_model(case: FsdpCase):
     return cfg, model
 
 
-def _train_step(model, critic: bool) -> None:
+def _train_step(model, critic: bool, lr: float = 1e-2) -> None:
     """One AdamW step so the saved weights differ from any fresh initialisation."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     ids = torch.tensor(PROMPT)
     out = model(input_ids=ids) if critic else model(input_ids=ids, labels=ids)
     loss = out.logits.float().pow(2).mean() if critic else out.loss
@@ -129,12 +156,13 @@ def _wrap(model, case: FsdpCase):
         mesh = init_device_mesh("cpu", (2, case.world_size // 2), mesh_dim_names=("ddp", "fsdp"))
     else:
         mesh = init_device_mesh("cpu", (case.world_size,), mesh_dim_names=("fsdp",))
-    layer_cls = type(model.model.layers[0])
+    layers = _decoder_layers(model)
+    layer_cls = type(layers[0])
     if case.fsdp == 2:
         from torch.distributed.fsdp import fully_shard
 
         fsdp_size = case.world_size // 2 if case.hsdp else case.world_size
-        for layer in model.model.layers:
+        for layer in layers:
             fully_shard(layer, mesh=mesh, shard_placement_fn=_shard_placement_fn(fsdp_size))
         fully_shard(model, mesh=mesh, shard_placement_fn=_shard_placement_fn(fsdp_size))
         return model
@@ -147,6 +175,11 @@ def _wrap(model, case: FsdpCase):
         sharding_strategy=ShardingStrategy.HYBRID_SHARD if case.hsdp else ShardingStrategy.FULL_SHARD,
         use_orig_params=True,
     )
+
+
+def _decoder_layers(model):
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model  # a PeftModel wraps the HF model
+    return inner.model.layers
 
 
 def _sharded_state_dict(model, case: FsdpCase) -> dict:
@@ -197,12 +230,16 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
     cfg, model = build_model(case)
     step_dir = out / case.name / "global_step_1"
     actor = step_dir / "actor"
+    if case.lora:
+        model = _peft_wrap(model, case, out / case.name / "base_model", rank)
     if case.fsdp:
         model = _wrap(model, case)
     if case.reference:
-        _train_step(model, case.critic)
+        _train_step(model, case.critic, lr=5e-2 if case.lora else 1e-2)
         full, logits = _full_state_and_logits(model, case)
     sharded = _sharded_state_dict(model, case) if case.fsdp else model.state_dict()
+    if case.lora and case.lora.only:  # verl's save_lora_only filter
+        sharded = {k: v for k, v in sharded.items() if "lora_" in k or ".adapter_" in k}
     if rank == 0:
         actor.mkdir(parents=True, exist_ok=True)
     _barrier(case)
@@ -218,7 +255,33 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
         (out / case.name / "latest_checkpointed_iteration.txt").write_text("1")
         if case.reference:
             _save_reference(out / case.name / "expected", full, logits, case)
+        if case.lora:
+            _save_lora_meta(actor, model, case.lora)
     _barrier(case)
+
+
+def _peft_wrap(model, case: FsdpCase, base_dir: Path, rank: int):
+    """verl applies get_peft_model to the HF model before FSDP. The untouched base goes to `base_dir` first (the
+    `--base-model` of a LoRA-only export)."""
+    from peft import get_peft_model
+
+    if rank == 0:
+        model.save_pretrained(base_dir)
+    assert case.lora is not None
+    # PEFT upcasts adapters to fp32 by default; FSDP1 flattens one dtype per unit, so keep the model's (as verl's bf16
+    # runs do by casting after wrapping).
+    return get_peft_model(model, lora_config(case.lora), autocast_adapter_dtype=False)
+
+
+def _save_lora_meta(actor: Path, model, spec: LoraSpec) -> None:
+    """What verl records of the LoRA settings: lora_train_meta.json (>= 2026-05), or the legacy workers' adapter
+    folder with PEFT's own adapter_config.json."""
+    if spec.meta == "train_meta":
+        (actor / "lora_train_meta.json").write_text(json.dumps({"r": spec.r, "lora_alpha": spec.alpha,
+                                                                "task_type": "CAUSAL_LM"}))
+    elif spec.meta == "adapter_config":
+        inner = getattr(model, "module", model)  # FSDP1 wraps the PeftModel
+        inner.peft_config["default"].save_pretrained(actor / "lora_adapter")
 
 
 def _barrier(case: FsdpCase) -> None:

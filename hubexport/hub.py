@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from hubexport.card import REPO_ID_RE, CardOptions, find_training_config, render_card, sha256_file, validate_card
+from hubexport.detect import is_hf_folder
 from hubexport.errors import HubError, HubexportError
 
 if TYPE_CHECKING:
@@ -69,11 +70,6 @@ class _Session:
         text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
         text = " ".join(text.split())
         return text if len(text) <= 400 else text[:397] + "..."
-
-
-def is_hf_folder(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def git_blob_oid(path: Path) -> str:

@@ -10,7 +10,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 
-from tests.fsdp_cases import CASES, build_all
+from hubexport.examples import FsdpCase, make_checkpoints
+from tests.fixtures_mcore import *  # noqa: F403  (megatron-core checkpoint fixtures, built once per session)
+from tests.fsdp_cases import CASES, actor_dir, build_all
+from tests.hub_fixtures import *  # noqa: F403  (Hub emulator and card fixtures)
+from tests.lora_cases import lora_root  # noqa: F401  (session fixture for tests/test_lora.py)
 
 
 @pytest.fixture(scope="session")
@@ -23,5 +27,11 @@ def fsdp_root(tmp_path_factory):
 def fsdp_cases():
     return CASES
 
-from tests.fixtures_mcore import *  # noqa: E402, F403  (megatron-core checkpoint fixtures, built once per session)
-from tests.hub_fixtures import *  # noqa: E402, F403  (Hub emulator and card fixtures)
+
+@pytest.fixture(scope="session")
+def mid_checkpoint(tmp_path_factory):
+    """~420 MB of fp32 weights in two FSDP2 rank files (largest tensor 67 MB): big enough to measure memory and to
+    interrupt a merge half-way."""
+    root = tmp_path_factory.mktemp("mid")
+    make_checkpoints([FsdpCase("mid", hidden_size=1024, layers=8, vocab_size=16384, reference=False)], root)
+    return actor_dir(root, "mid")

@@ -13,13 +13,7 @@ from safetensors.torch import load_file
 from hubexport.convert import merge
 from hubexport.examples import PROMPT
 from tests.fsdp_cases import CASES, actor_dir
-
-
-def saved_tensors(folder) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from tests.tensors import folder_tensors
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def test_config_tells_the_truth(name, merged):
     assert config["dtype"] == case.dtype
     assert config["tie_word_embeddings"] is case.tied
     assert result.tied_embeddings is case.tied and result.value_model is case.critic
-    names = set(saved_tensors(folder))
+    names = set(folder_tensors(folder))
     assert ("lm_head.weight" in names) is (not case.tied and not case.critic)
     if case.critic:
         assert transformers.AutoConfig.from_pretrained(folder).num_labels == 1 and "score.weight" in names
@@ -100,7 +94,7 @@ def test_fused_experts_are_saved_per_expert(name, merged, fsdp_root):
     """transformers 5 trains with fused [E, 2I, H] experts; the file holds per-expert gate/up/down (formula check)."""
     _, folder = merged[name]
     reference = load_file(fsdp_root / name / "expected" / "state_dict.safetensors")
-    saved = saved_tensors(folder)
+    saved = folder_tensors(folder)
     gate_up = reference["model.layers.1.mlp.experts.gate_up_proj"]
     down = reference["model.layers.1.mlp.experts.down_proj"]
     inter = gate_up.shape[1] // 2

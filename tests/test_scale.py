@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from hubexport.examples import FsdpCase, make_checkpoints
 from tests.fsdp_cases import actor_dir
 
 
@@ -48,14 +47,6 @@ def peak_rss(cmd: list[str]) -> int:
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, *cmd], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def mid_checkpoint(tmp_path_factory) -> Path:
-    """~420 MB of fp32 weights in two FSDP2 rank files; the largest tensor (embeddings) is 67 MB."""
-    root = tmp_path_factory.mktemp("mid")
-    make_checkpoints([FsdpCase("mid", hidden_size=1024, layers=8, vocab_size=16384)], root)
-    return actor_dir(root, "mid")
 
 
 def test_peak_rss_is_bounded_by_tensors_in_flight(mid_checkpoint, tmp_path):

@@ -75,7 +75,7 @@ def read_metadata(dist_dir: Path) -> dcp_md.Metadata:
     try:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+    except Exception as e:  # a damaged pickle fails in many ways (KeyError, IndexError, struct.error, ...)
         raise CheckpointError(f"{path} cannot be read: {e}",
                               hint="the file is corrupt or from an unknown writer; re-copy dist_ckpt/") from e
     if not isinstance(md, dcp_md.Metadata):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ def load_rank_file(path: Path) -> dict[str, Any]:
             f"{path} contains objects other than tensors and was refused (weights_only loading)",
             hint="a model rank file holds only tensors; this file may be malicious or not a model file",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # a damaged pickle or zip fails in many ways (KeyError, struct.error, ...): all corrupt
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path} is truncated or corrupt ({first[:120]})",
@@ -82,6 +81,11 @@ class FsdpSource:
                     f"{path} has different tensors from {files[0].name} (e.g. {diff[0]})",
                     hint="the rank files come from different checkpoints or models; re-copy one consistent step",
                 )
+        for rank, (path, sd) in enumerate(zip(files, self._sds, strict=True)):
+            saved_by = next((getattr(t.device_mesh, "_rank", None) for t in sd.values() if isinstance(t, DTensor)), None)
+            if saved_by is not None and saved_by != rank:
+                raise CheckpointError(f"{path} holds the shards of rank {saved_by}, not rank {rank}",
+                                      hint="a rank file was duplicated or renamed; re-copy the checkpoint")
         self._specs: dict[str, TensorSpec] = {}
         self._geometry: dict[str, tuple[tuple[int, ...], tuple[Placement, ...], torch.Tensor]] = {}
         for name, t in first.items():

@@ -59,6 +59,13 @@ def write_file(
     fsync: bool = True,
 ) -> str:
     """Write one safetensors file, asking `fetch` for each tensor in order. Returns the file's sha256."""
+    try:
+        return _write(path, specs, fetch, fsync=fsync)
+    except OSError as e:  # name the file: a failed write() does not
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], torch.Tensor], *, fsync: bool) -> str:
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         head = header_bytes(specs)
@@ -90,6 +97,8 @@ def read_header(path: Path) -> dict[str, dict]:
         if n > 100_000_000:
             raise ValueError(f"{path} has an implausible header length {n}")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a header that is not a JSON object")
     header.pop("__metadata__", None)
     return header
 

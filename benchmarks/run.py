@@ -1,0 +1,149 @@
+"""Benchmark hubexport's merge against verl's merger and the disk floor, in one run, with medians of repetitions.
+
+    python benchmarks/run.py --work /var/tmp/hubexport-bench --verl-python /path/to/verl-venv/bin/python
+
+Writes benchmarks/results.json (machine-readable) and prints a Markdown table (pasted into benchmarks/README.md).
+Every measured command runs in its own process under a small probe that reports wall time and the peak RSS of the
+largest process it started (RUSAGE_CHILDREN); inputs are read once before each run, so every contender starts from the
+same warm page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROBE = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
+    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+    "sys.exit(r.returncode)"
+)
+
+FLOOR = """
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+buf = bytearray(16 << 20)
+with open(dst, "wb") as out:
+    for root, _, files in os.walk(src):
+        for name in sorted(files):
+            if name.startswith("model_world_size_") or name.endswith((".distcp", ".safetensors")):
+                with open(os.path.join(root, name), "rb", buffering=0) as f:
+                    while n := f.readinto(buf):
+                        out.write(memoryview(buf)[:n])
+    out.flush()
+    os.fsync(out.fileno())
+"""
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    wall, rss = proc.stdout.strip().splitlines()[-1].split()
+    return float(wall), int(rss)
+
+
+def clear(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def warm(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def make_fsdp(work: Path) -> Path:
+    from hubexport.examples import FsdpCase, make_checkpoints
+
+    case = FsdpCase("fsdp_w4", world_size=4, dtype="bfloat16", hidden_size=1536, intermediate_size=4096, layers=24,
+                    vocab_size=32000, reference=False)
+    actor = work / case.name / "global_step_1" / "actor"
+    if not (actor / "fsdp_config.json").is_file():
+        shutil.rmtree(work / case.name, ignore_errors=True)
+        make_checkpoints([case], work)
+    return actor
+
+
+def input_bytes(actor: Path) -> int:
+    return sum(p.stat().st_size for p in actor.glob("model_world_size_*.pt"))
+
+
+def run_suite(name: str, src: Path, work: Path, contenders: dict[str, list[str]], repeat: int) -> dict:
+    rows: dict[str, dict] = {}
+    for label, cmd in contenders.items():
+        walls, rsss = [], []
+        for _ in range(repeat):
+            out = work / "out"
+            clear(out)
+            warm(src)
+            wall, rss = measure([a.replace("{out}", str(out)) for a in cmd])
+            walls.append(wall)
+            rsss.append(rss)
+        rows[label] = {"wall_s": statistics.median(walls), "peak_rss_bytes": statistics.median(rsss),
+                       "walls": walls, "rss": rsss}
+        print(f"{name:8} {label:34} wall {rows[label]['wall_s']:7.2f} s   peak RSS {rows[label]['peak_rss_bytes'] / 1e6:8.0f} MB",
+              flush=True)
+    clear(work / "out")
+    return rows
+
+
+def table(suite: dict, baseline: str, floor: str) -> str:
+    lines = [f"| run | wall (s) | ×{baseline} | ×{floor} | peak RSS (MB) | RSS ×{baseline} |", "|---|---|---|---|---|---|"]
+    b, f = suite[baseline], suite[floor]
+    for label, r in suite.items():
+        lines.append(f"| {label} | {r['wall_s']:.2f} | {r['wall_s'] / b['wall_s']:.2f} | {r['wall_s'] / f['wall_s']:.2f} "
+                     f"| {r['peak_rss_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / b['peak_rss_bytes']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/hubexport-bench"))
+    ap.add_argument("--verl-python", default=None, help="python of a venv with verl 0.9.1 (see benchmarks/README.md)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    env_note = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()}
+
+    actor = make_fsdp(args.work)
+    hub = [sys.executable, "-m", "hubexport", "merge", "--local-dir", str(actor), "--target-dir", "{out}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hubexport",
+                "merge", "--local-dir", str(actor), "--target-dir", "{out}"]
+    contenders = {
+        "disk floor (read + write + fsync)": [sys.executable, "-c", FLOOR, str(actor), "{out}"],
+        "hubexport, 1 process": hub,
+        "hubexport, torchrun 2 processes": torchrun,
+        "hubexport --dtype fp32, 1 process": [*hub, "--dtype", "fp32"],
+        "hubexport --dtype fp32, torchrun 2": [*torchrun, "--dtype", "fp32"],
+    }
+    if args.verl_python:
+        contenders["verl.model_merger (0.9.1)"] = [args.verl_python, "-m", "verl.model_merger", "merge", "--backend",
+                                                   "fsdp", "--local_dir", str(actor), "--target_dir", "{out}"]
+    started = time.time()
+    fsdp = run_suite("fsdp", actor, args.work, contenders, args.repeat)
+    results = {"env": env_note, "fsdp": {"input_bytes": input_bytes(actor), "runs": fsdp},
+               "seconds": time.time() - started}
+    (REPO / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
+    baseline = "verl.model_merger (0.9.1)" if args.verl_python else "hubexport, 1 process"
+    print(table(fsdp, baseline, "disk floor (read + write + fsync)"))
+
+
+if __name__ == "__main__":
+    main()

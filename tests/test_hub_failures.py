@@ -1,0 +1,36 @@
+"""Hub refusals that persist (the client's retries do not help): one line naming what failed, exit 2, no commit,
+no token; a re-run once the Hub recovers completes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fakehub import FakeHub
+from tests.hub_fixtures import TOKEN
+from tests.test_hub_push import REPO, run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", r"/commit/", 404),
+    ("POST", r"/commit/", 409),
+    ("POST", r"/commit/", 412),
+    ("POST", r"/info/lfs/objects/batch", 413),
+    ("POST", r"/preupload/", 500),
+    ("POST", r"/commit/", 503),
+])
+def test_persistent_hub_errors(fakehub: FakeHub, model_dir: Path, method: str, path: str, status: int) -> None:
+    fakehub.inject(method, path, status=status, times=50, body={"error": f"injected {status} {TOKEN}"})
+    failed = run_cli("push", str(model_dir), "--repo-id", REPO, "--license", "mit")
+    assert failed.exit_code == 2, failed.output
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(status) in errors[0], failed.stderr
+    assert TOKEN not in failed.output
+    assert fakehub.commit_count(REPO) <= 1  # at most the repo's initial commit: nothing of ours landed
+    fakehub.faults.clear()
+    again = run_cli("push", str(model_dir), "--repo-id", REPO, "--license", "mit")
+    assert again.exit_code == 0, again.output
+    assert {p.name for p in model_dir.iterdir()} <= set(fakehub.files(REPO))
