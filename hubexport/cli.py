@@ -144,6 +144,44 @@ def merge(local_dir: Path, target_dir: Path, hf_upload_path: str | None, private
         emit_json(result)
 
 
+@cli.command("to-megatron")
+@click.option("--hf-model-path", "--hf_model_path", "hf_model_path", required=True, type=click.Path(path_type=Path),
+              help="Hugging Face model folder (config.json + safetensors, sharded or not).")
+@click.option("--output-path", "--output_path", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Where the torch_dist checkpoint goes (created atomically).")
+@click.option("--spec", type=click.Choice(["te", "local"]), default="te", show_default=True,
+              help="Layer spec of the model that will load it: Transformer Engine, or megatron's local modules.")
+@click.option("--test", is_flag=True, help="Re-read the written checkpoint and compare it with the HF tensors.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output path.")
+@click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
+              help="Allow the config's custom code (auto_map).")
+@click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
+              hidden=True, help="Accepted for verl compatibility; hubexport never builds a model.")
+@click.option("--pp-size", "--pp_size", "pp_size", type=int, default=None, hidden=True,
+              help="Accepted for verl compatibility; the checkpoint loads at any PP.")
+@click.option("--ep-size", "--ep_size", "ep_size", type=int, default=None, hidden=True,
+              help="Accepted for verl compatibility; the checkpoint loads at any EP.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@friendly
+def to_megatron(hf_model_path: Path, output_path: Path, spec: str, test: bool, overwrite: bool,
+                trust_remote_code: bool, use_cpu_initialization: bool, pp_size: int | None, ep_size: int | None,
+                as_json: bool) -> None:
+    """Convert a Hugging Face model into a megatron-core torch_dist checkpoint, on CPU, loadable at any TP/PP/EP.
+
+    Under torchrun every rank writes its share; the output path must then be on a shared filesystem."""
+    import os
+
+    from hubexport.to_megatron import to_megatron as convert
+
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if (pp_size or ep_size) and main:
+        say("--pp_size/--ep_size ignored: the checkpoint holds global tensors that load at any TP/PP/EP")
+    result = convert(hf_model_path, output_path, spec=spec, test=test, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code, log=say)
+    if as_json and main:
+        emit_json(result)
+
+
 def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
     pairs = {}
     for item in values:

@@ -405,16 +405,13 @@ def _save_layouts(model, job: dict, tcfg) -> None:
     dist.barrier()
 
 
-def _run_job(job: dict) -> None:
-    import safetensors.torch
+def _build_model(cfg, job: dict):
+    """A local-spec GPTModel for this rank (TP/PP/EP from parallel_state), verl's value head when asked."""
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(job["hf"])
     tcfg = _transformer_config(cfg, job)
     tp = job["tp"]
     padded = -(-cfg.vocab_size // (128 * tp)) * 128 * tp
@@ -433,21 +430,96 @@ def _run_job(job: dict) -> None:
                 return super().forward(x), None
 
         model.output_layer = ValueHead(cfg.hidden_size, 1, bias=False)
+    return model, tcfg
+
+
+def _forward(model, cfg, job: dict, out: Path) -> None:
+    """Rank 0 saves the logits of the model's own forward (PP=1 only), trimmed to the real vocabulary."""
+    import torch
+    import torch.distributed as dist
+
+    ids = torch.tensor(json.loads(job["ids"]))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        # megatron's default causal mask is built on "cuda": pass one (True = masked out)
+        mask = torch.triu(torch.ones(ids.shape[1], ids.shape[1]), diagonal=1).bool()[None, None]
+        logits = model(ids, pos, attention_mask=mask)
+    if dist.get_rank() == 0:
+        torch.save(logits[..., : (1 if job["value"] else cfg.vocab_size)].clone(), out)
+
+
+def _run_job(job: dict) -> None:
+    import safetensors.torch
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(job["hf"])
+    model, tcfg = _build_model(cfg, job)
+    padded = model.vocab_size
     Path(job["out"]).mkdir(parents=True, exist_ok=True)
     sd = safetensors.torch.load_file(str(Path(job["hf"]) / "model.safetensors"))
     _fill(model, hf_to_mcore_global(sd, cfg, padded, job["value"]), job)
     model.eval()
     if job.get("forward") and ps.get_pipeline_model_parallel_world_size() == 1:
-        ids = torch.tensor(json.loads(job["ids"]))
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with torch.no_grad():
-            # megatron's default causal mask is built on "cuda": pass one (True = masked out)
-            mask = torch.triu(torch.ones(ids.shape[1], ids.shape[1]), diagonal=1).bool()[None, None]
-            logits = model(ids, pos, attention_mask=mask)
-        if dist.get_rank() == 0:
-            torch.save(logits[..., : (1 if job["value"] else cfg.vocab_size)].clone(),
-                       Path(job["out"]) / "mcore_logits.pt")
+        _forward(model, cfg, job, Path(job["out"]) / "mcore_logits.pt")
     _save_layouts(model, job, tcfg)
+
+
+def _run_model_less(job: dict) -> None:
+    """A torch_dist archive as verl writes it under mbridge's default: optimizer state (model-space keys), an lr
+    scheduler and RNG state, no model tensor."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    Path(job["out"]).mkdir(parents=True, exist_ok=True)
+    state = {
+        "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight", torch.zeros(4, 192, 64), replica_id=0)},
+        "lr_scheduler": {"num_steps": 3},
+        "rng_state": ShardedObject("rng_state", [torch.get_rng_state()], (1, 1), (0, 0), replica_id=0),
+    }
+    dist_checkpointing.save(state, job["out"])
+
+
+def _run_load(job: dict) -> None:
+    """Load a torch_dist checkpoint the way Megatron-LM and verl do (`dist_checkpointing.load(model.sharded_state_dict(),
+    path)`, default strictness), run the forward, and record what a `return_all` load reports as mismatched."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(job["hf"])
+    model, _ = _build_model(cfg, job)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"])
+    model.load_state_dict(loaded)
+    model.eval()
+    out = Path(job["out"])
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        _forward(model, cfg, job, out / "logits.pt")
+    else:  # no pipeline schedule here: each stage saves what it loaded, under global layer numbers
+        glob = {f"decoder.layers.{k}.": f"decoder.layers.{layer.layer_number - 1}."
+                for k, layer in enumerate(model.decoder.layers)}
+        state = {}
+        for name, t in model.state_dict().items():
+            if "_extra_state" in name or t is None:
+                continue
+            local = next((lp for lp in glob if name.startswith(lp)), None)
+            state[glob[local] + name[len(local):] if local else name] = t.clone()
+        torch.save(state, out / f"state_pp{ps.get_pipeline_model_parallel_rank()}.pt")
+    _, ckpt_only, model_only = dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"], strict="return_all")
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, (sorted(ckpt_only), sorted(model_only)))
+    if dist.get_rank() == 0:
+        (out / "mismatch.json").write_text(json.dumps({
+            "checkpoint_only": sorted({k for c, _ in keys for k in c}),
+            "model_only": sorted({k for _, m in keys for k in m}),
+        }))
 
 
 def _main() -> None:
@@ -460,9 +532,12 @@ def _main() -> None:
     from megatron.core import tensor_parallel
 
     j0 = jobs[0]
-    if j0.get("synthetic"):
+    if j0.get("synthetic") or j0.get("model_less"):
         for job in jobs:
-            _run_synthetic(job)
+            if job.get("synthetic"):
+                _run_synthetic(job)
+            else:
+                _run_model_less(job)
         dist.barrier()
         dist.destroy_process_group()
         return
@@ -470,7 +545,10 @@ def _main() -> None:
                                  expert_model_parallel_size=j0["ep"])
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
     for job in jobs:
-        _run_job(job)
+        if job.get("ckpt"):
+            _run_load(job)
+        else:
+            _run_job(job)
     dist.barrier()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
@@ -483,15 +561,23 @@ def _main() -> None:
 IDS = [[3, 17, 42, 99, 7, 64, 23, 5], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 
-def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> Path:
-    """A random tiny HF model saved with save_pretrained (the ground truth for every comparison)."""
+def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False, dtype=None, **overrides) -> Path:
+    """A random tiny HF model saved with save_pretrained (the ground truth for every comparison); `overrides` go to
+    the config, `dtype` casts the saved weights."""
     import torch
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, num_hidden_layers=4, max_position_embeddings=64, rms_norm_eps=1e-6,
                   tie_word_embeddings=tie)
-    if kind == "qwen2":
+    common.update(overrides)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif kind == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**{"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                   "moe_intermediate_size": 32, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                                   "mlp_only_layers": [], **common})
+    elif kind == "qwen2":
         cfg = tf.Qwen2Config(**common)
     elif kind == "qwen3":
         cfg = tf.Qwen3Config(head_dim=16, **common)
@@ -529,6 +615,8 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False) -> 
         for n, b in model.named_buffers():
             if "e_score_correction_bias" in n:
                 b.uniform_(-0.1, 0.1)
+    if dtype is not None:
+        model = model.to(dtype)
     model.save_pretrained(out)
     return out
 

@@ -51,7 +51,9 @@ def trim_vocab(w: torch.Tensor, *, vocab_size: int) -> Tensors:
 
 def pad_vocab(w: torch.Tensor, *, padded_size: int) -> Tensors:
     """Inverse of trim_vocab: zero rows up to padded_size (what megatron's initialisation leaves unused)."""
-    out = torch.zeros((padded_size, *w.shape[1:]), dtype=w.dtype)
+    if w.shape[0] > padded_size:
+        raise ValueError(f"{w.shape[0]} rows is more than the padded vocabulary {padded_size}")
+    out = w.new_zeros((padded_size, *w.shape[1:]))  # new_zeros: same device, so shapes can be planned on meta
     out[: w.shape[0]] = w
     return (out,)
 

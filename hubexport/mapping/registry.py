@@ -2,7 +2,8 @@
 and their expansion against a config with coverage checks.
 
 A Rule says: these mcore tensors ↔ these HF tensors, through this op. The same row serves both directions
-(`to_hf` / `to_mcore`); `alt` lists other mcore spellings of the same tensors (local vs Transformer-Engine spec).
+(`to_hf` / `to_mcore`). `mcore` is the Transformer-Engine spec's spelling, `local` the local spec's where it differs;
+`alt` lists further spellings a reader accepts (per-layer checkpoints of unfused specs).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Rule:
     when: str | None = None  # layer kind ("dense" | "moe"); None: every layer
     if_config: str | None = None  # config attribute that must be truthy ("!attr": falsy)
     alt: tuple[tuple[str, ...], ...] = ()
+    local: tuple[str, ...] | None = None  # the local spec's spelling, when it differs from the TE spec's
+
+    def spelled(self, spec: str) -> tuple[str, ...]:
+        return self.local if spec == "local" and self.local else self.mcore
 
     @property
     def per_layer(self) -> bool:
@@ -67,14 +72,16 @@ class Rule:
 
 
 def R(mcore: str | tuple[str, ...], hf: str | tuple[str, ...], op: str = "copy", *, when: str | None = None,
-      if_config: str | None = None, alt: Iterable[str | tuple[str, ...]] = ()) -> Rule:
+      if_config: str | None = None, alt: Iterable[str | tuple[str, ...]] = (),
+      local: str | tuple[str, ...] | None = None) -> Rule:
     """Table-row constructor: a single name may be given as a plain string."""
     def tup(x: str | tuple[str, ...]) -> tuple[str, ...]:
         return (x,) if isinstance(x, str) else tuple(x)
 
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
-    return Rule(tup(mcore), tup(hf), op, when, if_config, tuple(tup(a) for a in alt))
+    return Rule(tup(mcore), tup(hf), op, when, if_config, tuple(tup(a) for a in alt),
+                tup(local) if local is not None else None)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,14 @@ class Arch:
     num_experts: Callable[[object], int] = lambda cfg: 0
     mtp_rules: tuple[Rule, ...] = ()  # rules of a multi-token-prediction block, `{M}` = MTP index
     mtp_kind: str = "dense"
+    # megatron stores layers per key (`decoder.layers.<i>.…`) instead of stacked when its config makes them
+    # non-homogeneous (moe_layer_freq a list, formats doc §3.3); default: when the layer kinds differ
+    per_layer_keys: Callable[[object], bool] | None = None
+
+    def stacked(self, cfg: object) -> bool:
+        if self.per_layer_keys is not None:
+            return not self.per_layer_keys(cfg)
+        return len(set(self.layer_kinds(cfg))) <= 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,7 @@ def _fill(names: tuple[str, ...], subs: dict[str, str]) -> tuple[str, ...]:
 
 def _bind(rule: Rule, subs: dict[str, str], present: set[str], exp: Expansion,
           mcore_prefix: tuple[str, str] | None = None) -> None:
-    spellings = [rule.mcore, *rule.alt]
+    spellings = [rule.mcore, *([rule.local] if rule.local else []), *rule.alt]
     if mcore_prefix:  # MTP: the same layer rules under another mcore prefix
         spellings = [tuple(n.replace(*mcore_prefix) for n in s) for s in spellings]
     concrete = [_fill(s, subs) for s in spellings]
@@ -168,6 +183,30 @@ def expand(arch: Arch, cfg: object, present: set[str], *, extra: Iterable[Rule] 
     return exp
 
 
+def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "te") -> Expansion:
+    """The same rules read the other way: every rule the config implies, bound to the HF names found and to the
+    spec's mcore spelling; `missing` lists the HF tensors the config implies but the folder lacks."""
+    exp = Expansion()
+    kinds = arch.layer_kinds(cfg)
+    n_exp = arch.num_experts(cfg)
+    for rule in arch.rules:
+        if not config_flag(cfg, rule.if_config):
+            continue
+        layers = list(enumerate(kinds)) if rule.per_layer else [(None, None)]
+        for i, kind in layers:
+            if rule.per_layer and rule.when not in (None, kind):
+                continue
+            for e in range(n_exp) if rule.per_expert else [None]:
+                subs = {**({"L": str(i)} if i is not None else {}), **({"E": str(e)} if e is not None else {})}
+                hf = _fill(rule.hf, subs)
+                absent = [n for n in hf if n not in present]
+                if absent:
+                    exp.missing.extend(absent)
+                else:
+                    exp.bindings.append(Binding(_fill(rule.spelled(spec), subs), hf, rule.op))
+    return exp
+
+
 def apply_to_hf(op: str, dims: Dims, inputs: tuple[str, ...], outputs: tuple[str, ...],
                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Pure: the op on the named inputs, results named; contiguous so writers can take raw bytes."""
@@ -181,7 +220,9 @@ def apply_to_mcore(op: str, dims: Dims, hf_names: tuple[str, ...], mcore_names: 
     return {name: t.contiguous() for name, t in zip(mcore_names, results, strict=True)}
 
 
-def output_shapes(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+def output_shapes(op: str, dims: Dims, shapes: list[tuple[int, ...]], *,
+                  to_mcore: bool = False) -> list[tuple[int, ...]]:
     """Run the op on meta tensors: output shapes without bytes, and shape errors surface before any read."""
     metas = tuple(torch.empty(s, device="meta") for s in shapes)
-    return [tuple(t.shape) for t in OPS[op].to_hf(metas, dims)]
+    fn = OPS[op].to_mcore if to_mcore else OPS[op].to_hf
+    return [tuple(t.shape) for t in fn(metas, dims)]

@@ -36,10 +36,10 @@ DENSE_MLP = (
     R(M + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", when="dense"),
 )
 
-# MoE layers: the norm is a separate pre_mlp_layernorm in the TE spec; the local spec's key map still writes the TE
-# name, so both spellings occur in MoE layers too.
+# MoE layers: the norm is a separate pre_mlp_layernorm in the TE spec; the local spec's key map
+# (`pre_mlp_layernorm.` → `mlp.linear_fc1.layer_norm_`) renames it even in MoE layers.
 MOE_NORM = R(M + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight", when="moe",
-             alt=(M + "mlp.linear_fc1.layer_norm_weight",))
+             local=M + "mlp.linear_fc1.layer_norm_weight")
 ROUTER = R(M + "mlp.router.weight", H + "mlp.gate.weight", when="moe")
 EXPERT_FC1 = M + "mlp.experts.local_experts.{E}.linear_fc1.weight"
 EXPERT_FC2 = M + "mlp.experts.local_experts.{E}.linear_fc2.weight"

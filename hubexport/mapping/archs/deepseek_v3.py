@@ -2,7 +2,7 @@
 the rest MoE with a shared expert and `router.expert_bias` → `e_score_correction_bias`; MTP blocks become HF layer L+m.
 """
 
-from hubexport.mapping.archs._parts import DENSE_MLP, EMBEDDING, EXPERTS, MOE_NORM, ROUTER, H, M, shared_experts
+from hubexport.mapping.archs._parts import DENSE_MLP, EMBEDDING, EXPERTS, ROUTER, H, M, shared_experts
 from hubexport.mapping.registry import Arch, R
 
 A, SA = M + "self_attention.", H + "self_attn."
@@ -11,14 +11,19 @@ MLA = (
     R(A + "linear_q_down_proj.weight", SA + "q_a_proj.weight", if_config="q_lora_rank"),
     # TE spec fuses the q/kv latent norms into the up projections; the local spec has separate q/kv_layernorm
     R(A + "linear_q_up_proj.layer_norm_weight", SA + "q_a_layernorm.weight", if_config="q_lora_rank",
-      alt=(A + "q_layernorm.weight",)),
+      local=A + "q_layernorm.weight"),
     R(A + "linear_q_up_proj.weight", SA + "q_b_proj.weight", if_config="q_lora_rank"),
     R(A + "linear_q_proj.weight", SA + "q_proj.weight", if_config="!q_lora_rank"),
     R(A + "linear_kv_down_proj.weight", SA + "kv_a_proj_with_mqa.weight"),
-    R(A + "linear_kv_up_proj.layer_norm_weight", SA + "kv_a_layernorm.weight", alt=(A + "kv_layernorm.weight",)),
+    R(A + "linear_kv_up_proj.layer_norm_weight", SA + "kv_a_layernorm.weight", local=A + "kv_layernorm.weight"),
     R(A + "linear_kv_up_proj.weight", SA + "kv_b_proj.weight"),
     R(A + "linear_proj.weight", SA + "o_proj.weight"),
 )
+
+# The local MLA spec has no key map: its pre-MLP norm keeps mcore's own name in dense and MoE layers alike.
+NORM = H + "post_attention_layernorm.weight"
+DENSE_NORM = R(DENSE_MLP[0].mcore[0], NORM, when="dense", local=M + "pre_mlp_layernorm.weight")
+MOE_NORM = R(M + "pre_mlp_layernorm.weight", NORM, when="moe")
 
 MTP = "mtp.layers.{M}."
 MTP_RULES = (
@@ -33,7 +38,7 @@ ARCH = Arch(
     model_types=("deepseek_v3",),
     causal_lm="DeepseekV3ForCausalLM",
     rules=(
-        *EMBEDDING, *MLA, *DENSE_MLP, MOE_NORM, ROUTER,
+        *EMBEDDING, *MLA, DENSE_NORM, *DENSE_MLP[1:], MOE_NORM, ROUTER,
         R(M + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", when="moe"),
         *EXPERTS, *shared_experts("mlp.shared_experts"),
     ),
@@ -42,4 +47,5 @@ ARCH = Arch(
     num_experts=lambda cfg: cfg.n_routed_experts,
     mtp_rules=MTP_RULES,
     mtp_kind="moe",
+    per_layer_keys=lambda cfg: True,  # megatron configs for DeepSeek-V3 give moe_layer_freq as a list
 )

@@ -1,0 +1,150 @@
+"""Hugging Face tensors → megatron-core tensors: the architecture tables of `mapping/archs` read in reverse, plus the
+heads (untied lm_head, tied embedding, critic value head). Strict both ways, as the forward direction is.
+
+Outputs carry megatron's in-memory names with global numbers (`decoder.layers.<i>.…`,
+`…mlp.experts.local_experts.<j>.…`): the same logical names `sources/mcore.py` presents, so the storage layout
+(stacked layer and expert axes) is the writer's business only.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from hubexport.errors import MappingError
+from hubexport.mapping.archs import arch_for
+from hubexport.mapping.mcore import EMBED, OUTPUT, dims_from_config
+from hubexport.mapping.ops import padded_vocab_size
+from hubexport.mapping.registry import Arch, Binding, Dims, apply_to_mcore, expand_to_mcore, output_shapes
+from hubexport.plan import Group
+from hubexport.sources import TensorSpec
+
+SPECS = ("te", "local")
+HF_EMBED, HF_HEAD, HF_SCORE = "model.embed_tokens.weight", "lm_head.weight", "score.weight"
+# Buffers some HF checkpoints carry that no megatron module holds (recomputed from the config).
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+SHOW = 5
+
+
+@dataclass
+class McorePlan:
+    """Everything the writer needs, known before the first tensor byte is read."""
+
+    arch: Arch
+    groups: list[Group]  # each: HF inputs → exactly one megatron output (a check group has none)
+    num_layers: int
+    num_experts: int
+    stacked: bool  # layers stacked under one key with a leading layer axis (else `decoder.layers.<i>.` keys)
+    padded_vocab: int
+    tied: bool
+    value_model: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [o for g in self.groups for o in g.outputs]
+
+
+def _first(names, n: int = SHOW) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_equal(a: str, b: str, what: str, tensors: dict[str, torch.Tensor]) -> dict:
+    if not torch.equal(tensors[a], tensors[b]):
+        raise MappingError(f"{b} differs from {a} although {what}",
+                           hint="fix tie_word_embeddings in config.json: megatron would keep only one of them")
+    return {}
+
+
+def _check_zero(name: str, tensors: dict[str, torch.Tensor]) -> dict:
+    if torch.count_nonzero(tensors[name]):
+        raise MappingError(f"{name} is not zero: verl's value head has no bias, so it would be lost",
+                           hint="only critics trained with verl (a bias-free [1, hidden] head) convert exactly")
+    return {}
+
+
+def _heads(hf: dict[str, TensorSpec], config, hidden: int) -> tuple[list[Binding], list[Group], bool, bool]:
+    """(head bindings, check groups, tied, value model), decided by the folder's tensors and config."""
+    if HF_SCORE in hf:  # *ForTokenClassification with one label: verl's critic
+        if hf[HF_SCORE].shape != (1, hidden):
+            raise MappingError(f"{HF_SCORE} has shape {list(hf[HF_SCORE].shape)}, not a [1, {hidden}] value head",
+                               hint="only single-label token-classification models (critics) convert")
+        checks = [Group(("score.bias",), (), functools.partial(_check_zero, "score.bias"))] \
+            if "score.bias" in hf else []
+        return [Binding((OUTPUT,), (HF_SCORE,), "copy")], checks, False, True
+    if bool(getattr(config, "tie_word_embeddings", False)):
+        checks = []
+        if HF_HEAD in hf:  # some writers keep the alias; megatron stores the embedding once
+            checks.append(Group((HF_EMBED, HF_HEAD), (), functools.partial(
+                _check_equal, HF_EMBED, HF_HEAD, "config.json says tie_word_embeddings=true")))
+        return [], checks, True, False
+    if HF_HEAD not in hf:
+        raise MappingError(f"{HF_HEAD} is missing and config.json says tie_word_embeddings=false",
+                           hint="the HF folder is incomplete, or its config should say tie_word_embeddings=true")
+    return [Binding((OUTPUT,), (HF_HEAD,), "vocab")], [], False, False
+
+
+def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
+                        vocab_divisible_by: int = 128) -> McorePlan:
+    """Plan groups turning HF tensors into megatron tensors. Every HF tensor must be consumed and every tensor the
+    config implies must be present; shapes are checked on meta tensors before any read."""
+    if spec not in SPECS:
+        raise MappingError(f"unknown layer spec {spec!r}", hint=f"use one of {', '.join(SPECS)}")
+    arch = arch_for(config)
+    base = dims_from_config(config)
+    # megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (× TP at load; the embedding and
+    # output layer allow a shape mismatch there, so one padding serves every TP)
+    padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
+    dims = Dims(base.num_query_groups, base.heads_per_group, base.head_dim, base.vocab_size, padded)
+    present = set(hf)
+    exp = expand_to_mcore(arch, config, present, spec=spec)
+    if exp.missing:
+        raise MappingError(
+            f"{len(exp.missing)} tensor(s) the {arch.name} config implies are not in the HF folder: "
+            f"{_first(exp.missing)}",
+            hint="check that config.json (num_hidden_layers, experts, biases, q_lora_rank...) belongs to these "
+                 "weights",
+        )
+    heads, checks, tied, value = _heads(hf, config, config.hidden_size)
+    bindings = exp.bindings + heads
+    used = {n for b in bindings for n in b.hf} | {n for g in checks for n in g.inputs}
+    notes: list[str] = []
+    ignored = sorted(n for n in present - used if IGNORED.match(n))
+    if ignored:
+        notes.append(f"skipped {len(ignored)} buffer(s) megatron recomputes: {_first(ignored)}")
+    n_layers = len(arch.layer_kinds(config))
+    mtp = sorted(n for n in present - used
+                 if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= n_layers)
+    unused = present - used - set(ignored) - set(mtp)
+    if unused:
+        raise MappingError(
+            f"{len(unused)} HF tensor(s) have no {arch.name} mapping: {_first(unused)}",
+            hint="config.json and the weights disagree (another architecture or layer count?), or the model has "
+                 "parts hubexport does not convert yet (vision tower...)",
+        )
+    if mtp:  # DeepSeek-V3 ships its MTP block as extra layers; verl's converter drops it too
+        notes.append(f"skipped {len(mtp)} multi-token-prediction tensor(s) beyond layer {n_layers - 1} "
+                     f"({_first(mtp, 2)}): megatron MTP weights are not written yet")
+    groups = []
+    for b in bindings:
+        try:
+            (shape,) = output_shapes(b.op, dims, [hf[n].shape for n in b.hf], to_mcore=True)
+        except (RuntimeError, ValueError) as e:
+            raise MappingError(
+                f"{', '.join(b.hf)} {[list(hf[n].shape) for n in b.hf]} do not fit the config for {b.op}: {e}",
+                hint="config.json (heads, head_dim, vocab_size) does not match the weights",
+            ) from e
+        dtypes = {hf[n].dtype for n in b.hf}
+        if len(dtypes) > 1:
+            raise MappingError(f"{', '.join(b.hf)} have different dtypes {sorted(map(str, dtypes))}",
+                               hint="megatron stores them as one tensor; re-save the HF model in one dtype")
+        (mcore_name,) = b.mcore
+        groups.append(Group(inputs=b.hf, outputs=(TensorSpec(mcore_name, shape, dtypes.pop()),),
+                            convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
+    assert EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
+    return McorePlan(arch, groups + checks, n_layers, arch.num_experts(config), arch.stacked(config), padded,
+                     tied, value, notes)
