@@ -59,7 +59,7 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
         raise CheckpointError(f"{path} is a file, not a checkpoint directory", hint="pass the directory that holds it")
     latest = path / "latest_checkpointed_iteration.txt"
     if not _is_checkpoint_dir(path) and latest.is_file():
-        text = latest.read_text().strip()
+        text = latest.read_bytes()[:64].decode("ascii", errors="replace").strip()
         if not text.isdigit():
             raise CheckpointError(f"{latest} does not hold a step number: {text[:40]!r}", hint="pass global_step_N/actor")
         step_dir = path / f"global_step_{int(text)}"
