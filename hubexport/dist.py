@@ -3,6 +3,7 @@ barrier and exchange small objects."""
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,8 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not tdist.is_initialized():
             tdist.init_process_group("gloo", timeout=timedelta(hours=2))
+            # Gloo's threads must stop before the interpreter does, or exit can abort with std::terminate.
+            atexit.register(tdist.destroy_process_group)
         if tdist.is_initialized():
             return cls(tdist.get_rank(), tdist.get_world_size())
         return cls()

@@ -3,13 +3,18 @@ no token; a re-run once the Hub recovers completes."""
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.fakehub import FakeHub
-from tests.hub_fixtures import TOKEN
-from tests.test_hub_push import REPO, run_cli
+from tests.hub_fixtures import TOKEN, hub_env
+from tests.test_hub_push import REPO, assert_downloads_bitwise, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")
 
@@ -34,3 +39,26 @@ def test_persistent_hub_errors(fakehub: FakeHub, model_dir: Path, method: str, p
     again = run_cli("push", str(model_dir), "--repo-id", REPO, "--license", "mit")
     assert again.exit_code == 0, again.output
     assert {p.name for p in model_dir.iterdir()} <= set(fakehub.files(REPO))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_push_killed_at_a_random_point_then_rerun(fakehub: FakeHub, model_dir: Path, tmp_path: Path,
+                                                   seed: int) -> None:
+    """SIGKILL anywhere in a push: the Hub holds our complete upload or none of it, and a re-run completes with every
+    LFS object stored once."""
+    release = threading.Event()
+    fakehub.inject("PUT", r"^/_lfs/", stall=release, times=1)  # hold one shard back so kills land mid-way
+    cmd = [sys.executable, "-m", "hubexport", "push", str(model_dir), "--repo-id", REPO, "--license", "mit"]
+    proc = subprocess.Popen(cmd, env=hub_env(fakehub), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(random.Random(seed).uniform(1.0, 8.0))
+    proc.kill()
+    proc.communicate()
+    release.set()
+    ours = {p.name for p in model_dir.iterdir()}
+    landed = set(fakehub.files(REPO)) if fakehub.commit_count(REPO) else set()
+    assert not (ours & landed) or ours <= landed  # never a partial commit
+    fakehub.faults.clear()
+    again = run_cli("push", str(model_dir), "--repo-id", REPO, "--license", "mit")
+    assert again.exit_code == 0, again.output
+    assert all(n == 1 for n in fakehub.stored.values())
+    assert_downloads_bitwise(fakehub, model_dir, tmp_path)

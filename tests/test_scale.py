@@ -25,7 +25,16 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torchrun_output_is_byte_identical(nproc, fsdp_root, tmp_path):
-    src = actor_dir(fsdp_root, "qwen3moe_fsdp2_w2")
+    assert_torchrun_matches_single(actor_dir(fsdp_root, "qwen3moe_fsdp2_w2"), tmp_path, nproc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_megatron_output_is_byte_identical(nproc, mcore_moe_ep2, tmp_path):
+    assert_torchrun_matches_single(mcore_moe_ep2["ep2"].actor, tmp_path, nproc)
+
+
+def assert_torchrun_matches_single(src: Path, tmp_path: Path, nproc: int) -> None:
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run(merge_cmd(src, single, "--max-shard-size", "8KB"), check=True, capture_output=True, timeout=300)
     proc = subprocess.run(merge_cmd(src, multi, "--max-shard-size", "8KB", nproc=nproc), capture_output=True,
