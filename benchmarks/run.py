@@ -139,9 +139,11 @@ def main() -> None:
     env_note = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()}
 
     actor = make_fsdp(args.work)
-    hub = [sys.executable, "-m", "hubexport", "merge", "--local-dir", str(actor), "--target-dir", "{out}"]
+    # 400 MB shards (4 files), so two ranks have files to share; the default 5 GB would make a single file here.
+    shards = ["--max-shard-size", "400MB"]
+    hub = [sys.executable, "-m", "hubexport", "merge", *shards, "--local-dir", str(actor), "--target-dir", "{out}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hubexport",
-                "merge", "--local-dir", str(actor), "--target-dir", "{out}"]
+                "merge", *shards, "--local-dir", str(actor), "--target-dir", "{out}"]
     contenders = {
         "disk floor (read + write + fsync)": [sys.executable, "-c", FLOOR, str(actor), "{out}"],
         "hubexport, 1 process": hub,
@@ -159,7 +161,7 @@ def main() -> None:
         subprocess.run([*hub[:-1], str(hf_model)], check=True)
     mcore = make_megatron(args.work, hf_model)
     floor_label = "disk floor (read + write + fsync)"
-    mhub = [sys.executable, "-m", "hubexport", "merge", "--local-dir", str(mcore), "--target-dir", "{out}"]
+    mhub = [sys.executable, "-m", "hubexport", "merge", *shards, "--local-dir", str(mcore), "--target-dir", "{out}"]
     megatron = run_suite("megatron", mcore, args.work, {
         floor_label: [sys.executable, "-c", FLOOR, str(mcore), "{out}"],
         "hubexport, 1 process": mhub,
