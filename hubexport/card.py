@@ -7,7 +7,6 @@ Metadata is validated locally against the Hub's rules, so a bad card fails befor
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from hubexport import __version__
 from hubexport.detect import STEP_RE
 from hubexport.errors import HubError
 from hubexport.jsonfile import read_json_object
+from hubexport.resources import templates_root
 
 if TYPE_CHECKING:
     from hubexport.convert import MergeResult
@@ -359,10 +359,7 @@ def _template_text(template: str | Path) -> str:
             raise HubError(f"card template {path} does not exist", hint="pass --template default, or a .md.j2 file")
         return path.read_text()
     name = f"modelcard_{template}.md.j2"
-    try:
-        root = importlib.resources.files("hubexport.templates")
-    except ModuleNotFoundError:  # a source checkout that is not installed: templates/ next to the package
-        root = Path(__file__).resolve().parent.parent / "templates"  # type: ignore[assignment]
+    root = templates_root()
     resource = root / name
     if not resource.is_file():
         names = sorted(p.name[len("modelcard_"):-len(".md.j2")] for p in root.iterdir()

@@ -4,7 +4,6 @@ in templates/, and step outputs in the `$GITHUB_OUTPUT` format. The GitHub Actio
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import secrets
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hubexport.errors import HubError
+from hubexport.resources import templates_root
 
 SUMMARY_TEMPLATE = "action_summary.md.j2"
 MAX_SUMMARY_BYTES = 1 << 20  # GitHub refuses a step summary above 1 MiB
@@ -87,7 +87,7 @@ def _human_bytes(n: Any) -> str:
 
 def _template_text(template: str | Path | None) -> str:
     if template is None or str(template) == "default":
-        return importlib.resources.files("hubexport.templates").joinpath(SUMMARY_TEMPLATE).read_text()
+        return templates_root().joinpath(SUMMARY_TEMPLATE).read_text()
     path = Path(template)
     if not path.is_file():
         raise HubError(f"summary template {path} not found", hint="pass a .md.j2 file, or leave --template out")
