@@ -90,6 +90,24 @@ def test_action_scripts_pass_shellcheck(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "SC2086" in bad.stdout
 
 
+def test_first_step_names_every_bad_input() -> None:
+    """The validation step's own script, run by bash with the env GitHub would give it (act's log of a step that
+    fails within milliseconds can lose its lines, so the message is checked here, deterministically)."""
+    step = action()["runs"]["steps"][0]
+    env = {k: "" for k in step["env"]} | {"PATH": os.environ["PATH"], "HX_PRIVATE": "maybe", "HX_CREATE_PR": "false",
+                                          "HX_DRY_RUN": "false", "HX_OVERWRITE": "false", "HX_NPROC": "0"}
+    for key in ("HX_IS_VALUE_MODEL", "HX_TRUST_REMOTE_CODE", "HX_INSTALL_TORCH", "HX_INSTALL_DEPS"):
+        env[key] = "true"
+    proc = subprocess.run(["bash", "-c", step["run"]], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("::error title=hubexport::")]
+    assert [e.split("::", 2)[2].split(":")[0] for e in errors] == [
+        "input checkpoint-dir is required", "input repo-id is required", "input private must be true or false",
+        "input nproc must be a positive number, or auto, gpu or cpu"]
+    env |= {"HX_CHECKPOINT_DIR": "ckpt", "HX_REPO_ID": "me/model", "HX_PRIVATE": "true", "HX_NPROC": "2"}
+    assert subprocess.run(["bash", "-c", step["run"]], env=env, capture_output=True).returncode == 0
+
+
 def test_inputs_reach_scripts_only_through_env() -> None:
     """No `${{ }}` inside any `run:` (script injection, and a token on a command line); every input is used; every
     step declares its shell; the outputs map to a step that exists."""
@@ -260,8 +278,7 @@ def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, 
     assert "tokens after the action: *** ***" in log
 
     # A required input left empty stops the action in its first step, with the reason.
-    assert (results / "missing.txt").read_text() == "failure"
-    assert "input repo-id is required" in log
+    assert (results / "missing.txt").read_text() == "failure"  # the message: test_first_step_names_every_bad_input
 
     # Outputs, as a later step sees them, match what arrived on the emulator.
     repo_id = f"{USER}/act-model"

@@ -50,12 +50,15 @@ def test_push_killed_at_a_random_point_then_rerun(fakehub: FakeHub, model_dir: P
     fakehub.inject("PUT", r"^/_lfs/", stall=release, times=1)  # hold one shard back so kills land mid-way
     cmd = [sys.executable, "-m", "hubexport", "push", str(model_dir), "--repo-id", REPO, "--license", "mit"]
     proc = subprocess.Popen(cmd, env=hub_env(fakehub), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(random.Random(seed).uniform(1.0, 8.0))
+    deadline = time.monotonic() + 120
+    while not fakehub.stalled.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the upload has begun: one shard is held, the others are going through
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))
     proc.kill()
     proc.communicate()
     release.set()
     ours = {p.name for p in model_dir.iterdir()}
-    landed = set(fakehub.files(REPO)) if fakehub.commit_count(REPO) else set()
+    landed = set(fakehub.files(REPO)) if f"model:{REPO}" in fakehub.repos else set()  # killed before create: none
     assert not (ours & landed) or ours <= landed  # never a partial commit
     fakehub.faults.clear()
     again = run_cli("push", str(model_dir), "--repo-id", REPO, "--license", "mit")
