@@ -70,8 +70,11 @@ def _reference_tensors(reference: Path, backend: str) -> tuple[dict[str, TensorS
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         cache = GroupCache(prep.plan, prep.source)
-        for i, group in enumerate(prep.plan.groups):
-            yield from cache.run(i).items() if group.outputs else ()
+        try:
+            for i in range(len(prep.plan.groups)):  # check groups (tied aliases) run too and yield nothing
+                yield from cache.run(i).items()
+        finally:
+            prep.source.close()
 
     return specs, stream
 
