@@ -10,7 +10,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +21,11 @@ from hubexport import __version__
 from hubexport.detect import STEP_RE
 from hubexport.errors import HubError
 from hubexport.jsonfile import read_json_object
+from hubexport.options import CardOptions
 from hubexport.resources import templates_root
 
 if TYPE_CHECKING:
-    from hubexport.convert import MergeResult
+    from hubexport.result import Result as MergeResult
 
 # Hub license ids (hub-docs repositories-licenses.md); anything else must be `other` + license_name + license_link.
 HUB_LICENSES = frozenset(
@@ -84,18 +85,6 @@ ALGORITHM_PAPERS = {
     "rloo": "RLOO, [arXiv:2402.14740](https://arxiv.org/abs/2402.14740)",
     "reinforce_plus_plus": "REINFORCE++, [arXiv:2501.03262](https://arxiv.org/abs/2501.03262)",
 }
-
-
-@dataclass(frozen=True)
-class CardOptions:
-    """What the user can say about the card (the `card`/`push` options), minus the model folder itself."""
-
-    base_model: str | None = None
-    license: str | None = None
-    variables: dict[str, str] = field(default_factory=dict)
-    card_data: Path | None = None
-    template: str | Path = "default"
-    training_config: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +337,19 @@ def validate_card(text: str) -> dict[str, Any]:
         raise HubError(f"model card metadata is not valid YAML: {first}", hint=hint) from None
     validate_metadata(meta)
     return meta
+
+
+def check_card_options(options: CardOptions) -> None:
+    """What can be checked before any merge or request: the template exists, the YAML files parse, and the metadata
+    given explicitly is valid (the rest is inferred from the model and checked when the card is rendered)."""
+    _template_text(options.template)
+    if options.training_config:
+        _load_yaml(options.training_config, "training config")
+    meta = _load_yaml(options.card_data, "card data") if options.card_data else {}
+    meta.update({k: v for k, v in (("license", options.license), ("base_model", options.base_model)) if v})
+    if "base_model" not in meta:
+        meta.pop("base_model_relation", None)  # the base model may still be inferred
+    validate_metadata(meta)
 
 
 # ---- rendering --------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import click
 
 from hubexport import __version__
 from hubexport.errors import HubexportError
+from hubexport.options import CardOptions, MegatronOptions, MergeOptions, Output, PushOptions
 
 DTYPES = click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
 
@@ -32,10 +32,15 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _is_main() -> bool:
+    from hubexport.dist import Dist
+
+    return Dist.from_env().is_main
+
+
 def emit_json(obj: Any) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports, so stdout holds one document
-        return
-    click.echo(json.dumps(_jsonable(obj), indent=2))
+    if _is_main():  # under torchrun only rank 0 reports, so stdout holds one document
+        click.echo(json.dumps(_jsonable(obj), indent=2))
 
 
 def friendly(fn: Callable) -> Callable:
@@ -49,9 +54,10 @@ def friendly(fn: Callable) -> Callable:
         except HubexportError as e:
             if debug:
                 raise
-            click.echo(f"error: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
+            if _is_main():  # under torchrun rank 0 reports every rank's failure, once
+                click.echo(f"error: {e.message}", err=True)
+                if e.hint:
+                    click.echo(f"hint: {e.hint}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; the target was left as it was before this run", err=True)
@@ -64,6 +70,12 @@ def say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def say_once(msg: str) -> None:
+    """From rank 0 only, under torchrun."""
+    if _is_main():
+        say(msg)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="hubexport")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -71,36 +83,53 @@ def cli(debug: bool) -> None:
     """Turn sharded RL training checkpoints (verl FSDP, Megatron torch_dist) into Hugging Face models, and back."""
 
 
-def merge_options(fn: Callable) -> Callable:
-    """The options `merge` shares with verl's merger (both spellings) and with `push`."""
-    opts = [
-        click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
-                     help="Checkpoint kind; auto-detected by default."),
-        click.option("--dtype", type=DTYPES, default=None,
-                     help="Cast floating-point weights; by default each tensor keeps its dtype."),
-        click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,
-                     help="Largest safetensors file, e.g. 5GB or 500MB."),
-        click.option("--tie-word-embedding", "--tie_word_embedding", "tie_word_embedding", is_flag=True,
-                     help="verl flag: assert tied embeddings (an error if the config says otherwise)."),
-        click.option("--is-value-model", "--is_value_model", "is_value_model", is_flag=True,
-                     help="Export a critic (score head) as *ForTokenClassification."),
-        click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
-                     help="Allow the config's custom modeling code (auto_map)."),
-        click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
-                     hidden=True, help="Accepted for verl compatibility; hubexport never needs a GPU."),
-        click.option("--lora", "lora_mode", type=click.Choice(["adapter", "fuse", "both"]), default=None,
-                     help="For LoRA checkpoints: adapter = base model + lora_adapter/ (the default); fuse = one model "
-                          "with W + (alpha/r)·B·A folded in; both = the fused model + lora_adapter/ (apply the adapter "
-                          "to the base model, never to the fused one)."),
-        click.option("--lora-alpha", "--lora_alpha", "lora_alpha", type=float, default=None,
-                     help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
-        click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
-                     help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
-        click.option("--overwrite", is_flag=True, help="Replace a non-empty target directory."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def _options(*opts: Callable) -> Callable:
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return apply
+
+
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
+                       help="Checkpoint kind; auto-detected by default.")
+TRUST_REMOTE_CODE = click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
+                                 help="Allow the config's custom modeling code (auto_map).")
+MAX_SHARD_SIZE = click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,
+                              help="Largest safetensors file, e.g. 5GB or 500MB.")
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace a non-empty target (never one that is, holds or lies inside the input).")
+CPU_INIT = click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
+                        hidden=True, help="Accepted for verl compatibility; hubexport never needs a GPU.")
+VISIBILITY = click.option(
+    "--private/--public", "private", default=None,
+    help="Visibility of a repo this run creates. With neither, a new repo gets the Hub's default (public, with a "
+         "warning); an existing repo keeps its visibility.")
+
+merge_options = _options(
+    BACKEND,
+    click.option("--dtype", type=DTYPES, default=None,
+                 help="Cast floating-point weights; by default each tensor keeps its dtype."),
+    MAX_SHARD_SIZE,
+    click.option("--tie-word-embedding", "--tie_word_embedding", "tie_word_embedding", is_flag=True,
+                 help="verl flag: assert tied embeddings (an error if the config says otherwise)."),
+    click.option("--is-value-model", "--is_value_model", "is_value_model", is_flag=True,
+                 help="Export a critic (score head) as *ForTokenClassification."),
+    TRUST_REMOTE_CODE,
+    CPU_INIT,
+    click.option("--lora", "lora_mode", type=click.Choice(["adapter", "fuse", "both"]), default=None,
+                 help="For LoRA checkpoints: adapter = base model + lora_adapter/ (the default); fuse = one model "
+                      "with W + (alpha/r)·B·A folded in; both = the fused model + lora_adapter/ (apply the adapter "
+                      "to the base model, never to the fused one)."),
+    click.option("--lora-alpha", "--lora_alpha", "lora_alpha", type=float, default=None,
+                 help="LoRA alpha the run trained with (default: lora_train_meta.json or adapter_config.json)."),
+    click.option("--lora-rank", "--lora_rank", "lora_rank", type=int, default=None,
+                 help="LoRA rank r the run trained with (default: those files, else the tensor shapes)."),
+    OVERWRITE,
+)
+MERGE_KEYS = ("backend", "dtype", "max_shard_size", "tie_word_embedding", "is_value_model", "trust_remote_code",
+              "lora_mode", "lora_alpha", "lora_rank", "lora_base_model")
 
 
 def lora_base_option(*flags: str) -> Callable:
@@ -110,76 +139,9 @@ def lora_base_option(*flags: str) -> Callable:
                         help="Hugging Face folder with the base weights, for a LoRA-only checkpoint (save_lora_only).")
 
 
-def merge_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+def take_merge_options(kw: dict[str, Any]) -> MergeOptions:
     kw.pop("use_cpu_initialization", None)
-    kw["base_model"] = kw.pop("lora_base_model", None)
-    return kw
-
-
-@cli.command()
-@click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path),
-              help="global_step_N/actor, global_step_N, or the run root with latest_checkpointed_iteration.txt.")
-@click.option("--target-dir", "--target_dir", "target_dir", required=True, type=click.Path(path_type=Path),
-              help="Output folder (created atomically).")
-@merge_options
-@lora_base_option("--base-model", "--base_model", "--lora-base-model")
-@click.option("--hf-upload-path", "--hf_upload_path", "hf_upload_path", default=None,
-              help="verl flag: push the merged model to this Hub repo id.")
-@click.option("--private", is_flag=True, help="With --hf-upload-path: create the repo private.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; read no tensor and write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@friendly
-def merge(local_dir: Path, target_dir: Path, hf_upload_path: str | None, private: bool, dry_run: bool,
-          as_json: bool, **kw: Any) -> None:
-    """Merge a sharded training checkpoint into a Hugging Face model folder."""
-    from hubexport.convert import merge as do_merge
-
-    result = do_merge(local_dir, target_dir, dry_run=dry_run, log=say, **merge_kwargs(kw))
-    if hf_upload_path and not dry_run:
-        from hubexport.hub import push_folder
-
-        push = push_folder(result.target_dir, repo_id=hf_upload_path, private=private, merge_result=result, log=say)
-        result = {"merge": result, "push": push}
-    if as_json:
-        emit_json(result)
-
-
-@cli.command("to-megatron")
-@click.option("--hf-model-path", "--hf_model_path", "hf_model_path", required=True, type=click.Path(path_type=Path),
-              help="Hugging Face model folder (config.json + safetensors, sharded or not).")
-@click.option("--output-path", "--output_path", "output_path", required=True, type=click.Path(path_type=Path),
-              help="Where the torch_dist checkpoint goes (created atomically).")
-@click.option("--spec", type=click.Choice(["te", "local"]), default="te", show_default=True,
-              help="Layer spec of the model that will load it: Transformer Engine, or megatron's local modules.")
-@click.option("--test", is_flag=True, help="Re-read the written checkpoint and compare it with the HF tensors.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output path.")
-@click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
-              help="Allow the config's custom code (auto_map).")
-@click.option("--use-cpu-initialization", "--use_cpu_initialization", "use_cpu_initialization", is_flag=True,
-              hidden=True, help="Accepted for verl compatibility; hubexport never builds a model.")
-@click.option("--pp-size", "--pp_size", "pp_size", type=int, default=None, hidden=True,
-              help="Accepted for verl compatibility; the checkpoint loads at any PP.")
-@click.option("--ep-size", "--ep_size", "ep_size", type=int, default=None, hidden=True,
-              help="Accepted for verl compatibility; the checkpoint loads at any EP.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@friendly
-def to_megatron(hf_model_path: Path, output_path: Path, spec: str, test: bool, overwrite: bool,
-                trust_remote_code: bool, use_cpu_initialization: bool, pp_size: int | None, ep_size: int | None,
-                as_json: bool) -> None:
-    """Convert a Hugging Face model into a megatron-core torch_dist checkpoint, on CPU, loadable at any TP/PP/EP.
-
-    Under torchrun every rank writes its share; the output path must then be on a shared filesystem."""
-    import os
-
-    from hubexport.to_megatron import to_megatron as convert
-
-    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
-    if (pp_size or ep_size) and main:
-        say("--pp_size/--ep_size ignored: the checkpoint holds global tensors that load at any TP/PP/EP")
-    result = convert(hf_model_path, output_path, spec=spec, test=test, overwrite=overwrite,
-                     trust_remote_code=trust_remote_code, log=say)
-    if as_json and main:
-        emit_json(result)
+    return MergeOptions(**{k: kw.pop(k) for k in MERGE_KEYS})
 
 
 def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -192,46 +154,105 @@ def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return pairs
 
 
-def card_options(fn: Callable) -> Callable:
-    """The options `card` and `push` share: what the card says beyond what hubexport can read from the model."""
-    opts = [
-        click.option("--base-model", default=None, help="Hub id of the model the training started from."),
-        click.option("--license", "license", default=None,
-                     help="Hub license id. Default: the base model's, when its card is on this machine."),
-        click.option("--var", "variables", multiple=True, metavar="KEY=VALUE", callback=_parse_vars,
-                     help='A value for the template, e.g. --var reward="exact match" (summary, reward, evaluation, '
-                          "limitations have sections; others go to Notes). Repeatable."),
-        click.option("--card-data", type=click.Path(path_type=Path), default=None,
-                     help="YAML file of extra card metadata: language, datasets, tags, model-index, ..."),
-        click.option("--template", default="default", show_default=True,
-                     help="Bundled card template (default, minimal) or a path to a .md.j2 file."),
-        click.option("--training-config", type=click.Path(path_type=Path), default=None,
-                     help="verl config YAML. Default for checkpoints: config.yaml or .hydra/config.yaml next to it."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+CARD_BASE_MODEL = click.option("--base-model", default=None, help="Hub id of the model the training started from.")
+card_options = _options(
+    click.option("--license", "license", default=None,
+                 help="Hub license id. Default: the base model's, when its card is on this machine."),
+    click.option("--var", "variables", multiple=True, metavar="KEY=VALUE", callback=_parse_vars,
+                 help='A value for the template, e.g. --var reward="exact match" (summary, reward, evaluation, '
+                      "limitations have sections; others go to Notes). Repeatable."),
+    click.option("--card-data", type=click.Path(path_type=Path), default=None,
+                 help="YAML file of extra card metadata: language, datasets, tags, model-index, ..."),
+    click.option("--template", default="default", show_default=True,
+                 help="Bundled card template (default, minimal) or a path to a .md.j2 file."),
+    click.option("--training-config", type=click.Path(path_type=Path), default=None,
+                 help="verl config YAML. Default for checkpoints: config.yaml or .hydra/config.yaml next to it."),
+)
+CARD_KEYS = ("base_model", "license", "variables", "card_data", "template", "training_config")
 
 
-def card_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """Split the card options out of a command's keyword arguments (they are removed from `kw`)."""
-    out = {k: kw.pop(k) for k in ("base_model", "license", "variables", "card_data", "template", "training_config")}
-    if out["template"].endswith(".j2") or Path(out["template"]).is_file():
-        out["template"] = Path(out["template"])
-    return out
+def take_card_options(kw: dict[str, Any]) -> CardOptions:
+    """The card options, removed from a command's keyword arguments."""
+    out = {k: kw.pop(k, None) for k in CARD_KEYS}
+    out["variables"] = out["variables"] or {}
+    template = out["template"] or "default"
+    out["template"] = Path(template) if template.endswith(".j2") or Path(template).is_file() else template
+    return CardOptions(**out)
+
+
+@cli.command()
+@click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path),
+              help="global_step_N/actor, global_step_N, or the run root with latest_checkpointed_iteration.txt.")
+@click.option("--target-dir", "--target_dir", "target_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder (created atomically; never the checkpoint, inside it or above it).")
+@merge_options
+@lora_base_option("--base-model", "--base_model", "--lora-base-model")
+@click.option("--hf-upload-path", "--hf_upload_path", "hf_upload_path", default=None,
+              help="verl flag: push the merged model to this Hub repo id (token checked before the merge; the card "
+                   "is written into --target-dir).")
+@VISIBILITY
+@card_options
+@click.option("--dry-run", is_flag=True, help="Print the plan; read no tensor and write nothing.")
+@JSON
+@friendly
+def merge(local_dir: Path, target_dir: Path, hf_upload_path: str | None, private: bool | None, dry_run: bool,
+          as_json: bool, overwrite: bool, **kw: Any) -> None:
+    """Merge a sharded training checkpoint into a Hugging Face model folder."""
+    from hubexport import executor
+
+    options = take_merge_options(kw)
+    card = take_card_options(kw)
+    push = PushOptions(hf_upload_path, private=private, dry_run=dry_run, card=card) if hf_upload_path else None
+    result = executor.merge(local_dir, Output(target_dir, overwrite, dry_run), options, push=push, log=say)
+    if as_json:
+        emit_json(result)
+
+
+@cli.command("to-megatron")
+@click.option("--hf-model-path", "--hf_model_path", "hf_model_path", required=True, type=click.Path(path_type=Path),
+              help="Hugging Face model folder (config.json + safetensors, sharded or not).")
+@click.option("--output-path", "--output_path", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Where the torch_dist checkpoint goes (created atomically).")
+@click.option("--spec", type=click.Choice(["te", "local"]), default="te", show_default=True,
+              help="Layer spec of the model that will load it: Transformer Engine, or megatron's local modules.")
+@click.option("--test", is_flag=True, help="Re-read the written checkpoint and compare it with the HF tensors.")
+@OVERWRITE
+@TRUST_REMOTE_CODE
+@CPU_INIT
+@click.option("--pp-size", "--pp_size", "pp_size", type=int, default=None, hidden=True,
+              help="Accepted for verl compatibility; the checkpoint loads at any PP.")
+@click.option("--ep-size", "--ep_size", "ep_size", type=int, default=None, hidden=True,
+              help="Accepted for verl compatibility; the checkpoint loads at any EP.")
+@JSON
+@friendly
+def to_megatron(hf_model_path: Path, output_path: Path, spec: str, test: bool, overwrite: bool,
+                trust_remote_code: bool, use_cpu_initialization: bool, pp_size: int | None, ep_size: int | None,
+                as_json: bool) -> None:
+    """Convert a Hugging Face model into a megatron-core torch_dist checkpoint, on CPU, loadable at any TP/PP/EP.
+
+    Under torchrun every rank writes its share; the output path must then be on a shared filesystem."""
+    from hubexport import executor
+
+    if pp_size or ep_size:
+        say_once("--pp_size/--ep_size ignored: the checkpoint holds global tensors that load at any TP/PP/EP")
+    result = executor.to_megatron(hf_model_path, Output(output_path, overwrite),
+                                  MegatronOptions(spec, test, trust_remote_code), log=say)
+    if as_json:
+        emit_json(result)
 
 
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
+@CARD_BASE_MODEL
 @card_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Where to write the card; - for stdout. Default: FOLDER/README.md.")
 @friendly
 def card(folder: Path, output: Path | None, **kw: Any) -> None:
     """Render the model card (README.md) of a Hugging Face model folder; its metadata is validated."""
-    from hubexport.card import render_card
+    from hubexport.readme import render
 
-    text = render_card(folder, log=say, **card_kwargs(kw))
+    text = render(folder, take_card_options(kw), repo_id=None, merge_result=None, sha256={}, log=say)
     if output == Path("-"):
         click.echo(text, nl=False)
         return
@@ -243,44 +264,48 @@ def card(folder: Path, output: Path | None, **kw: Any) -> None:
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--repo-id", "--repo_id", "repo_id", required=True, help="namespace/name (or just name: yours).")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@VISIBILITY
 @click.option("--revision", default=None, help="Branch to push to; created from main if missing.")
 @click.option("--commit-message", default=None, help="Commit title.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--target-dir", "--target_dir", "target_dir", type=click.Path(path_type=Path), default=None,
-              help="For a checkpoint: keep the merged model here (default: a temporary directory, removed after).")
+              help="For a checkpoint: keep the merged model (and its card) here (default: a temporary directory, "
+                   "removed after).")
+@CARD_BASE_MODEL
 @card_options
 @merge_options
 @lora_base_option("--lora-base-model")
 @click.option("--dry-run", is_flag=True, help="Show what would be uploaded; create and send nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@JSON
 @friendly
-def push(source: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-         create_pr: bool, target_dir: Path | None, dry_run: bool, as_json: bool, **kw: Any) -> None:
+def push(source: Path, repo_id: str, private: bool | None, revision: str | None, commit_message: str | None,
+         create_pr: bool, target_dir: Path | None, dry_run: bool, as_json: bool, overwrite: bool, **kw: Any) -> None:
     """Push a model folder to the Hub, or merge a training checkpoint, render its card and push it.
 
-    Token from HF_TOKEN (or `hf auth login`), endpoint from HF_ENDPOINT. Re-running is safe: unchanged files are
-    not sent, and a run with nothing new makes no commit."""
-    from hubexport.card import CardOptions
-    from hubexport.hub import publish
+    The folder is never written to: a generated card is uploaded from memory (your own README.md is kept). Token
+    from HF_TOKEN (or `hf auth login`), endpoint from HF_ENDPOINT. Re-running is safe: unchanged files are not
+    sent, and a run with nothing new makes no commit."""
+    from hubexport import executor
 
-    card = CardOptions(**card_kwargs(kw))
-    result = publish(source, repo_id=repo_id, target_dir=target_dir, merge_options=merge_kwargs(kw), card=card,
-                     private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
-                     dry_run=dry_run, log=say)
+    card = take_card_options(kw)
+    options = PushOptions(repo_id, private=private, revision=revision, commit_message=commit_message,
+                          create_pr=create_pr, dry_run=dry_run, card=card)
+    target = Output(target_dir, overwrite) if target_dir is not None else None
+    result = executor.push(source, options, take_merge_options(kw), target=target, log=say)
     if result is None:  # a torchrun rank other than 0: it merged its share, rank 0 pushed and reports
         return
+    pushed = result.push
     if as_json:
-        emit_json(result)
+        emit_json(pushed)
         return
-    click.echo(f"repo:     {result.repo_url} ({'private' if result.private else 'public'})")
-    click.echo(f"revision: {result.revision}")
-    if result.commit_sha:
-        click.echo(f"commit:   {result.commit_sha} {result.commit_url}" + (" (no change)" if result.no_op else ""))
-    if result.pr_url:
-        click.echo(f"pr:       {result.pr_url}")
+    click.echo(f"repo:     {pushed.repo_url} ({'private' if pushed.private else 'public'})")
+    click.echo(f"revision: {pushed.revision}")
+    if pushed.commit_sha:
+        click.echo(f"commit:   {pushed.commit_sha} {pushed.commit_url}" + (" (no change)" if pushed.no_op else ""))
+    if pushed.pr_url:
+        click.echo(f"pr:       {pushed.pr_url}")
     verb = "would upload" if dry_run else "uploaded"
-    click.echo(f"{verb}: {result.files_uploaded} files, {result.bytes_uploaded:,} bytes")
+    click.echo(f"{verb}: {pushed.files_uploaded} files, {pushed.bytes_uploaded:,} bytes")
 
 
 # ---- summary: a push result rendered for CI (the GitHub Action's step summary and outputs) ---------------------------

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from hubexport.convert import merge
 from hubexport.errors import HubexportError
 from hubexport.examples import PROMPT, FsdpCase, make_checkpoints
+from hubexport.executor import merge
+from hubexport.options import Output
 
 
 def run_demo(out_dir: Path, *, world_size: int = 2, log: Callable[[str], None] = print) -> dict[str, float]:
@@ -26,7 +27,7 @@ def run_demo(out_dir: Path, *, world_size: int = 2, log: Callable[[str], None] =
     make_checkpoints([case], out_dir)
     actor = out_dir / case.name / "global_step_1" / "actor"
     model_dir = out_dir / "model"
-    merge(out_dir / case.name, model_dir, overwrite=True, log=log)
+    merge(out_dir / case.name, Output(model_dir, overwrite=True), log=log)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     reference = load_file(out_dir / case.name / "expected" / "state_dict.safetensors")
     loaded = model.state_dict()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.distributed as tdist
 
 from hubexport.errors import HubexportError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,25 @@ class Dist:
 
     def sync(self, error: HubexportError | None = None) -> None:
         """A barrier that fails on every rank when any rank failed, so no rank waits forever for a dead peer."""
-        errors = [e for e in self.gather(error and (type(error).__name__, error.message, error.hint)) if e]
+        errors = [(r, *e) for r, e in enumerate(self.gather(error and (error.message, error.hint))) if e]
         if error is not None:
             raise error
         if errors:
-            _, message, hint = errors[0]
-            raise HubexportError(f"another rank failed: {message}", hint=hint)
+            rank, message, hint = errors[0]
+            raise HubexportError(f"rank {rank} failed: {message}", hint=hint)
+
+    def run(self, fn: Callable[[], T], *, main_only: bool = False) -> T | None:
+        """`fn` on every rank, or on rank 0 alone; a failure on any rank stops every rank with its message.
+        Returns fn's value (None on ranks that did not run it)."""
+        value, error = None, None
+        if self.is_main or not main_only:
+            try:
+                value = fn()
+            except HubexportError as e:
+                error = e
+        self.sync(error)
+        return value
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        return self.gather(obj)[0]

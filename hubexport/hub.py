@@ -1,8 +1,9 @@
-"""Publishing to the Hub: preflight (token, role, namespace), repo and branch, then one commit holding what changed.
+"""The Hub client side of publishing: a session (token, endpoint), the preflight (whoami, role, namespace), repo and
+branch, then one commit holding what changed.
 
 Re-runs are safe: files whose content the repo already has are not sent, a run with nothing new makes no commit,
-and an interrupted upload resumes because the Hub answers "already stored" for LFS objects it holds. The card is
-rendered into the folder as README.md when the folder has none; an existing README.md is the user's and is kept.
+and an interrupted upload resumes because the Hub answers "already stored" for LFS objects it holds. Files can come
+from memory (the generated card), so publishing never writes into the folder it publishes.
 The token is passed to huggingface_hub only; every message that could echo it goes through `_Session.redact`."""
 
 from __future__ import annotations
@@ -12,34 +13,19 @@ import fnmatch
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hubexport.card import (
-    REPO_ID_RE,
-    CardOptions,
-    ModelFacts,
-    facts_from_merge,
-    find_training_config,
-    model_facts,
-    render_card,
-    sha256_file,
-    validate_card,
-)
-from hubexport.detect import is_hf_folder
+from hubexport.card import REPO_ID_RE, ModelFacts, sha256_file
 from hubexport.errors import HubError, HubexportError
+from hubexport.options import PushOptions
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
-
-    from hubexport.convert import MergeResult
-    from hubexport.dist import Dist
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 IGNORED_DIRS = {".git", ".cache"}  # what upload_folder skips too: VCS data and huggingface_hub's local state
@@ -66,9 +52,12 @@ class PushResult:
 @dataclass(frozen=True)
 class LocalFile:
     path: str  # in the repo, posix
-    file: Path
+    file: Path | bytes  # a file on disk, or content made in memory (the generated card)
     size: int
     sha256: str
+
+    def content(self) -> bytes:
+        return self.file if isinstance(self.file, bytes) else self.file.read_bytes()
 
 
 @dataclass
@@ -87,14 +76,13 @@ class _Session:
         return text if len(text) <= 400 else text[:397] + "..."
 
 
-def git_blob_oid(path: Path) -> str:
+def git_blob_oid(data: bytes) -> str:
     """The oid git (and the Hub) gives a regular file: sha1 of 'blob <size>\\0' + content."""
-    data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 # ---- session and errors ---------------------------------------------------------------------------------------------
-def _session(endpoint: str | None, token: str | None, log: Callable[[str], None]) -> _Session:
+def connect(endpoint: str | None, token: str | None, log: Callable[[str], None]) -> _Session:
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE:
@@ -159,7 +147,7 @@ def _xet_only_on_hf(endpoint: str) -> Iterator[None]:
         constants.HF_HUB_DISABLE_XET = before
 
 
-def _preflight(s: _Session, repo_id: str) -> str:
+def preflight(s: _Session, repo_id: str) -> str:
     """whoami once, then refuse read-only tokens and namespaces the user cannot write to. Returns the full repo id."""
     with _errors(s, "checking the token"):
         me = s.api.whoami(cache=True)
@@ -183,8 +171,9 @@ def _preflight(s: _Session, repo_id: str) -> str:
 
 
 # ---- repo, branch, and what changed -------------------------------------------------------------------------------
-def _ensure_repo(s: _Session, repo_id: str, private: bool, dry_run: bool) -> tuple[str, bool, bool]:
-    """Returns (url, visibility, exists). An existing repo keeps its visibility: a mismatch is a warning."""
+def _ensure_repo(s: _Session, repo_id: str, private: bool | None, dry_run: bool) -> tuple[str, bool, bool]:
+    """Returns (url, is private, exists). An existing repo keeps its visibility: a mismatch is a warning. A new repo
+    with neither --private nor --public gets the Hub's default (public), with a warning."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     url = f"{s.endpoint}/{repo_id}"
@@ -193,20 +182,23 @@ def _ensure_repo(s: _Session, repo_id: str, private: bool, dry_run: bool) -> tup
             info = s.api.repo_info(repo_id)
         except RepositoryNotFoundError:
             info = None
-    visibility = "private" if private else "public"
-    if info is None:
-        if dry_run:
-            s.log(f"dry run: would create {visibility} repo {repo_id}")
-            return url, private, False
-        with _errors(s, f"creating {repo_id}", repo_id):
-            url = str(s.api.create_repo(repo_id, private=private, exist_ok=True))
-        s.log(f"created {visibility} repo {repo_id}")
-        return url, private, True
-    if bool(info.private) != private:
+    if info is not None:
         actual = "private" if info.private else "public"
-        s.log(f"warning: {repo_id} already exists and is {actual}; it stays {actual} although this run asked for "
-              f"{visibility} (change it in the repo settings)")
-    return url, bool(info.private), True
+        if private is not None and bool(info.private) != private:
+            s.log(f"warning: {repo_id} already exists and is {actual}; it stays {actual} although this run asked for "
+                  f"{'private' if private else 'public'} (change it in the repo settings)")
+        return url, bool(info.private), True
+    if private is None:
+        s.log(f"warning: {repo_id} does not exist and will be created with the Hub's default visibility (public); "
+              "pass --private to keep it private, or --public to say so")
+    if dry_run:
+        s.log(f"dry run: would create {'private' if private else 'public'} repo {repo_id}")
+        return url, bool(private), False
+    with _errors(s, f"creating {repo_id}", repo_id):
+        url = str(s.api.create_repo(repo_id, private=private, exist_ok=True))
+        created_private = bool(s.api.repo_info(repo_id).private) if private is None else private
+    s.log(f"created {'private' if created_private else 'public'} repo {repo_id}")
+    return url, created_private, True
 
 
 def _ensure_revision(s: _Session, repo_id: str, revision: str, exists: bool, dry_run: bool) -> str:
@@ -237,15 +229,16 @@ def _remote(s: _Session, repo_id: str, revision: str) -> tuple[str, dict[str, Re
         return head, {f.path: f for f in tree if isinstance(f, RepoFile)}
 
 
-def _local_files(folder: Path, known: Mapping[str, str]) -> list[LocalFile]:
-    out = []
+def _local_files(folder: Path, known: Mapping[str, str], extra: Mapping[str, bytes]) -> list[LocalFile]:
+    """The folder's files (hashed unless `known`), with `extra` (made in memory) in place of files of the same path."""
+    out = [LocalFile(p, data, len(data), hashlib.sha256(data).hexdigest()) for p, data in extra.items()]
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or IGNORED_DIRS.intersection(rel.parts[:-1]):
+        if not path.is_file() or IGNORED_DIRS.intersection(rel.parts[:-1]) or rel.as_posix() in extra:
             continue
         size = path.stat().st_size
         out.append(LocalFile(rel.as_posix(), path, size, known.get(rel.as_posix()) or sha256_file(path)))
-    return out
+    return sorted(out, key=lambda f: f.path)
 
 
 def _changed(f: LocalFile, remote: RepoFile | None) -> bool:
@@ -253,7 +246,7 @@ def _changed(f: LocalFile, remote: RepoFile | None) -> bool:
         return True
     if remote.lfs is not None:
         return remote.lfs.sha256 != f.sha256
-    return remote.blob_id != git_blob_oid(f.file)
+    return remote.blob_id != git_blob_oid(f.content())
 
 
 def _stale_weights(local: list[LocalFile], remote: Mapping[str, RepoFile]) -> list[str]:
@@ -265,94 +258,22 @@ def _stale_weights(local: list[LocalFile], remote: Mapping[str, RepoFile]) -> li
     return sorted(p for p in remote if p not in names and any(fnmatch.fnmatch(p, w) for w in WEIGHT_PATTERNS))
 
 
-def _known_digests(merge_result: MergeResult | None, folder: Path) -> dict[str, str]:
-    """sha256 the merge already computed, trusted only while the file still has the size the merge wrote."""
-    if merge_result is None:
-        return {}
-    return {f.name: f.sha256 for f in merge_result.files
-            if f.sha256 and (folder / f.name).is_file() and (folder / f.name).stat().st_size == f.size}
-
-
-# ---- card ---------------------------------------------------------------------------------------------------------
-def _prepare_card(s: _Session, folder: Path, repo_id: str, card: CardOptions | None, merge_result: MergeResult | None,
-                  known: Mapping[str, str], dry_run: bool) -> str | None:
-    """Validate the README that will be uploaded; render it when absent. Returns the text when it is not on disk."""
-    readme = folder / "README.md"
-    if readme.is_file():
-        if card is not None and card != CardOptions():
-            s.log("warning: README.md exists, so the card options were not used (run `hubexport card` to regenerate)")
-        validate_card(readme.read_text())
-        s.log("card: using the existing README.md")
-        return None
-    options = card or CardOptions()
-    text = render_card(folder, merge_result=merge_result, base_model=options.base_model, license=options.license,
-                       variables={"repo_id": repo_id, **options.variables}, card_data=options.card_data,
-                       template=options.template, training_config=options.training_config, sha256=known, log=s.log)
-    if dry_run:
-        return text
-    readme.write_text(text)
-    s.log(f"card: wrote {readme}")
-    return None
-
-
-# ---- push ---------------------------------------------------------------------------------------------------------
-def push_folder(
-    folder: Path,
-    *,
-    repo_id: str,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    dry_run: bool = False,
-    merge_result: MergeResult | None = None,
-    endpoint: str | None = None,
-    token: str | None = None,
-    log: Callable[[str], None] = print,
-    card: CardOptions | None = None,
-) -> PushResult:
-    """Upload a Hugging Face model folder: card, preflight, repo, branch, then one commit of what changed."""
-    s = _session(endpoint, token, log)
-    return _push_folder(s, Path(folder), repo_id=repo_id, private=private, revision=revision,
-                        commit_message=commit_message, create_pr=create_pr, dry_run=dry_run, merge_result=merge_result,
-                        card=card)
-
-
-def _push_folder(s: _Session, folder: Path, *, repo_id: str, private: bool, revision: str | None,
-                 commit_message: str | None, create_pr: bool, dry_run: bool, merge_result: MergeResult | None,
-                 card: CardOptions | None) -> PushResult:
-    if not (folder / "config.json").is_file():
-        raise HubError(f"{folder} is not a Hugging Face model folder (no config.json)",
-                       hint="pass the output of `hubexport merge`, or a training checkpoint to merge and push")
-    known = _known_digests(merge_result, folder)
-    # The card is checked before any request, so bad metadata never costs an upload.
-    virtual_readme = _prepare_card(s, folder, repo_id, card, merge_result, known, dry_run)
-    repo_id = _preflight(s, repo_id)
-    return _push(s, folder, repo_id=repo_id, private=private, revision=revision or "main",
-                 commit_message=commit_message or _default_message(merge_result), create_pr=create_pr,
-                 dry_run=dry_run, known=known, virtual_readme=virtual_readme, merge_result=merge_result)
-
-
-def _default_message(merge_result: MergeResult | None) -> str:
-    step = merge_result.global_step if merge_result else None
-    return f"Upload global_step_{step} with hubexport" if step is not None else "Upload model with hubexport"
-
-
-def _push(s: _Session, folder: Path, *, repo_id: str, private: bool, revision: str, commit_message: str,
-          create_pr: bool, dry_run: bool, known: Mapping[str, str], virtual_readme: str | None,
-          merge_result: MergeResult | None) -> PushResult:
-    url, private, exists = _ensure_repo(s, repo_id, private, dry_run)
-    base = _ensure_revision(s, repo_id, revision, exists, dry_run)
+def upload(s: _Session, folder: Path, opts: PushOptions, *, repo_id: str, extra: Mapping[str, bytes],
+           known: Mapping[str, str], facts: Callable[[dict[str, str]], ModelFacts], message: str) -> PushResult:
+    """One commit of what differs between `folder` (plus `extra`) and the repo's revision; nothing when nothing does.
+    `known` holds sha256 digests already computed; `facts` describes the model from every file's digest."""
+    revision = opts.revision or "main"
+    url, private, exists = _ensure_repo(s, repo_id, opts.private, opts.dry_run)
+    base = _ensure_revision(s, repo_id, revision, exists, opts.dry_run)
     head, remote = _remote(s, repo_id, base) if exists else ("", {})
-    local = _local_files(folder, known)
+    local = _local_files(folder, known, extra)
     changed = [f for f in local if _changed(f, remote.get(f.path))]
     stale = _stale_weights(local, remote)
     n_files, n_bytes = len(changed), sum(f.size for f in changed)
-    facts = model_facts(folder, merge_result, {f.path: f.sha256 for f in local})  # every file is hashed already
     result = PushResult(repo_id, url, None, None, revision, private, n_files, n_bytes, no_op=False,
-                        target_dir=str(folder), model=facts)
-    if dry_run:
-        return _report_dry_run(s, result, changed, stale, len(local), virtual_readme)
+                        target_dir=str(folder), model=facts({f.path: f.sha256 for f in local}))
+    if opts.dry_run:
+        return _report_dry_run(s, result, changed, stale, len(local))
     if not changed and not stale:
         s.log(f"nothing changed: {repo_id}@{revision} already has these {len(local)} files; no commit made")
         return replace(result, commit_sha=head, commit_url=f"{url}/commit/{head}", no_op=True)
@@ -362,110 +283,23 @@ def _push(s: _Session, folder: Path, *, repo_id: str, private: bool, revision: s
 
     ops: list[Any] = []
     for f in changed:
-        op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.file))
+        op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.file if isinstance(f.file, bytes) else str(f.file))
         op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed once, here, not again by the client
         ops.append(op)
     ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
     with _errors(s, f"uploading to {repo_id}", repo_id), _xet_only_on_hf(s.endpoint):
-        info = s.api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision,
-                                   create_pr=create_pr, parent_commit=head or None)
+        info = s.api.create_commit(repo_id, ops, commit_message=opts.commit_message or message, revision=revision,
+                                   create_pr=opts.create_pr, parent_commit=head or None)
     s.log(f"committed {info.oid} to {repo_id}@{revision}" + (f"; pull request {info.pr_url}" if info.pr_url else ""))
     return replace(result, commit_sha=info.oid, commit_url=info.commit_url, pr_url=info.pr_url)
 
 
-def _report_dry_run(s: _Session, result: PushResult, changed: list[LocalFile], stale: list[str], n_local: int,
-                    virtual_readme: str | None) -> PushResult:
+def _report_dry_run(s: _Session, result: PushResult, changed: list[LocalFile], stale: list[str],
+                    n_local: int) -> PushResult:
     for f in changed:
-        s.log(f"  + {f.path} ({f.size:,} bytes)")
-    if virtual_readme is not None:
-        s.log(f"  + README.md ({len(virtual_readme.encode()):,} bytes, generated card)")
-        result = replace(result, files_uploaded=result.files_uploaded + 1,
-                         bytes_uploaded=result.bytes_uploaded + len(virtual_readme.encode()))
+        s.log(f"  + {f.path} ({f.size:,} bytes{', generated card' if isinstance(f.file, bytes) else ''})")
     for p in stale:
         s.log(f"  - {p} (stale weight file)")
     s.log(f"dry run: would upload {result.files_uploaded} files ({result.bytes_uploaded:,} bytes) to "
           f"{result.repo_id}@{result.revision}; {n_local - len(changed)} unchanged; nothing was sent")
     return replace(result, no_op=result.files_uploaded == 0 and not stale, dry_run=True)
-
-
-# ---- checkpoint → merge → card → push -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _merge_target(target_dir: Path | None, dist: Dist) -> Iterator[Path]:
-    """`target_dir`, or a temporary directory that rank 0 makes, shares with the other torchrun ranks, and removes."""
-    if target_dir is not None:
-        yield Path(target_dir)
-        return
-    tmp = tempfile.mkdtemp(prefix="hubexport-") if dist.is_main else None
-    tmp = dist.gather(tmp)[0]
-    try:
-        yield Path(tmp) / "model"
-    finally:
-        if dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def publish(
-    source: Path,
-    *,
-    repo_id: str,
-    target_dir: Path | None = None,
-    merge_options: Mapping[str, Any] | None = None,
-    card: CardOptions | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    dry_run: bool = False,
-    endpoint: str | None = None,
-    token: str | None = None,
-    log: Callable[[str], None] = print,
-) -> PushResult | None:
-    """`hubexport push`: an HF folder is pushed as is; a training checkpoint is merged first (into `target_dir`, or a
-    temporary directory removed afterwards), its card rendered with the training config found next to it.
-
-    Under torchrun every rank merges its share of the files; rank 0 alone checks the token (every rank stops when it
-    is bad), pushes and returns the result; the other ranks return None."""
-    source = Path(source)
-    if not source.is_dir():
-        raise HubError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
-    push = dict(private=private, revision=revision, commit_message=commit_message, create_pr=create_pr,
-                dry_run=dry_run)
-    if is_hf_folder(source):
-        if os.environ.get("RANK", "0") != "0":  # a ready folder under torchrun: nothing to share, rank 0 pushes
-            return None
-        return _push_folder(_session(endpoint, token, log), source, repo_id=repo_id, merge_result=None, card=card,
-                            **push)
-    from hubexport.convert import merge
-    from hubexport.dist import Dist
-
-    dist = Dist.from_env()
-    if not dist.is_main:
-        log = _quiet
-    s, error = None, None
-    if dist.is_main:
-        try:
-            s = _session(endpoint, token, log)
-            repo_id = _preflight(s, repo_id)  # a bad token should fail before a long merge, not after it
-        except HubexportError as e:
-            error = e
-    dist.sync(error)
-    options = card or CardOptions()
-    training_config = options.training_config or find_training_config(source)
-    if training_config is not None:
-        log(f"card: training config {training_config}")
-    with _merge_target(target_dir, dist) as out:
-        result = merge(source, out, dry_run=dry_run, log=log, **(merge_options or {}))
-        if s is None:
-            return None
-        if dry_run:
-            size = sum(f.size for f in result.files)
-            log(f"dry run: would merge into {len(result.files)} files ({size:,} bytes) and push them to {repo_id}")
-            return PushResult(repo_id, f"{s.endpoint}/{repo_id}", None, None, revision or "main", private,
-                              len(result.files), size, no_op=False, model=facts_from_merge(result, {}), dry_run=True)
-        pushed = _push_folder(s, result.target_dir, repo_id=repo_id, merge_result=result,
-                              card=replace(options, training_config=training_config), **push)
-        return pushed if target_dir is not None else replace(pushed, target_dir=None)

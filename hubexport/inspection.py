@@ -50,10 +50,11 @@ def inspect(path: Path, *, backend: str = "auto", max_shard_size: int | str = "5
     path = Path(path)
     if is_hf_folder(path):
         return inspect_hf(path)
-    from hubexport.convert import dominant_dtype, prepare
+    from hubexport.options import MergeOptions
+    from hubexport.to_hf import dominant_dtype, prepare
 
-    prep = prepare(path, backend=backend, max_shard_size=max_shard_size, dtype=dtype,
-                   trust_remote_code=trust_remote_code)
+    prep = prepare(path, MergeOptions(backend=backend, max_shard_size=max_shard_size, dtype=dtype,
+                                      trust_remote_code=trust_remote_code))
     try:
         outputs = [t for f in prep.plan.files for t in f.tensors]
         source_specs = prep.source.metas()
@@ -74,7 +75,7 @@ def inspect(path: Path, *, backend: str = "auto", max_shard_size: int | str = "5
             "files": _input_files(prep.layout.files),
             "notes": prep.layout.notes,
             "plan": {
-                "files": [{"name": f.name if prep.plan.sharded else "model.safetensors", "bytes": f.nbytes,
+                "files": [{"name": f.name, "bytes": f.nbytes,
                            "tensors": len(f.tensors)} for f in prep.plan.files],
                 "total_size": prep.plan.total_size,
                 "peak_tensor_bytes": prep.plan.peak_bytes(source_specs),

@@ -63,9 +63,10 @@ def _reference_tensors(reference: Path, backend: str) -> tuple[dict[str, TensorS
     if is_hf_folder(reference):
         src = SafetensorsSource(reference)
         return src.metas(), lambda: ((n, src.read(n)) for n in src.metas())
-    from hubexport.convert import GroupCache, prepare
+    from hubexport.options import MergeOptions
+    from hubexport.to_hf import GroupCache, prepare
 
-    prep = prepare(reference, backend=backend)
+    prep = prepare(reference, MergeOptions(backend=backend))
     specs = {t.name: t for f in prep.plan.files for t in f.tensors}
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:

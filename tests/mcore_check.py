@@ -10,18 +10,19 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from hubexport.convert import merge
 from hubexport.detect import detect
+from hubexport.executor import merge
+from hubexport.options import MergeOptions, Output
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 64, 23, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
 def export_megatron(local_dir: Path, target: Path, *, tie_word_embedding: bool = False,
                     value_model: bool = False) -> tuple[dict, list[str]]:
-    """hubexport.convert.merge with the megatron backend; returns what the tests inspect."""
+    """hubexport.executor.merge with the megatron backend; returns what the tests inspect."""
     notes: list[str] = []
-    result = merge(local_dir, target, backend="megatron", tie_word_embedding=tie_word_embedding,
-                   is_value_model=value_model, log=notes.append)
+    options = MergeOptions(backend="megatron", tie_word_embedding=tie_word_embedding, is_value_model=value_model)
+    result = merge(local_dir, Output(target), options, log=notes.append)
     config = json.loads((target / "config.json").read_text())
     names = sorted(load_file(target / "model.safetensors"))
     updates = {k: config.get(k) for k in ("architectures", "tie_word_embeddings")}

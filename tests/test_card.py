@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from hubexport import card as card_module
-from hubexport.card import CardOptions, redact, render_card, validate_card, validate_metadata
+from hubexport.card import redact, render_card, validate_card, validate_metadata
 from hubexport.cli import cli
-from hubexport.convert import MergeResult, WrittenFile
 from hubexport.errors import HubError
+from hubexport.options import CardOptions
+from hubexport.result import Result, WrittenFile
 
 GOLDEN = Path(__file__).parent / "golden"
 BASE = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -83,11 +84,11 @@ def training_config(tmp_path: Path) -> Path:
     return path
 
 
-def merge_result(folder: Path) -> MergeResult:
+def merge_result(folder: Path) -> Result:
     files = [WrittenFile("model-00001-of-00002.safetensors", 4_000_000_000, "a" * 64),
              WrittenFile("model-00002-of-00002.safetensors", 1_234_567, "b" * 64),
              WrittenFile("model.safetensors.index.json", 900, "c" * 64)]
-    return MergeResult(target_dir=folder, source_format="fsdp", source_version="fsdp2", parallel={"world_size": 8},
+    return Result(command="merge", target_dir=folder, source_format="fsdp", source_version="fsdp2", parallel={"world_size": 8},
                        architecture="Qwen2ForCausalLM", dtype="bfloat16", num_parameters=494_032_768,
                        tied_embeddings=True, value_model=False, global_step=200, files=files)
 

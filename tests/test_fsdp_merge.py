@@ -10,8 +10,9 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hubexport.convert import merge
 from hubexport.examples import PROMPT
+from hubexport.executor import merge
+from hubexport.options import Output
 from tests.fsdp_cases import CASES, actor_dir
 from tests.tensors import folder_tensors
 
@@ -20,7 +21,7 @@ from tests.tensors import folder_tensors
 def merged(fsdp_root, tmp_path_factory):
     """Every case merged once through the public API."""
     out = tmp_path_factory.mktemp("merged")
-    return {name: (merge(actor_dir(fsdp_root, name), out / name, log=lambda _: None), out / name) for name in CASES}
+    return {name: (merge(actor_dir(fsdp_root, name), Output(out / name), log=lambda _: None), out / name) for name in CASES}
 
 
 def auto_class(case):

@@ -14,15 +14,21 @@ import pytest
 from click.testing import CliRunner, Result
 from huggingface_hub import snapshot_download
 
+from hubexport import executor
 from hubexport.cli import cli
 from hubexport.errors import HubError
-from hubexport.hub import push_folder
+from hubexport.hub import PushResult
+from hubexport.options import PushOptions
 from tests.fakehub import FakeHub
 from tests.hub_fixtures import ORG, READ_TOKEN, TOKEN, USER, hub_env
 
 REPO = f"{USER}/qwen-grpo"
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's own PUTs
+
+
+def push_folder(folder: Path) -> PushResult:
+    return executor.push(folder, PushOptions(REPO), log=lambda _: None).push
 
 
 def run_cli(*args: str, env: dict[str, str | None] | None = None) -> Result:
@@ -38,7 +44,8 @@ def push_json(folder: Path, *args: str) -> dict:
 def assert_downloads_bitwise(hub: FakeHub, folder: Path, tmp_path: Path, repo: str = REPO) -> None:
     got = Path(snapshot_download(repo, endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "download"))
     local = sorted(p.name for p in folder.iterdir())
-    assert sorted(p.name for p in got.iterdir() if p.name != ".gitattributes") == local
+    assert sorted(p.name for p in got.iterdir() if p.name not in (".gitattributes", "README.md")) == local
+    assert (got / "README.md").is_file()  # the card, generated in memory: the folder itself is never written
     for name in local:
         assert (got / name).read_bytes() == (folder / name).read_bytes(), name
 
@@ -50,10 +57,12 @@ def test_private_push_uploads_every_shard_through_both_lfs_paths(fakehub: FakeHu
     assert fakehub.transfers["basic"] > 0 and fakehub.transfers["multipart"] > 0
     assert out["commit_sha"] == fakehub.repos[f"model:{REPO}"].refs["main"]
     files = list(model_dir.iterdir())
-    assert out["files_uploaded"] == len(files) and out["bytes_uploaded"] == sum(f.stat().st_size for f in files)
+    card = fakehub.files(REPO)["README.md"].data
+    assert out["files_uploaded"] == len(files) + 1
+    assert out["bytes_uploaded"] == sum(f.stat().st_size for f in files) + len(card)
     assert out["repo_url"] == f"{fakehub.url}/{REPO}" and out["private"] is True and out["no_op"] is False
     assert_downloads_bitwise(fakehub, model_dir, tmp_path)
-    assert "license: apache-2.0" in (model_dir / "README.md").read_text()
+    assert b"license: apache-2.0" in card and not (model_dir / "README.md").exists()
 
 
 def test_public_push_into_an_org(fakehub: FakeHub, model_dir: Path) -> None:
@@ -66,7 +75,7 @@ def test_public_push_into_an_org(fakehub: FakeHub, model_dir: Path) -> None:
 def test_rerun_with_nothing_changed_makes_no_commit(fakehub: FakeHub, model_dir: Path) -> None:
     first = push_json(model_dir)
     requests_before = len(fakehub.requests)
-    result = run_cli("push", str(model_dir), "--repo-id", REPO, "--json")
+    result = run_cli("push", str(model_dir), "--repo-id", REPO, "--json", "--license", "apache-2.0")
     second = json.loads(result.stdout)
     assert second["no_op"] is True and second["commit_sha"] == first["commit_sha"] and second["files_uploaded"] == 0
     assert "nothing changed" in result.stderr
@@ -82,7 +91,10 @@ def test_only_changed_files_are_sent_and_stale_shards_are_removed(fakehub: FakeH
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "use_cache": False}))
     out = push_json(model_dir)
-    assert out["files_uploaded"] == 1 and out["bytes_uploaded"] == (model_dir / "config.json").stat().st_size
+    card = fakehub.files(REPO)["README.md"].data
+    assert out["files_uploaded"] == 2  # config.json, and the card, whose shard table lost the stale shard
+    assert out["bytes_uploaded"] == (model_dir / "config.json").stat().st_size + len(card)
+    assert b"model-00009-of-00009" not in card
     assert extra.name not in fakehub.files(REPO)
     assert json.loads(fakehub.files(REPO)["config.json"].data)["use_cache"] is False
 
@@ -102,21 +114,21 @@ def test_upload_killed_mid_way_resumes_without_resending(fakehub: FakeHub, model
     assert len(fakehub.stored) == shards - 1 and fakehub.commit_count(REPO) == 1  # killed before its commit
     puts_before = len(fakehub.paths("PUT"))
 
-    result = push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+    result = push_folder(model_dir)
 
     resent = fakehub.paths("PUT")[puts_before:]
     assert 0 < len(resent) <= 5  # the one unfinished shard (at most 5 parts of 4 KB), nothing else
     assert all(n == 1 for n in fakehub.stored.values()) and len(fakehub.stored) == shards
-    assert fakehub.commit_count(REPO) == 2 and result.files_uploaded == len(list(model_dir.iterdir()))
+    assert fakehub.commit_count(REPO) == 2 and result.files_uploaded == len(list(model_dir.iterdir())) + 1
     assert_downloads_bitwise(fakehub, model_dir, tmp_path)
 
 
 def test_commit_lost_on_the_wire_then_rerun_sends_no_lfs_bytes(fakehub: FakeHub, model_dir: Path) -> None:
     fakehub.inject("POST", r"/commit/", drop=True)
     with pytest.raises(HubError, match="cannot reach"):
-        push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+        push_folder(model_dir)
     puts = len(fakehub.paths("PUT"))
-    result = push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+    result = push_folder(model_dir)
     assert len(fakehub.paths("PUT")) == puts and result.commit_sha == fakehub.repos[f"model:{REPO}"].refs["main"]
 
 
@@ -124,7 +136,7 @@ def test_transient_faults_are_retried(fakehub: FakeHub, model_dir: Path, tmp_pat
     fakehub.inject("POST", r"/preupload/", status=429, headers={"Retry-After": "0"})
     fakehub.inject("PUT", r"^/_lfs/put/", status=500)
     fakehub.inject("PUT", r"^/_lfs/part/", drop=True)
-    push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+    push_folder(model_dir)
     assert {429, 500, 0} <= {s for _, _, s in fakehub.requests}
     assert_downloads_bitwise(fakehub, model_dir, tmp_path)
 
@@ -160,7 +172,7 @@ def test_metadata_refused_by_the_hub_stops_before_lfs(fakehub: FakeHub, model_di
     fakehub.inject("POST", r"/api/validate-yaml", status=400,
                    body={"errors": [{"message": '"license" is not valid'}], "warnings": []})
     with pytest.raises(HubError, match=r"Invalid metadata in README\.md.*license"):
-        push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+        push_folder(model_dir)
     assert not fakehub.stored and not fakehub.paths(contains="/preupload/")
 
 
@@ -175,7 +187,7 @@ def test_token_never_appears_in_output_card_or_errors(fakehub: FakeHub, model_di
     failed = subprocess.run([sys.executable, "-m", "hubexport", "push", str(model_dir), "--repo-id", REPO], cwd=ROOT,
                             env=env, capture_output=True, text=True)
     assert failed.returncode == 2 and "HTTP 403" in failed.stderr and "***" in failed.stderr
-    for text in (ok.stdout, ok.stderr, failed.stdout, failed.stderr, (model_dir / "README.md").read_text()):
+    for text in (ok.stdout, ok.stderr, failed.stdout, failed.stderr, fakehub.files(REPO)["README.md"].data.decode()):
         assert TOKEN not in text
     assert not fakehub.paths(contains="xet-write-token")  # Xet was switched off for a non-huggingface.co endpoint
 
@@ -185,7 +197,7 @@ def test_xet_is_switched_off_for_other_endpoints_and_restored(fakehub: FakeHub, 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as in a fresh process with hf_xet installed
-    push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+    push_folder(model_dir)
     assert not fakehub.paths(contains="xet-write-token") and fakehub.stored
     assert constants.HF_HUB_DISABLE_XET is False
 
@@ -223,7 +235,7 @@ def test_offline_mode_fails_early(fakehub: FakeHub, model_dir: Path, monkeypatch
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
-        push_folder(model_dir, repo_id=REPO, log=lambda _: None)
+        push_folder(model_dir)
     assert fakehub.requests == []
 
 
@@ -323,5 +335,6 @@ def test_push_under_torchrun_with_a_bad_token_stops_every_rank_before_the_merge(
            "push", str(checkpoint), "--repo-id", REPO, "--target-dir", str(target), "--json"]
     proc = subprocess.run(cmd, cwd=ROOT, env=hub_env(fakehub, token="hf_WrongToken0123456789"), capture_output=True,
                           text=True, timeout=240)
-    assert proc.returncode != 0 and "HTTP 401" in proc.stderr and "another rank failed" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "HTTP 401" in errors[0]  # rank 0 reports, once
     assert proc.stdout.strip() == "" and not target.exists() and not fakehub.repos

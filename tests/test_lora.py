@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from hubexport import lora
 from hubexport.cli import cli
-from hubexport.convert import merge
 from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.examples import PROMPT, FsdpCase, LoraSpec, lora_config, tiny_config
+from hubexport.executor import merge as run_merge
+from hubexport.options import MergeOptions, Output
 from hubexport.sources import TensorSpec
 from tests.lora_cases import CASES, actor_dir
 from tests.tensors import folder_tensors
@@ -28,6 +29,11 @@ from tests.tensors import folder_tensors
 FULL = ["qwen2_lora_fsdp2_w2", "qwen2_lora_patterns_fsdp2_w2", "qwen2_lora_bias_fsdp1_w2_bf16"]
 ONLY = "qwen2_lora_only_fsdp2_w2"
 TIED = "qwen3_lora_tied_w1"
+
+
+def merge(local_dir, target, *, log, **options):
+    """The executor with the LoRA options spelled as keywords."""
+    return run_merge(local_dir, Output(target), MergeOptions(**options), log=log)
 
 
 def quiet(_: str) -> None:
@@ -56,7 +62,7 @@ def exported(lora_root, tmp_path_factory):
     """Each case exported each way once, through the public API."""
     out = tmp_path_factory.mktemp("lora_out")
     runs = [(n, m, {}) for n in FULL for m in ("adapter", "fuse")]
-    runs += [(FULL[0], "both", {}), (ONLY, "adapter", {}), (ONLY, "fuse", {"base_model": lora_root / ONLY / "base_model"}),
+    runs += [(FULL[0], "both", {}), (ONLY, "adapter", {}), (ONLY, "fuse", {"lora_base_model": lora_root / ONLY / "base_model"}),
              (TIED, "adapter", {"lora_alpha": 16})]
     done = {}
     for name, mode, kw in runs:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hubexport.convert import merge
+from hubexport.executor import merge
+from hubexport.options import Output
 from tests.fixtures_mcore import run_torchrun, tiny_hf
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ def test_merge_mbridge_checkpoint(hf_sharded, model_less, tmp_path, layout) -> N
             "schema_version": 2, "framework": "megatron", "world_size": 2,
             "contents": {"model": {"path": "model/huggingface", "format": "huggingface", "backend": "mbridge"}}}))
     notes: list[str] = []
-    result = merge(actor, tmp_path / "out", log=notes.append)
+    result = merge(actor, Output(tmp_path / "out"), log=notes.append)
     assert result.source_format == "megatron" and result.source_version == "mbridge"
     # v1: dist_ckpt/ is complete but model-less; v2: model/dist_ckpt/ is absent (the optimizer has its own archive)
     why = "holds no model tensors" if layout == "v1" else "is absent"

@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig
 
 from hubexport.errors import MappingError, TargetError
-from hubexport.to_megatron import to_megatron
+from hubexport.executor import to_megatron
+from hubexport.options import MegatronOptions, Output
 from tests.fixtures_mcore import hf_to_mcore_global, tiny_hf
 from tests.mcore_check import assert_same_tensors, export_megatron
 
@@ -88,9 +89,9 @@ def expected_layout(hf_dir: Path, spec: str) -> dict[str, torch.Tensor]:
     return {k: stack(v) for k, v in out.items()}
 
 
-def convert(hf_dir: Path, out: Path, **kw) -> dict:
+def convert(hf_dir: Path, out: Path, *, overwrite: bool = False, **kw) -> dict:
     notes: list[str] = []
-    result = to_megatron(hf_dir, out, log=notes.append, **kw)
+    result = to_megatron(hf_dir, Output(out, overwrite), MegatronOptions(**kw), log=notes.append)
     return {"result": result, "notes": notes}
 
 
@@ -122,8 +123,8 @@ def test_round_trip_is_bit_exact(hf_models, tmp_path, case) -> None:
     export_megatron(actor, tmp_path / "back")
     assert_same_tensors(tmp_path / "back", hf_models[case])
     r = info["result"]
-    assert r.tested and any("bit-exact" in n for n in info["notes"])
-    assert r.layer_keys == ("per-layer" if case in ("deepseek_v3", "qwen3_moe_mixed") else "stacked")
+    assert r.megatron.tested and any("bit-exact" in n for n in info["notes"])
+    assert r.megatron.layer_keys == ("per-layer" if case in ("deepseek_v3", "qwen3_moe_mixed") else "stacked")
     assert r.tied_embeddings == (case == "qwen2_tied") and r.value_model == (case == "qwen2_critic")
 
 

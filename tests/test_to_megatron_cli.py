@@ -37,9 +37,10 @@ def test_json_and_local_spec(qwen3, tmp_path) -> None:
             "local", "--json")
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
-    assert info["spec"] == "local" and info["layer_keys"] == "stacked" and info["tested"] is False
-    assert info["architecture"] == "Qwen3ForCausalLM" and info["padded_vocab"] == 128
-    assert info["num_tensors"] == 2 + 4 * 8 + 1  # embed, final norm; 8 per layer; untied output layer
+    m = info["megatron"]
+    assert m["spec"] == "local" and m["layer_keys"] == "stacked" and m["tested"] is False
+    assert info["architecture"] == "Qwen3ForCausalLM" and m["padded_vocab"] == 128
+    assert m["num_tensors"] == 2 + 4 * 8 + 1  # embed, final norm; 8 per layer; untied output layer
 
 
 def test_non_empty_output_refused_then_overwritten(qwen3, tmp_path) -> None:
@@ -56,7 +57,8 @@ def test_non_empty_output_refused_then_overwritten(qwen3, tmp_path) -> None:
 
 
 def test_not_a_model_folder(tmp_path) -> None:
-    r = run("to-megatron", "--hf-model-path", str(tmp_path), "--output-path", str(tmp_path / "out"))
+    (tmp_path / "in").mkdir()
+    r = run("to-megatron", "--hf-model-path", str(tmp_path / "in"), "--output-path", str(tmp_path / "out"))
     assert r.exit_code == 2 and "config.json does not exist" in r.stderr and "hint:" in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -67,4 +69,4 @@ def test_python_dash_m_entry_point(qwen3, tmp_path) -> None:
                            "--output_path", str(tmp_path / "mcore"), "--json"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["num_keys"] == 2 + 8 + 1
+    assert json.loads(proc.stdout)["megatron"]["num_keys"] == 2 + 8 + 1

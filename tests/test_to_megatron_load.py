@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoConfig
 
-from hubexport.to_megatron import to_megatron
+from hubexport.executor import to_megatron
+from hubexport.options import MegatronOptions, Output
 from tests.fixtures_mcore import IDS, _free_port, hf_to_mcore_global, run_torchrun, tiny_hf
 from tests.mcore_check import load_logits
 from tests.test_to_megatron import stored
@@ -53,7 +54,7 @@ def loads(tmp_path_factory) -> dict:
     for _, model, spec in LOADS:
         if (model, spec) not in ckpts and (model, spec) != ("qwen2_moe", "local"):
             ckpts[model, spec] = root / f"ckpt_{model}_{spec}"
-            to_megatron(hf[model], ckpts[model, spec], spec=spec, log=lambda _: None)
+            to_megatron(hf[model], Output(ckpts[model, spec]), MegatronOptions(spec=spec), log=lambda _: None)
     # the MoE checkpoint comes from two writer ranks; the single-process one is its reference
     two = root / "ckpt_qwen2_moe_local"
     out, timings["convert_2_ranks"] = torchrun_cli(2, ["to-megatron", "--hf_model_path", str(hf["qwen2_moe"]),
@@ -61,7 +62,7 @@ def loads(tmp_path_factory) -> dict:
                                                        "--use_cpu_initialization", "--json"])
     ckpts["qwen2_moe", "local"] = two
     one = root / "ckpt_qwen2_moe_local_1rank"
-    to_megatron(hf["qwen2_moe"], one, spec="local", log=lambda _: None)
+    to_megatron(hf["qwen2_moe"], Output(one), MegatronOptions(spec="local"), log=lambda _: None)
     results = {}
     for run, par in RUNS.items():
         jobs = []

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from hubexport.cli import cli
-from hubexport.convert import merge
+from hubexport.executor import merge
+from hubexport.options import MergeOptions, Output
 from tests.fsdp_cases import CASES, actor_dir
 
 SOURCE = "qwen3moe_fsdp2_w2"
@@ -26,8 +27,9 @@ def run(*args: str):
 def merged(fsdp_root, tmp_path_factory):
     """The same checkpoint merged single-file and sharded."""
     out = tmp_path_factory.mktemp("verify")
-    merge(actor_dir(fsdp_root, SOURCE), out / "single", log=lambda _: None)
-    merge(actor_dir(fsdp_root, SOURCE), out / "sharded", max_shard_size="10KB", log=lambda _: None)
+    merge(actor_dir(fsdp_root, SOURCE), Output(out / "single"), log=lambda _: None)
+    merge(actor_dir(fsdp_root, SOURCE), Output(out / "sharded"), MergeOptions(max_shard_size="10KB"),
+          log=lambda _: None)
     assert len(list((out / "sharded").glob("*.safetensors"))) > 2
     return out
 

@@ -1,0 +1,218 @@
+"""One executor for every command. A command is a job (detect → source → mapping → plan, done before any byte moves)
+run through the same steps: safety checks → token preflight when it will push → lock and stage → every rank writes
+its share → rank 0 finishes the folder → read-back checks → swap into place → card and upload on rank 0.
+
+The rules kept here, once: the target is never the input, inside it or above it; nothing under an input is written;
+one run at a time owns a target and stages into its own folder; a failure on any rank stops every rank; only rank 0
+talks to the Hub, once."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from hubexport.card import find_training_config
+from hubexport.detect import is_hf_folder
+from hubexport.dist import Dist
+from hubexport.errors import TargetError
+from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
+from hubexport.publishing import Publisher
+from hubexport.readme import readme_to_publish
+from hubexport.result import Result, WrittenFile
+from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
+
+Log = Callable[[str], None]
+
+
+class Job(Protocol):
+    """One direction's parts, planned before any byte moves."""
+
+    inputs: tuple[Path, ...]  # what the user owns: never written, and the target must not overlap it
+
+    def result(self, command: str, target: Path) -> Result: ...
+    def describe(self, result: Result) -> list[str]: ...
+    def planned_files(self) -> list[WrittenFile]: ...
+    def precheck(self) -> None: ...  # rank 0, before any write
+    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]: ...  # every rank, its share
+    def finish(self, tmp: Path, files: list[WrittenFile]) -> None: ...  # rank 0, after every rank wrote
+    def check(self, tmp: Path, dist: Dist) -> None: ...  # every rank, before the swap
+    def done(self, result: Result) -> str: ...
+    def close(self) -> None: ...
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), *, push: PushOptions | None = None,
+          log: Log = print, command: str = "merge") -> Result:
+    """Merge a training checkpoint into a save_pretrained-style folder at `out.target`; with `push`, card it into
+    that folder and publish it (the token is checked before the merge)."""
+    from hubexport.to_hf import HfJob, prepare
+
+    dist = Dist.from_env()
+    log = log if dist.is_main else _silent
+    check_disjoint(out.target, [local_dir, options.lora_base_model])
+    check_target(out.target, overwrite=out.overwrite)
+    publisher = _connect(push, local_dir, dist, log) if push else None
+    job = dist.run(lambda: HfJob(prepare(local_dir, options), local_dir))
+
+    card: list[str] = []
+
+    def write_card(tmp: Path, result: Result) -> None:  # into the folder this run made, before it is published
+        card.append(publisher.render_card(tmp, result))
+        (tmp / "README.md").write_text(card[0])
+
+    try:
+        check_disjoint(out.target, job.inputs)
+        result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None)
+    finally:
+        job.close()
+    if publisher is not None:
+        result.push = (publisher.planned(result) if out.dry_run
+                       else publisher.publish(out.target, card=card[0], merge_result=result))
+    return result
+
+
+def to_megatron(hf_model_path: Path, out: Output, options: MegatronOptions = MegatronOptions(), *,
+                log: Log = print) -> Result:
+    """Convert a Hugging Face folder into a megatron-core torch_dist checkpoint at `out.target`."""
+    from hubexport.to_mcore import McoreJob
+
+    dist = Dist.from_env()
+    log = log if dist.is_main else _silent
+    check_disjoint(out.target, [hf_model_path], option="--output-path")
+    check_target(out.target, overwrite=out.overwrite)
+    job = dist.run(lambda: McoreJob(Path(hf_model_path), options, dist))
+    try:
+        return execute(job, out, "to-megatron", dist, log)
+    finally:
+        job.close()
+
+
+def push(source: Path, options: PushOptions, merge_options: MergeOptions = MergeOptions(), *,
+         target: Output | None = None, log: Log = print) -> Result | None:
+    """`hubexport push`: an HF folder is published as it is (its card from memory); a training checkpoint is merged
+    first (into `target`, kept, or a temporary folder, removed), carded and published. Returns None on torchrun
+    ranks other than 0."""
+    source = Path(source)
+    if not source.is_dir():
+        raise TargetError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
+    dist = Dist.from_env()
+    if is_hf_folder(source):
+        if not dist.is_main:
+            return None
+        if target is not None:
+            log(f"--target-dir ignored: {source} is already a Hugging Face folder")
+        # The card is decided (and a user's README validated) before any request.
+        card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log)
+        pushed = Publisher.connect(options, log).publish(source, card=card)
+        return _folder_result(source, pushed)
+    with _merge_target(target, options.dry_run, dist) as out:
+        result = merge(source, out, merge_options, push=options, log=log, command="push")
+    if target is None:
+        result.target_dir = None
+        if result.push is not None:
+            result.push = replace(result.push, target_dir=None)
+    return result if dist.is_main else None
+
+
+def _connect(push: PushOptions, source: Path, dist: Dist, log: Log) -> Publisher | None:
+    """Rank 0 checks the token before any work; every rank stops when it is bad."""
+    card = push.card
+    if card.training_config is None and (found := find_training_config(source)) is not None:
+        log(f"card: training config {found}")
+        push = replace(push, card=replace(card, training_config=found))
+    return dist.run(lambda: Publisher.connect(push, log), main_only=True)
+
+
+def _folder_result(folder: Path, pushed) -> Result:
+    m = pushed.model
+    return Result(command="push", target_dir=folder, source_format="hf", source_version="safetensors", parallel={},
+                  architecture=m.architecture or "", dtype=m.dtype or "", num_parameters=m.num_parameters,
+                  tied_embeddings=m.tied_embeddings, value_model=m.value_model, global_step=m.global_step,
+                  files=[WrittenFile(s.name, s.size, s.sha256) for s in m.shards], dry_run=pushed.dry_run,
+                  push=pushed)
+
+
+@contextlib.contextmanager
+def _merge_target(target: Output | None, dry_run: bool, dist: Dist) -> Iterator[Output]:
+    """`target`, or a temporary folder that rank 0 makes, shares with the other ranks, and removes."""
+    if target is not None:
+        yield replace(target, dry_run=dry_run)
+        return
+    tmp = Path(dist.broadcast(tempfile.mkdtemp(prefix="hubexport-") if dist.is_main else None))
+    try:
+        yield Output(tmp / "model", dry_run=dry_run)
+    finally:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
+            before_swap: Callable[[Path, Result], object] | None = None) -> Result:
+    """Run a planned job into `out.target`, atomically, on every rank."""
+    result = job.result(command, out.target)
+    for line in job.describe(result):
+        log(line)
+    if out.dry_run:
+        result.files, result.dry_run = job.planned_files(), True
+        return result
+    dist.run(job.precheck, main_only=True)
+    with _claimed(out, dist) as (tmp, commit):
+        mine = dist.run(_writing(out.target, lambda: job.write(tmp, dist)))
+        result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: f.name)
+        dist.run(_writing(out.target, lambda: job.finish(tmp, result.files)), main_only=True)
+        dist.run(lambda: job.check(tmp, dist))
+        # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.
+        dist.run(_writing(out.target, lambda: before_swap and before_swap(tmp, result)), main_only=True)
+        commit()
+    log(job.done(result))
+    return result
+
+
+def _writing(target: Path, fn: Callable[[], object]) -> Callable[[], object]:
+    """Disk full, file too large, read-only filesystem...: one line naming the file; the target is left as it was."""
+
+    def run() -> object:
+        try:
+            return fn()
+        except OSError as e:
+            where = Path(e.filename).name if e.filename else target
+            raise TargetError(f"writing {where} for {target} failed: {e.strerror or e}",
+                              hint="free space (or quota) on that filesystem, or choose another --target-dir") from None
+
+    return run
+
+
+@contextlib.contextmanager
+def _claimed(out: Output, dist: Dist) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """Rank 0 locks the target and makes this run's staging folder; every rank gets its path. `commit` swaps it
+    into place; leaving without committing (an error, Ctrl-C) removes it. The lock is released either way."""
+    lock = TargetLock(out.target)
+    tmp: Path | None = None
+
+    def claim() -> str:
+        nonlocal tmp
+        lock.acquire()
+        check_target(out.target, overwrite=out.overwrite)  # again, now that no other run can change it
+        tmp = new_staging(out.target)
+        return str(tmp)
+
+    def commit() -> None:
+        nonlocal tmp
+        dist.run(_writing(out.target, lambda: swap_into_place(tmp, out.target)), main_only=True)
+        tmp = None
+
+    try:
+        yield Path(dist.broadcast(dist.run(claim, main_only=True))), commit
+    finally:
+        if dist.is_main:
+            if tmp is not None:
+                discard(tmp)
+            lock.release()

@@ -1,0 +1,88 @@
+"""What the user asked for, one frozen object per command family: the CLI builds them, the executor reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hubexport.errors import ConfigError
+
+DTYPE_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+LORA_MODES = ("adapter", "fuse", "both")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a command writes, and how."""
+
+    target: Path
+    overwrite: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Training checkpoint → Hugging Face folder (`merge`, and `push`/`verify`/`inspect` of a checkpoint)."""
+
+    backend: str = "auto"
+    dtype: str | None = None
+    max_shard_size: int | str = "5GB"
+    tie_word_embedding: bool = False
+    is_value_model: bool = False
+    trust_remote_code: bool = False
+    lora_mode: str | None = None
+    lora_alpha: float | None = None
+    lora_rank: int | None = None
+    lora_base_model: Path | None = None  # the base weights of a LoRA-only checkpoint
+
+    @property
+    def cast(self) -> torch.dtype | None:
+        return DTYPE_NAMES[self.dtype] if self.dtype else None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not a dtype", hint=f"use one of {', '.join(DTYPE_NAMES)}")
+        if self.lora_mode is not None and self.lora_mode not in LORA_MODES:
+            raise ConfigError(f"--lora {self.lora_mode!r} is not a LoRA export mode", hint="use adapter, fuse or both")
+
+
+@dataclass(frozen=True)
+class MegatronOptions:
+    """Hugging Face folder → megatron-core torch_dist (`to-megatron`)."""
+
+    spec: str = "te"
+    test: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class CardOptions:
+    """What the user can say about the card (the `card`/`push` options), minus the model folder itself."""
+
+    base_model: str | None = None
+    license: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+    card_data: Path | None = None
+    template: str | Path = "default"
+    training_config: Path | None = None
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """Where and how to publish (`push`, `merge --hf-upload-path`)."""
+
+    repo_id: str
+    private: bool | None = None  # None: the Hub's default for a new repo (public); an existing repo keeps its own
+    revision: str | None = None
+    commit_message: str | None = None
+    create_pr: bool = False
+    dry_run: bool = False
+    endpoint: str | None = None  # default HF_ENDPOINT, else huggingface.co
+    token: str | None = field(default=None, repr=False)  # default HF_TOKEN or the saved login; never printed
+    card: CardOptions = field(default_factory=CardOptions)

@@ -1,0 +1,51 @@
+"""What a command did, as one type for every command (printed by --json): the facts both directions share, plus the
+direction's own (LoRA export, Megatron layout) and the push, when there was one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hubexport.hub import PushResult
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str  # relative to the output folder, posix
+    size: int
+    sha256: str | None  # None in a dry run, and for files hubexport does not hash (torch_dist)
+
+
+@dataclass
+class MegatronFacts:
+    spec: str  # "te" | "local"
+    layer_keys: str  # "stacked" | "per-layer"
+    num_tensors: int  # logical megatron tensors (one layer, one expert) written
+    num_keys: int  # stored tensor keys
+    padded_vocab: int
+    world_size: int  # writer processes
+    tested: bool  # --test read everything back bit-exact before publishing
+
+
+@dataclass
+class Result:
+    command: str  # "merge" | "to-megatron" | "push"
+    target_dir: Path | None  # None after a push from a temporary merge (removed)
+    source_format: str  # "fsdp" | "megatron" | "hf"
+    source_version: str  # e.g. "fsdp2", "v2", "mbridge", "safetensors"
+    parallel: dict[str, int]  # {"world_size": 4} or {"tp": 2, "pp": 2, "ep": 1}; {} for an HF folder
+    architecture: str
+    dtype: str  # dominant dtype of the written weights, e.g. "bfloat16"
+    num_parameters: int
+    tied_embeddings: bool
+    value_model: bool
+    global_step: int | None
+    peak_tensor_bytes: int = 0  # planned upper bound of tensor bytes one process holds at once
+    files: list[WrittenFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    lora: dict | None = None  # {"mode", "r", "lora_alpha", "modules", "adapter_dir", ...} for PEFT checkpoints
+    megatron: MegatronFacts | None = None  # to-megatron only
+    push: PushResult | None = None  # push and merge --hf-upload-path

@@ -1,0 +1,253 @@
+"""Training checkpoint → Hugging Face folder: detect → source → mapping → plan, then the job the executor runs (every
+rank writes its own shard files; rank 0 writes the adapter, index, config and tokenizer after a barrier)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from hubexport import lora, lora_export
+from hubexport.detect import Layout, detect
+from hubexport.dist import Dist
+from hubexport.errors import CheckpointError, ConfigError
+from hubexport.hfdir import copy_support_files, load_config
+from hubexport.lora_export import LoraExport
+from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
+from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.options import MergeOptions
+from hubexport.plan import Plan, make_plan, parse_size
+from hubexport.result import Result, WrittenFile
+from hubexport.sources import Source, TensorSpec
+from hubexport.sources.fsdp import FsdpSource
+from hubexport.sources.mcore import open_megatron_source
+from hubexport.writers.safetensors import index_json, read_header, write_file
+
+
+@dataclass
+class Prepared:
+    """Everything known before the first tensor byte is read."""
+
+    layout: Layout
+    source: Source
+    config: PretrainedConfig
+    plan: Plan
+    architecture: str
+    value_model: bool
+    tied: bool
+    lora: LoraExport | None = None
+
+
+def open_source(layout: Layout) -> Source:
+    if layout.format == "fsdp":
+        return FsdpSource(layout.files)
+    if layout.format == "megatron":
+        return open_megatron_source(layout)
+    raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
+                          hint="convert it with the tool that wrote it, or upgrade hubexport")
+
+
+def shard_bytes(max_shard_size: int | str) -> int:
+    try:
+        return parse_size(max_shard_size)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size {max_shard_size!r} is not a size", hint="use e.g. 5GB or 500MB") from None
+
+
+def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared:
+    """Detect, open lazily, map and plan: reads headers and pickled metadata only."""
+    o = options
+    max_bytes = shard_bytes(o.max_shard_size)
+    layout = detect(Path(local_dir), o.backend)
+    config = load_config(layout.hf_dir, layout.root, trust_remote_code=o.trust_remote_code)
+    source = open_source(layout)
+    specs = source.metas()
+    keys = lora.split_keys(specs) if lora.is_peft_checkpoint(specs) else None
+    if keys is None and (o.lora_mode or o.lora_base_model or o.lora_alpha or o.lora_rank):
+        raise ConfigError(f"{layout.root} holds no LoRA tensors, so --lora/--lora-alpha/--lora-rank/--base-model "
+                          "do not apply", hint="drop those options for a full fine-tuning checkpoint")
+    if layout.format == "megatron" and layout.version != "mbridge":  # mbridge weights are HF-native already
+        return _prepare_megatron(layout, source, config, specs, o, max_bytes)
+    base_specs = specs if keys is None else {n: TensorSpec(n, specs[k].shape, specs[k].dtype) for n, k in keys.base.items()}
+    value_model = o.is_value_model or is_value_checkpoint(base_specs, base_specs)
+    if o.is_value_model and "score.weight" not in base_specs and not (keys and keys.lora_only):
+        raise ConfigError(f"--is-value-model was given but {layout.root} has no score.weight value head",
+                          hint="drop --is-value-model for an actor checkpoint")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if o.tie_word_embedding and not tied:
+        raise ConfigError(
+            f"--tie-word-embedding contradicts {layout.hf_dir / 'config.json'}, which says tie_word_embeddings=false",
+            hint="drop the flag: hubexport reads tying from the config and never drops a trained lm_head",
+        )
+    architecture = architecture_for(config, value_model=value_model)
+    if value_model:
+        config.num_labels = 1
+        tied = False
+    model = meta_model(config, architecture, trust_remote_code=o.trust_remote_code)
+    exported = None
+    if keys is None:
+        groups = saved_groups(model, specs)
+    else:
+        groups, source, exported = lora_export.prepare_lora(
+            layout, model, source, keys, mode=o.lora_mode or "adapter", alpha=o.lora_alpha, rank=o.lora_rank,
+            base_model=o.lora_base_model, cast=o.cast, value_model=value_model)
+    plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
+    config.architectures = [architecture]
+    return Prepared(layout, source, config, plan, architecture, value_model, tied, exported)
+
+
+def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, specs: dict[str, TensorSpec],
+                      o: MergeOptions, max_bytes: int) -> Prepared:
+    """Megatron names and layouts → HF through the architecture tables; heads decided by the checkpoint's keys."""
+    groups, updates = megatron_to_hf_groups(specs, config, tie_word_embedding=o.tie_word_embedding,
+                                            value_model=o.is_value_model, notes=layout.notes)
+    config.update(updates)
+    plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
+    value_model = "num_labels" in updates
+    return Prepared(layout, source, config, plan, updates["architectures"][0], value_model,
+                    bool(updates.get("tie_word_embeddings", False)) and not value_model)
+
+
+def dominant_dtype(plan: Plan) -> torch.dtype:
+    by_dtype: dict[torch.dtype, int] = {}
+    for f in plan.files:
+        for t in f.tensors:
+            if t.dtype.is_floating_point:
+                by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
+
+
+class GroupCache:
+    """Computes each group once, keeping only the latest group's outputs: outputs are ordered, so a group's outputs
+    are consumed before the next group's are needed (a group split across two files costs one recomputation)."""
+
+    def __init__(self, plan: Plan, source: Source) -> None:
+        self.plan, self.source = plan, source
+        self.group_of = plan.group_of()
+        self._index: int | None = None
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    def run(self, index: int) -> dict[str, torch.Tensor]:
+        group = self.plan.groups[index]
+        return group.convert({n: self.source.read(n) for n in group.inputs})
+
+    def fetch(self, spec: TensorSpec) -> torch.Tensor:
+        index = self.group_of[spec.name]
+        if index != self._index:
+            self._outputs, self._index = self.run(index), index
+        t = self._outputs.pop(spec.name)
+        return t.to(spec.dtype) if t.dtype != spec.dtype else t
+
+
+class HfJob:
+    """The executor's job for the checkpoint → HF direction."""
+
+    def __init__(self, prep: Prepared, source_path: Path) -> None:
+        self.prep = prep
+        layout = prep.layout
+        owned = [Path(source_path), layout.root, layout.hf_dir, *layout.files]
+        self.inputs = tuple(p for p in owned if p is not None)
+        if prep.lora and prep.lora.base_model is not None:
+            self.inputs += (prep.lora.base_model,)
+
+    @property
+    def writes_adapter(self) -> bool:
+        return self.prep.lora is not None and self.prep.lora.mode != "fuse"
+
+    def result(self, command: str, target: Path) -> Result:
+        p = self.prep
+        outputs = [t for f in p.plan.files for t in f.tensors]
+        weights_plan = p.plan if p.plan.files or not p.lora else p.lora.plan
+        return Result(
+            command=command, target_dir=target, source_format=p.layout.format, source_version=p.layout.version,
+            parallel=dict(p.layout.parallel), architecture=p.architecture,
+            dtype=str(dominant_dtype(weights_plan)).removeprefix("torch."),
+            num_parameters=sum(math.prod(t.shape) for t in outputs), tied_embeddings=p.tied,
+            value_model=p.value_model, global_step=p.layout.global_step,
+            peak_tensor_bytes=p.plan.peak_bytes(p.source.metas()),
+            notes=list(p.layout.notes) + (p.lora.notes if p.lora else []),
+            lora=p.lora.summary() if p.lora else None,
+        )
+
+    def describe(self, result: Result) -> list[str]:
+        p = self.prep
+        lines = [*result.notes,
+                 f"{p.layout.format} {p.layout.version} checkpoint, {_fmt_parallel(p.layout.parallel)}: "
+                 f"{p.architecture}, {result.num_parameters:,} parameters → {len(p.plan.files)} file(s), "
+                 f"{p.plan.total_size / 1e9:.2f} GB, at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight"]
+        return lines + ([lora_export.describe(p.lora)] if p.lora else [])
+
+    def planned_files(self) -> list[WrittenFile]:
+        files = [WrittenFile(f.name, f.nbytes, None) for f in self.prep.plan.files]
+        if self.writes_adapter:
+            files.append(WrittenFile(f"{lora.ADAPTER_DIR}/adapter_model.safetensors", self.prep.lora.plan.total_size,
+                                     None))
+        return files
+
+    def precheck(self) -> None:
+        """Rank 0, before any write: the check groups (a tied alias equals its canonical weight...)."""
+        cache = GroupCache(self.prep.plan, self.prep.source)
+        for i, g in enumerate(self.prep.plan.groups):
+            if not g.outputs:
+                cache.run(i)
+
+    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]:
+        """This rank's shard files (rank 0 also writes the adapter)."""
+        plan = self.prep.plan
+        cache = GroupCache(plan, self.prep.source)
+        written = []
+        for f in plan.files_for_rank(dist.rank, dist.world_size):
+            sha = write_file(tmp / f.name, list(f.tensors), cache.fetch)
+            written.append(WrittenFile(f.name, (tmp / f.name).stat().st_size, sha))
+        if dist.is_main and self.writes_adapter:
+            written.append(self._write_adapter(tmp))
+        return written
+
+    def _write_adapter(self, tmp: Path) -> WrittenFile:
+        """`lora_adapter/` with PEFT's file names, from the same source and the same streaming writer."""
+        exp = self.prep.lora
+        folder = tmp / lora.ADAPTER_DIR
+        folder.mkdir()
+        [planned] = exp.plan.files
+        path = folder / "adapter_model.safetensors"
+        sha = write_file(path, list(planned.tensors), GroupCache(exp.plan, self.prep.source).fetch)
+        _check_complete(path, planned.tensors)
+        (folder / "adapter_config.json").write_text(json.dumps(exp.config, indent=2, sort_keys=True) + "\n")
+        return WrittenFile(f"{lora.ADAPTER_DIR}/{path.name}", path.stat().st_size, sha)
+
+    def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
+        """Rank 0, after every rank wrote its files: check them, then index, config and tokenizer."""
+        p = self.prep
+        if p.lora is not None and not p.lora.writes_base:
+            return  # the adapter alone: a config.json without weights would pass for a broken model
+        for f in p.plan.files:
+            _check_complete(tmp / f.name, f.tensors)
+        if p.plan.sharded:
+            (tmp / "model.safetensors.index.json").write_text(index_json(p.plan.weight_map(), p.plan.total_size))
+        p.config.dtype = dominant_dtype(p.plan)
+        p.config.save_pretrained(tmp)
+        if p.layout.hf_dir is not None:
+            copy_support_files(p.layout.hf_dir, tmp)
+
+    def check(self, tmp: Path, dist: Dist) -> None:
+        """Every shard's header was checked against the plan in finish(); nothing more to read back."""
+
+    def close(self) -> None:
+        self.prep.source.close()
+
+    def done(self, result: Result) -> str:
+        extra = f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else ""
+        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra})"
+
+
+def _check_complete(path: Path, tensors: tuple[TensorSpec, ...]) -> None:
+    if set(read_header(path)) != {t.name for t in tensors}:
+        raise CheckpointError(f"{path.name} was written incompletely", hint="re-run the merge")
+
+
+def _fmt_parallel(parallel: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parallel.items()) or "single file"

@@ -1,0 +1,131 @@
+"""Hugging Face safetensors → megatron-core torch_dist: plan from headers, then the job the executor runs (every rank
+writes its own chunks into the shared staging folder; --test re-reads them before publishing)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hubexport.dist import Dist
+from hubexport.errors import ConfigError, MappingError
+from hubexport.hfdir import load_config
+from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
+from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.options import MegatronOptions
+from hubexport.plan import Group
+from hubexport.result import MegatronFacts, Result, WrittenFile
+from hubexport.sources.hf import SafetensorsSource
+from hubexport.sources.mcore import TorchDistSource
+from hubexport.writers.mcore import Chunk, assign_ranks, extra_state_modules, placement, process_group, save_torch_dist
+
+
+class McoreJob:
+    """The executor's job for the HF → Megatron direction."""
+
+    def __init__(self, hf_dir: Path, options: MegatronOptions, dist: Dist) -> None:
+        if not (hf_dir / "config.json").is_file():
+            raise ConfigError(f"{hf_dir / 'config.json'} does not exist",
+                              hint="--hf-model-path must be a Hugging Face model folder (config.json + *.safetensors)")
+        self.options, self.dist = options, dist
+        self.inputs = (hf_dir,)
+        self.config = load_config(hf_dir, hf_dir, trust_remote_code=options.trust_remote_code)
+        self.source = SafetensorsSource(hf_dir)
+        self.hf = self.source.metas()
+        self.plan: McorePlan = hf_to_megatron_plan(self.hf, self.config, spec=options.spec)
+        where = {"num_layers": self.plan.num_layers, "num_experts": self.plan.num_experts, "stacked": self.plan.stacked}
+        self.chunks = [Chunk(o, placement(o.name, **where)) for o in self.plan.outputs]
+        self.owners = assign_ranks([c.spec.nbytes for c in self.chunks], dist.world_size)
+        self.extra = [placement(m + "._extra_state", **where)
+                      for m in extra_state_modules([c.spec.name for c in self.chunks], options.spec)]
+
+    def result(self, command: str, target: Path) -> Result:
+        plan, hf = self.plan, self.hf
+        peak = max((sum(hf[n].nbytes for n in g.inputs) + sum(o.nbytes for o in g.outputs) for g in plan.groups),
+                   default=0)
+        dtypes: dict[torch.dtype, int] = {}
+        for c in self.chunks:
+            dtypes[c.spec.dtype] = dtypes.get(c.spec.dtype, 0) + c.spec.nbytes
+        facts = MegatronFacts(spec=self.options.spec, layer_keys="stacked" if plan.stacked else "per-layer",
+                              num_tensors=len(self.chunks), num_keys=len({c.where.key for c in self.chunks}),
+                              padded_vocab=plan.padded_vocab, world_size=self.dist.world_size, tested=self.options.test)
+        return Result(
+            command=command, target_dir=target, source_format="hf", source_version="safetensors", parallel={},
+            architecture=(getattr(self.config, "architectures", None) or [plan.arch.causal_lm])[0],
+            dtype=str(max(dtypes, key=dtypes.__getitem__)).removeprefix("torch."),
+            num_parameters=sum(math.prod(s.shape) for s in hf.values()), tied_embeddings=plan.tied,
+            value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak, notes=list(plan.notes),
+            megatron=facts,
+        )
+
+    def describe(self, result: Result) -> list[str]:
+        m = result.megatron
+        return [*result.notes,
+                f"{result.architecture} → megatron-core torch_dist ({m.spec} spec, {m.layer_keys} layer keys): "
+                f"{m.num_tensors} tensors in {m.num_keys} keys, {m.world_size} writer(s), "
+                f"at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight per writer"]
+
+    def planned_files(self) -> list[WrittenFile]:
+        return []  # torch_dist file names and sizes are the writer's to choose
+
+    def precheck(self) -> None:
+        """Rank 0, before any write: consistency checks (a tied alias equals the embedding...)."""
+        for g in self.plan.groups:
+            if not g.outputs:
+                g.convert({n: self.source.read(n) for n in g.inputs})
+
+    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]:
+        with process_group():
+            save_torch_dist(tmp, self.chunks, [o == dist.rank for o in self.owners], self._produce(),
+                            extra_states=self.extra, spec=self.options.spec)
+        return []
+
+    def _produce(self) -> Callable[[str], torch.Tensor]:
+        group_of: dict[str, Group] = {g.outputs[0].name: g for g in self.plan.groups if g.outputs}
+
+        def produce(name: str) -> torch.Tensor:
+            g = group_of[name]
+            return g.convert({n: self.source.read(n) for n in g.inputs})[name]
+
+        return produce
+
+    def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
+        """dist_checkpointing.save wrote every file, metadata included."""
+
+    def check(self, tmp: Path, dist: Dist) -> None:
+        """--test: re-read the written checkpoint through the reader and the tables' forward direction; every HF
+        tensor must come back bit-exact. Ranks split the work."""
+        if not self.options.test:
+            return
+        written = TorchDistSource(tmp)
+        groups, _ = megatron_to_hf_groups(written.metas(), self.config, value_model=self.plan.value_model)
+        expected = {n for g in self.plan.groups if g.outputs for n in g.inputs}
+        missing = expected - {o.name for g in groups for o in g.outputs}
+        if missing:
+            raise MappingError(f"--test: {len(missing)} HF tensor(s) do not come back from the written checkpoint: "
+                               f"{sorted(missing)[:5]}", hint="this is a bug in hubexport; please report it")
+        owners = assign_ranks([sum(o.nbytes for o in g.outputs) for g in groups], dist.world_size)
+        for g, owner in zip(groups, owners, strict=True):
+            if owner == dist.rank:
+                self._compare(g.convert({n: written.read(n) for n in g.inputs}))
+
+    def _compare(self, got: dict[str, torch.Tensor]) -> None:
+        for name, t in got.items():
+            if name not in self.hf:
+                if name == "score.bias" and not torch.count_nonzero(t):
+                    continue  # verl's critic has no bias: the HF export's zero bias is not in every folder
+                raise MappingError(f"--test: the written checkpoint yields {name}, which the HF folder lacks",
+                                   hint="this is a bug in hubexport; please report it")
+            ref = self.source.read(name)
+            if t.dtype != ref.dtype or t.shape != ref.shape or not torch.equal(t, ref):
+                raise MappingError(f"--test: {name} read back from the checkpoint differs from the HF tensor",
+                                   hint="the output was not published; re-run, and report it if it persists")
+
+    def close(self) -> None:
+        self.source.close()
+
+    def done(self, result: Result) -> str:
+        tested = "; --test: every HF tensor read back bit-exact" if self.options.test else ""
+        return f"wrote {result.target_dir}{tested}"
