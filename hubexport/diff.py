@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from hubexport.errors import CheckpointError, HubexportError
+from hubexport.errors import CheckpointError, UnpublishableModel
 from hubexport.sources.hf import SafetensorsSource
 
 CHUNK = 1 << 22  # elements per float64 slice: 32 MiB for each of the two operands
 SMALL_RATIO = 0.5  # a candidate with fewer than half its base's parameters is "far smaller"
 NUMBER_RE = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-
-class UnpublishableModel(HubexportError):
-    """The publish gate refused the model: identical to its base, or NaN/Inf in its weights."""
 
 
 # ---- pure maths -----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from hubexport import diff
 from hubexport.cli import cli
 from hubexport.convert import merge
-from hubexport.diff import UnpublishableModel, check_publishable, diff_models, render_markdown, render_text
+from hubexport.diff import check_publishable, diff_models, render_markdown, render_text
+from hubexport.errors import UnpublishableModel
 from hubexport.examples import FsdpCase, LoraSpec, make_checkpoints
 from tests.tensors import folder_tensors
 
