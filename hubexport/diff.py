@@ -2,7 +2,7 @@
 it: a "fine-tuned" model identical to its base (an adapter never fused) or holding NaN/Inf is refused.
 
 Both models are HF safetensors folders read one tensor pair at a time; the maths runs on float64 slices of at most
-CHUNK elements, so memory stays bounded by the largest tensor (as stored) plus one slice."""
+CHUNK elements, so memory stays bounded by the largest tensor pair (as stored) plus one slice of each."""
 
 from __future__ import annotations
 
