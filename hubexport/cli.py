@@ -416,6 +416,29 @@ def demo(out_dir: Path, world_size: int) -> None:
     run_demo(out_dir, world_size=world_size, log=say)
 
 
+@cli.command()
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The base model's HF folder.")
+@click.option("--check", is_flag=True, help="Also apply push's publish gate: exit 2 for a model identical to its base "
+                                            "or holding NaN/Inf.")
+@click.option("--allow-unchanged", is_flag=True, help="With --check: accept a model identical to its base.")
+@click.option("--allow-nonfinite", is_flag=True, help="With --check: accept NaN/Inf weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def diff(candidate: Path, base: Path, check: bool, allow_unchanged: bool, allow_nonfinite: bool, as_json: bool) -> None:
+    """How far CANDIDATE moved from BASE: ‖ΔW‖/‖W‖, max |ΔW|, unchanged tensors, NaN/Inf, drift, per module type."""
+    from hubexport.diff import check_publishable, diff_models, render_text
+
+    report = diff_models(candidate, base, log=say)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(render_text(report))
+    if check:
+        for note in check_publishable(report, allow_unchanged=allow_unchanged, allow_nonfinite=allow_nonfinite):
+            say(f"warning: {note}")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out
 
@@ -423,3 +446,4 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="hubexport")
+

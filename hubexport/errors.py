@@ -43,6 +43,14 @@ class HubError(HubexportError):
     """The Hub refused a request (auth, permissions, conflicts)."""
 
 
+class UnpublishableModel(HubexportError):
+    """The publish gate refused the model: identical to its base, or NaN/Inf in its weights."""
+
+
+class MetricsError(HubexportError):
+    """A training-metrics file is unreadable, or a --select asks for a metric or step it does not have."""
+
+
 class DifferencesFound(HubexportError):
     """`verify` found differences: not a crash, so a distinct exit code."""
 
