@@ -166,7 +166,7 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
     dist.run(job.precheck, main_only=True)
     with _claimed(out, dist) as (tmp, commit):
         mine = dist.run(_writing(out.target, lambda: job.write(tmp, dist)))
-        result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: f.name)
+        result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: ("/" in f.name, f.name))
         dist.run(_writing(out.target, lambda: job.finish(tmp, result.files)), main_only=True)
         dist.run(lambda: job.check(tmp, dist))
         # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.

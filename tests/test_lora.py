@@ -168,7 +168,7 @@ def test_lora_only_fuse_needs_the_base_model(lora_root, tmp_path):
 def test_wrong_base_model_is_refused(lora_root, tmp_path):
     with pytest.raises(HubexportError, match="--base-model"):
         merge(actor_dir(lora_root, ONLY), tmp_path / "o", lora_mode="fuse", log=quiet,
-              base_model=lora_root / TIED / "base_model")  # a Qwen3 for a Qwen2 run
+              lora_base_model=lora_root / TIED / "base_model")  # a Qwen3 for a Qwen2 run
 
 
 # ----------------------------------------------------------------------------------------------------------- refusals
