@@ -14,14 +14,15 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hubexport import lora
+from hubexport.core import Group, TensorSpec, natural_key
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError, HubexportError, MappingError, TargetError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, check_keys, is_value_checkpoint, meta_model, saved_groups
 from hubexport.mapping.mcore import megatron_to_hf_groups
-from hubexport.plan import Group, Plan, make_plan, natural_key, parse_size
-from hubexport.sources import CombinedSource, Source, TensorSpec
+from hubexport.plan import Plan, make_plan, parse_size
+from hubexport.sources import CombinedSource, Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import open_megatron_source

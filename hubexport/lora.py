@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
+from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import CheckpointError, ConfigError, MappingError
 from hubexport.jsonfile import read_json_object
-from hubexport.plan import Group, Tensors
-from hubexport.sources import TensorSpec
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_DIR = "lora_adapter"

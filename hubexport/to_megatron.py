@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import Group
 from hubexport.dist import Dist
 from hubexport.errors import ConfigError, HubexportError, MappingError
 from hubexport.hfdir import load_config
 from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
 from hubexport.mapping.mcore import megatron_to_hf_groups
-from hubexport.plan import Group
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.mcore import (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.detect import is_hf_folder
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
 from hubexport.sources.hf import SafetensorsSource
 
 PROMPT = [[1, 3, 17, 42, 5, 99, 12, 7, 64, 2]]

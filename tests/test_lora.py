@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from hubexport import lora
 from hubexport.cli import cli
 from hubexport.convert import merge
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.examples import PROMPT, FsdpCase, LoraSpec, lora_config, tiny_config
-from hubexport.sources import TensorSpec
 from tests.lora_cases import CASES, actor_dir
 from tests.tensors import folder_tensors
 

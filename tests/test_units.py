@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hubexport.plan import Group, make_plan, parse_size
-from hubexport.sources import TensorSpec
+from hubexport.core import Group, TensorSpec
+from hubexport.plan import make_plan, parse_size
 from hubexport.sources.shards import Placement, covering_coords, local_region
 from hubexport.writers.safetensors import index_json, read_header, write_file
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
 from hubexport.sources.pages import MappedFiles
 from hubexport.sources.shards import Placement, covering_coords, local_region
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 from hubexport.writers.safetensors import DTYPE_CODES, read_header
 
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}

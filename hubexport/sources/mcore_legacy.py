@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.mapping.ops import tp_shards_to_global_gate_up
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 
 LAYER_RE = re.compile(r"^((?:.*\.)?decoder\.layers\.)(\d+)\.(.*)$")
 SEQ_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(.*)$")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hubexport.sources import TensorSpec
+from hubexport.core import TensorSpec
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
