@@ -45,8 +45,6 @@ SECRET_KEY_RE = re.compile(r"token|secret|key|password|api|wandb", re.IGNORECASE
 SECRET_VALUE_RE = re.compile(r"\b(hf|api|sk)_[A-Za-z0-9]{16,}\b")
 REDACTED = "<redacted>"
 TRAINING_CONFIG_NAMES = ("config.yaml", ".hydra/config.yaml")
-DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-               "F8_E5M2": "float8_e5m2"}
 # (label, dotted path in the verl Hydra config): the RL settings worth a row in the card.
 TRAINING_ROWS = (
     ("advantage estimator", "algorithm.adv_estimator"),
@@ -173,26 +171,21 @@ def facts_from_merge(result: MergeResult, config: Mapping[str, Any]) -> ModelFac
 
 def facts_from_folder(folder: Path, config: Mapping[str, Any], sha256: Mapping[str, str] | None = None) -> ModelFacts:
     """Everything a plain HF folder tells: safetensors headers for shapes and dtypes, config.json for the rest."""
-    from hubexport.writers.safetensors import read_header
+    from hubexport.safetensors_format import read_specs  # torch: imported only when a folder is read
 
     known = sha256 or {}
-    shards, dtype_bytes, params = [], Counter[str](), 0
+    shards, dtype_bytes, params = [], Counter(), 0
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            header = read_header(path)
-        except (OSError, ValueError) as e:
-            raise HubError(f"{path} is not a readable safetensors file: {e}", hint="re-run the merge") from None
-        for meta in header.values():
-            start, end = meta["data_offsets"]
-            dtype_bytes[meta["dtype"]] += end - start
-            params += prod(meta["shape"])
+        for spec in read_specs(path).values():
+            dtype_bytes[spec.dtype] += spec.nbytes
+            params += prod(spec.shape)
         shards.append(Shard(path.name, path.stat().st_size, known.get(path.name) or sha256_file(path)))
-    code = dtype_bytes.most_common(1)[0][0] if dtype_bytes else None
+    dtype = dtype_bytes.most_common(1)[0][0] if dtype_bytes else None
     arch = (config.get("architectures") or [None])[0]
     return ModelFacts(
         architecture=arch,
         model_type=config.get("model_type"),
-        dtype=DTYPE_NAMES.get(code, code.lower()) if code else None,
+        dtype=str(dtype).removeprefix("torch.") if dtype else None,
         num_parameters=params,
         tied_embeddings=_tied(config),
         value_model=bool(arch and arch.endswith("ForTokenClassification")),

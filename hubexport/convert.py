@@ -22,11 +22,12 @@ from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, check_keys, is_value_checkpoint, meta_model, saved_groups
 from hubexport.mapping.mcore import megatron_to_hf_groups
 from hubexport.plan import Plan, make_plan, parse_size
+from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import CombinedSource, Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import open_megatron_source
-from hubexport.writers.safetensors import index_json, read_header, write_file
+from hubexport.writers.safetensors import write_file
 from hubexport.writers.staging import check_target, discard, fresh_staging, publish, staging_dir
 
 

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from hubexport.core import Group, TensorSpec
 from hubexport.plan import make_plan, parse_size
+from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources.shards import Placement, covering_coords, local_region
-from hubexport.writers.safetensors import index_json, read_header, write_file
+from hubexport.writers.safetensors import write_file
 
 
 @settings(max_examples=200, deadline=None)
