@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from hubexport.core import Group, TensorSpec
 from hubexport.plan import make_plan, parse_size
 from hubexport.safetensors_format import index_json, read_header
+from hubexport.sources.mcore_legacy import gate_up_from_tp_shards
 from hubexport.sources.shards import Placement, covering_coords, local_region
 from hubexport.writers.safetensors import write_file
 
@@ -103,3 +104,11 @@ def test_plan_cast_touches_floats_only():
     specs = [TensorSpec("w", (2,), torch.float32), TensorSpec("ids", (2,), torch.int64)]
     plan = make_plan([Group((s.name,), (s,), lambda t: t) for s in specs], max_shard_size="5GB", cast=torch.bfloat16)
     assert {t.name: t.dtype for t in plan.files[0].tensors} == {"w": torch.bfloat16, "ids": torch.int64}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_v0_tp_gate_up_shards_merge_to_the_global_layout(tp: int) -> None:
+    """v0 TP shard i is [gate_i; up_i] (formats doc §2.4); the legacy source hands mappings torch_dist's [gate; up]."""
+    gate, up = torch.randn(8, 3), torch.randn(8, 3)
+    shards = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+    assert torch.equal(gate_up_from_tp_shards(shards), torch.cat([gate, up]))
