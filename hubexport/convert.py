@@ -126,6 +126,7 @@ def prepare(
     if lora_mode is not None and lora_mode not in lora.MODES:
         raise ConfigError(f"--lora {lora_mode!r} is not a LoRA export mode", hint="use adapter, fuse or both")
     layout = detect(Path(local_dir), backend)
+    lora.check_megatron_adapter(layout)  # a Megatron PEFT run: never export its base alone
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=trust_remote_code)
     source = open_source(layout)
     specs = source.metas()
