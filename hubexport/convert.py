@@ -20,7 +20,7 @@ from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError, HubexportError, MappingError, TargetError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.mapping.hf_native import architecture_for, check_keys, is_value_checkpoint, meta_model, saved_groups
-from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import CombinedSource, Source

@@ -16,7 +16,7 @@ from hubexport.dist import Dist
 from hubexport.errors import ConfigError, HubexportError, MappingError
 from hubexport.hfdir import load_config
 from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
-from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.mcore import (

@@ -14,7 +14,7 @@ from hubexport.core import Group, TensorSpec
 from hubexport.plan import make_plan, parse_size
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources.mcore_legacy import gate_up_from_tp_shards
-from hubexport.sources.shards import Placement, covering_coords, local_region
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
 from hubexport.writers.safetensors import write_file
 
 
@@ -27,7 +27,7 @@ def test_local_region_matches_torch_chunk(size, other, n, dim):
     pieces = list(torch.chunk(x, n, dim=dim)) if size else []
     start = 0
     for c in range(n):
-        offsets, sizes = local_region(shape, (n,), (c,), (Placement("shard", dim),))
+        offsets, sizes = local_region(shape, (n,), (c,), (MeshPlacement("shard", dim),))
         expected = pieces[c].shape[dim] if c < len(pieces) else 0
         assert sizes[dim] == expected and sizes[1 - dim] == other
         if expected:
@@ -36,14 +36,14 @@ def test_local_region_matches_torch_chunk(size, other, n, dim):
 
 
 def test_hsdp_reads_one_replica_group():
-    coords = covering_coords((2, 3), (Placement("replicate"), Placement("shard", 0)))
+    coords = covering_coords((2, 3), (MeshPlacement("replicate"), MeshPlacement("shard", 0)))
     assert coords == [(0, 0), (0, 1), (0, 2)]
-    assert covering_coords((4,), (Placement("replicate"),)) == [(0,)]
+    assert covering_coords((4,), (MeshPlacement("replicate"),)) == [(0,)]
 
 
 def test_nested_shards_cover_the_tensor_once():
     shape, mesh = (10, 6), (2, 3)
-    placements = (Placement("shard", 0), Placement("shard", 1))
+    placements = (MeshPlacement("shard", 0), MeshPlacement("shard", 1))
     seen = torch.zeros(shape, dtype=torch.int32)
     for coord in covering_coords(mesh, placements):
         off, size = local_region(shape, mesh, coord, placements)

@@ -17,7 +17,7 @@ import torch
 from hubexport.core import Group, TensorSpec
 from hubexport.errors import MappingError
 from hubexport.mapping.archs import arch_for
-from hubexport.mapping.mcore import EMBED, OUTPUT, dims_from_config
+from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
 from hubexport.mapping.ops import padded_vocab_size
 from hubexport.mapping.registry import Arch, Binding, Dims, apply_to_mcore, expand_to_mcore, output_shapes
 

@@ -81,7 +81,6 @@ class TorchDistSource(Source):
         self._tensors: dict[str, DcpTensor] = {}
         self._entries: dict[str, _Entry] = {}
         self._specs: dict[str, TensorSpec] = {}
-        self.skipped = sorted(k for k in index if not _is_model_key(k))
         for key, t in index.items():
             if not _is_model_key(key):
                 continue
