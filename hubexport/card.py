@@ -19,7 +19,7 @@ import yaml
 
 from hubexport import __version__
 from hubexport.detect import STEP_RE
-from hubexport.errors import HubError
+from hubexport.errors import CardError
 from hubexport.jsonfile import read_json_object
 from hubexport.options import CardOptions
 from hubexport.resources import templates_root
@@ -46,8 +46,6 @@ SECRET_KEY_RE = re.compile(r"token|secret|key|password|api|wandb", re.IGNORECASE
 SECRET_VALUE_RE = re.compile(r"\b(hf|api|sk)_[A-Za-z0-9]{16,}\b")
 REDACTED = "<redacted>"
 TRAINING_CONFIG_NAMES = ("config.yaml", ".hydra/config.yaml")
-DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-               "F8_E5M2": "float8_e5m2"}
 # (label, dotted path in the verl Hydra config): the RL settings worth a row in the card.
 TRAINING_ROWS = (
     ("advantage estimator", "algorithm.adv_estimator"),
@@ -117,12 +115,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_object(path, error=HubError, hint="pass a Hugging Face model folder (hubexport merge output)")
+    return read_json_object(path, error=CardError, hint="pass a Hugging Face model folder (hubexport merge output)")
 
 
 def _model_config(folder: Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
-        raise HubError(f"{folder} has no config.json", hint="pass a Hugging Face model folder (hubexport merge output)")
+        raise CardError(f"{folder} has no config.json", hint="pass a Hugging Face model folder (hubexport merge output)")
     return _read_json(folder / "config.json")
 
 
@@ -162,26 +160,21 @@ def facts_from_merge(result: MergeResult, config: Mapping[str, Any]) -> ModelFac
 
 def facts_from_folder(folder: Path, config: Mapping[str, Any], sha256: Mapping[str, str] | None = None) -> ModelFacts:
     """Everything a plain HF folder tells: safetensors headers for shapes and dtypes, config.json for the rest."""
-    from hubexport.writers.safetensors import read_header
+    from hubexport.safetensors_format import read_specs  # torch: imported only when a folder is read
 
     known = sha256 or {}
-    shards, dtype_bytes, params = [], Counter[str](), 0
+    shards, dtype_bytes, params = [], Counter(), 0
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            header = read_header(path)
-        except (OSError, ValueError) as e:
-            raise HubError(f"{path} is not a readable safetensors file: {e}", hint="re-run the merge") from None
-        for meta in header.values():
-            start, end = meta["data_offsets"]
-            dtype_bytes[meta["dtype"]] += end - start
-            params += prod(meta["shape"])
+        for spec in read_specs(path).values():
+            dtype_bytes[spec.dtype] += spec.nbytes
+            params += prod(spec.shape)
         shards.append(Shard(path.name, path.stat().st_size, known.get(path.name) or sha256_file(path)))
-    code = dtype_bytes.most_common(1)[0][0] if dtype_bytes else None
+    dtype = dtype_bytes.most_common(1)[0][0] if dtype_bytes else None
     arch = (config.get("architectures") or [None])[0]
     return ModelFacts(
         architecture=arch,
         model_type=config.get("model_type"),
-        dtype=DTYPE_NAMES.get(code, code.lower()) if code else None,
+        dtype=str(dtype).removeprefix("torch.") if dtype else None,
         num_parameters=params,
         tied_embeddings=_tied(config),
         value_model=bool(arch and arch.endswith("ForTokenClassification")),
@@ -215,9 +208,9 @@ def _load_yaml(path: Path, what: str) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HubError(f"cannot read {what} {path}: {first}", hint=f"pass a valid YAML file as the {what}") from None
+        raise CardError(f"cannot read {what} {path}: {first}", hint=f"pass a valid YAML file as the {what}") from None
     if not isinstance(data, dict):
-        raise HubError(f"{what} {path} is not a YAML mapping", hint=f"the {what} must be key: value pairs")
+        raise CardError(f"{what} {path} is not a YAML mapping", hint=f"the {what} must be key: value pairs")
     return data
 
 
@@ -296,10 +289,10 @@ LICENSE_HINT = "use an id from https://huggingface.co/docs/hub/repositories-lice
 
 
 def validate_metadata(meta: Mapping[str, Any]) -> None:
-    """The Hub's rules for the metadata hubexport writes; raises HubError naming the first bad key."""
+    """The Hub's rules for the metadata hubexport writes; raises CardError naming the first bad key."""
 
-    def bad(message: str, hint: str) -> HubError:
-        return HubError(f"model card metadata: {message}", hint=hint)
+    def bad(message: str, hint: str) -> CardError:
+        return CardError(f"model card metadata: {message}", hint=hint)
 
     lic = meta.get("license")
     if lic is not None and (not isinstance(lic, str) or lic not in HUB_LICENSES):
@@ -334,7 +327,7 @@ def validate_card(text: str) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "fix the front matter of README.md"
-        raise HubError(f"model card metadata is not valid YAML: {first}", hint=hint) from None
+        raise CardError(f"model card metadata is not valid YAML: {first}", hint=hint) from None
     validate_metadata(meta)
     return meta
 
@@ -358,7 +351,7 @@ def _template_text(template: str | Path) -> str:
     if isinstance(template, Path) or template.endswith(".j2"):
         path = Path(template)
         if not path.is_file():
-            raise HubError(f"card template {path} does not exist", hint="pass --template default, or a .md.j2 file")
+            raise CardError(f"card template {path} does not exist", hint="pass --template default, or a .md.j2 file")
         return path.read_text()
     name = f"modelcard_{template}.md.j2"
     root = templates_root()
@@ -366,7 +359,7 @@ def _template_text(template: str | Path) -> str:
     if not resource.is_file():
         names = sorted(p.name[len("modelcard_"):-len(".md.j2")] for p in root.iterdir()
                        if p.name.startswith("modelcard_"))
-        raise HubError(f"no bundled card template named {template!r}", hint=f"use one of {', '.join(names)}")
+        raise CardError(f"no bundled card template named {template!r}", hint=f"use one of {', '.join(names)}")
     return resource.read_text()
 
 
@@ -482,7 +475,7 @@ def render_card(
     try:
         text = env.from_string(_template_text(template)).render(**context)
     except jinja2.TemplateError as e:
-        raise HubError(f"card template {template}: {e}", hint="fix the template, or use --template default") from None
+        raise CardError(f"card template {template}: {e}", hint="fix the template, or use --template default") from None
     card = ModelCard(text)  # parses the front matter back: what we return is what the Hub will read
     validate_metadata(card.data.to_dict())
     return str(card)

@@ -23,6 +23,7 @@ class Layout:
     files: list[Path] = field(default_factory=list)  # the weight files the source reads
     parallel: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    adapter: Path | None = None  # Megatron PEFT: adapter_checkpoint/, or the ckpt_contents.json that says peft
 
     @property
     def global_step(self) -> int | None:
@@ -203,14 +204,30 @@ def _detect_v0(root: Path) -> Layout | None:
                   parallel={**parallel, **sizes}, notes=notes)
 
 
+def megatron_adapter(root: Path) -> Path | None:
+    """Megatron PEFT runs save LoRA in `adapter_checkpoint/` (v1) or mark it in ckpt_contents.json (v2)."""
+    adapter_dir = root / "adapter_checkpoint"
+    if adapter_dir.is_dir() and any(adapter_dir.glob("*_adapter.pt")):
+        return adapter_dir
+    contents = root / "ckpt_contents.json"
+    if contents.is_file():
+        backend = read_json_object(contents).get("backend") or {}
+        if isinstance(backend, dict) and backend.get("peft"):
+            return contents
+    return None
+
+
 def detect_megatron(root: Path) -> Layout | None:
     """Megatron layouts: v0 `model/mp_rank_*`, v1 `dist_ckpt/`, v2 `model/dist_ckpt/` (+ ckpt_contents.json), and
-    mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors)."""
-    from hubexport.lora import check_megatron_adapter  # LoRA adapters come first: never export the base alone
-
-    check_megatron_adapter(root)
+    mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors). A PEFT checkpoint is
+    reported as such before its base weights are looked at: whoever opens it must not export the base alone."""
     v2 = (root / "model" / "dist_ckpt").is_dir() or (root / "ckpt_contents.json").is_file()
     dist = root / "model" / "dist_ckpt" if v2 else root / "dist_ckpt"
+    adapter = megatron_adapter(root)
+    if adapter is not None:
+        version = "v2" if v2 else "v1" if dist.is_dir() else "v0"
+        return Layout(format="megatron", version=version, root=root, hf_dir=_megatron_hf_dir(root),
+                      parallel=_parallel_from_config(root), adapter=adapter)
     if not dist.is_dir() and not v2:
         return _detect_v0(root)
     hf_dir = _megatron_hf_dir(root)

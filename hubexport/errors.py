@@ -43,6 +43,10 @@ class HubError(HubexportError):
     """The Hub refused a request (auth, permissions, conflicts)."""
 
 
+class CardError(HubexportError):
+    """The model card or a summary cannot be made: bad metadata, a missing or broken template, unreadable inputs."""
+
+
 class UnpublishableModel(HubexportError):
     """The publish gate refused the model: identical to its base, or NaN/Inf in its weights."""
 

@@ -26,7 +26,8 @@ def _input_files(paths: list[Path]) -> list[dict[str, Any]]:
 
 def inspect_hf(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
-    specs = SafetensorsSource(folder).metas()
+    source = SafetensorsSource(folder)
+    specs = source.metas()
     by_dtype: dict[str, int] = {}
     for s in specs.values():
         by_dtype[_dtype_name(s.dtype)] = by_dtype.get(_dtype_name(s.dtype), 0) + s.nbytes
@@ -42,6 +43,7 @@ def inspect_hf(folder: Path) -> dict[str, Any]:
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
         "value_model": "score.weight" in specs and "lm_head.weight" not in specs,
         "files": [{"path": f.name, "bytes": f.stat().st_size} for f in files],
+        "notes": source.notes,
     }
 
 

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import CheckpointError, ConfigError, MappingError
 from hubexport.jsonfile import read_json_object
-from hubexport.plan import Group, Tensors
-from hubexport.sources import TensorSpec
+
+if TYPE_CHECKING:
+    from hubexport.detect import Layout
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_DIR = "lora_adapter"
@@ -398,17 +400,12 @@ def _number(x: float | None) -> float | int | None:
 
 
 # ------------------------------------------------------------------------------------------------------------ megatron
-def check_megatron_adapter(root: Path) -> None:
-    """Megatron PEFT runs save LoRA in `adapter_checkpoint/` (v1) or mark it in ckpt_contents.json (v2)."""
-    adapter_dir = root / "adapter_checkpoint"
-    peft = adapter_dir.is_dir() and any(adapter_dir.glob("*_adapter.pt"))
-    contents = root / "ckpt_contents.json"
-    if not peft and contents.is_file():
-        backend = read_json_object(contents).get("backend") or {}
-        peft = bool(isinstance(backend, dict) and backend.get("peft"))
-    if peft:
+def check_megatron_adapter(layout: Layout) -> None:
+    """Refuse a Megatron PEFT checkpoint (detect reports it in `layout.adapter`): its base weights alone would drop
+    the training."""
+    if layout.adapter is not None:
         raise CheckpointError(
-            f"{root} is a Megatron checkpoint with LoRA adapters ({adapter_dir.name}/ or backend.peft), which "
+            f"{layout.root} is a Megatron checkpoint with LoRA adapters (adapter_checkpoint/ or backend.peft), which "
             "hubexport cannot export yet",
             hint="exporting only its base weights would drop the training; merge the adapter with Megatron-Bridge "
                  "for now (Megatron LoRA support is a planned follow-up)",

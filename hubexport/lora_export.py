@@ -11,11 +11,12 @@ import torch
 from transformers import PreTrainedModel
 
 from hubexport import lora
+from hubexport.core import Group, TensorSpec, natural_key
 from hubexport.detect import Layout
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.hf_native import check_keys, saved_groups
-from hubexport.plan import Group, Plan, make_plan, natural_key
-from hubexport.sources import CombinedSource, Source, TensorSpec
+from hubexport.plan import Plan, make_plan
+from hubexport.sources import CombinedSource, Source
 from hubexport.sources.hf import SafetensorsSource
 
 

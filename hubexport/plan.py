@@ -4,27 +4,12 @@ before a single tensor byte is read."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
-from hubexport.sources import TensorSpec
-
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Group:
-    """Source tensors that convert together into output tensors (a fused expert block, a qkv split...).
-
-    `convert` is pure: it maps the source tensors (by name) to the output tensors (by name). A group with no outputs
-    is a check (e.g. a tied alias must equal its canonical weight)."""
-
-    inputs: tuple[str, ...]
-    outputs: tuple[TensorSpec, ...]
-    convert: Callable[[Tensors], Tensors]
+from hubexport.core import Group, TensorSpec, natural_key
 
 
 @dataclass(frozen=True)
@@ -41,8 +26,6 @@ class ShardFile:
 class Plan:
     groups: list[Group]
     files: list[ShardFile]
-    cast: torch.dtype | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total_size(self) -> int:
@@ -100,11 +83,6 @@ def cast_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
     return TensorSpec(spec.name, spec.shape, dtype)
 
 
-def natural_key(name: str) -> tuple:
-    """`layers.2` sorts before `layers.10`, as transformers orders the tensors it saves."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
 def make_plan(
     groups: list[Group],
     *,
@@ -126,4 +104,4 @@ def make_plan(
     files = [
         ShardFile(fname, tuple(by_name[n] for n in names)) for fname, names in split.filename_to_tensors.items()
     ]
-    return Plan(groups=groups, files=files, cast=cast)
+    return Plan(groups=groups, files=files)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hubexport.errors import HubError
+from hubexport.errors import CardError
 from hubexport.resources import templates_root
 
 SUMMARY_TEMPLATE = "action_summary.md.j2"
@@ -23,9 +23,9 @@ def load_result(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise HubError(f"cannot read the push result {path}: {e}", hint="pass the output of `hubexport push --json`") from None
+        raise CardError(f"cannot read the push result {path}: {e}", hint="pass the output of `hubexport push --json`") from None
     if not isinstance(data, dict) or "repo_id" not in data:
-        raise HubError(f"{path} is not a push result", hint="pass the output of `hubexport push --json`")
+        raise CardError(f"{path} is not a push result", hint="pass the output of `hubexport push --json`")
     return data
 
 
@@ -90,7 +90,7 @@ def _template_text(template: str | Path | None) -> str:
         return templates_root().joinpath(SUMMARY_TEMPLATE).read_text()
     path = Path(template)
     if not path.is_file():
-        raise HubError(f"summary template {path} not found", hint="pass a .md.j2 file, or leave --template out")
+        raise CardError(f"summary template {path} not found", hint="pass a .md.j2 file, or leave --template out")
     return path.read_text()
 
 
@@ -110,7 +110,7 @@ def render_summary(result: Mapping[str, Any], template: str | Path | None = None
             dry_run=bool(result.get("dry_run")),
         )
     except jinja2.TemplateError as e:
-        raise HubError(f"summary template: {e}", hint="fix the template, or leave --template out") from None
+        raise CardError(f"summary template: {e}", hint="fix the template, or leave --template out") from None
     if len(text.encode()) > MAX_SUMMARY_BYTES:
         text = text.encode()[: MAX_SUMMARY_BYTES - 100].decode(errors="ignore") + "\n\n(summary truncated)\n"
     return text

@@ -12,20 +12,22 @@ import torch
 from transformers import PretrainedConfig
 
 from hubexport import lora, lora_export
+from hubexport.core import TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
 from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
-from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.result import Result, WrittenFile
-from hubexport.sources import Source, TensorSpec
+from hubexport.safetensors_format import index_json, read_header
+from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.mcore import open_megatron_source
-from hubexport.writers.safetensors import index_json, read_header, write_file
+from hubexport.writers.safetensors import write_file
 
 
 @dataclass
@@ -63,6 +65,7 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
     o = options
     max_bytes = shard_bytes(o.max_shard_size)
     layout = detect(Path(local_dir), o.backend)
+    lora.check_megatron_adapter(layout)  # a Megatron PEFT run: never export its base alone
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=o.trust_remote_code)
     source = open_source(layout)
     specs = source.metas()
@@ -169,7 +172,7 @@ class HfJob:
             num_parameters=sum(math.prod(t.shape) for t in outputs), tied_embeddings=p.tied,
             value_model=p.value_model, global_step=p.layout.global_step,
             peak_tensor_bytes=p.plan.peak_bytes(p.source.metas()),
-            notes=list(p.layout.notes) + (p.lora.notes if p.lora else []),
+            notes=[*p.layout.notes, *getattr(p.source, "notes", []), *(p.lora.notes if p.lora else [])],
             lora=p.lora.summary() if p.lora else None,
         )
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import Group
 from hubexport.dist import Dist
 from hubexport.errors import ConfigError, MappingError
 from hubexport.hfdir import load_config
 from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
-from hubexport.mapping.mcore import megatron_to_hf_groups
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import MegatronOptions
-from hubexport.plan import Group
 from hubexport.result import MegatronFacts, Result, WrittenFile
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
@@ -56,7 +56,8 @@ class McoreJob:
             architecture=(getattr(self.config, "architectures", None) or [plan.arch.causal_lm])[0],
             dtype=str(max(dtypes, key=dtypes.__getitem__)).removeprefix("torch."),
             num_parameters=sum(math.prod(s.shape) for s in hf.values()), tied_embeddings=plan.tied,
-            value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak, notes=list(plan.notes),
+            value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak,
+            notes=[*self.source.notes, *plan.notes],
             megatron=facts,
         )
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.detect import is_hf_folder
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
 from hubexport.sources.hf import SafetensorsSource
 
 PROMPT = [[1, 3, 17, 42, 5, 99, 12, 7, 64, 2]]
@@ -62,7 +62,14 @@ def _reference_tensors(reference: Path, backend: str) -> tuple[dict[str, TensorS
     """Names, specs and a stream of (name, tensor) of the reference, whatever it is."""
     if is_hf_folder(reference):
         src = SafetensorsSource(reference)
-        return src.metas(), lambda: ((n, src.read(n)) for n in src.metas())
+
+        def read_all() -> Iterator[tuple[str, torch.Tensor]]:
+            try:
+                yield from ((n, src.read(n)) for n in src.metas())
+            finally:
+                src.close()
+
+        return src.metas(), read_all
     from hubexport.options import MergeOptions
     from hubexport.to_hf import GroupCache, prepare
 
@@ -94,12 +101,17 @@ def verify(candidate: Path, reference: Path, *, logits: bool = False, backend: s
                            for n in sorted(set(want_specs) - set(got_specs))]
     report.differences += [Difference(n, "extra", "in the candidate, not in the reference")
                            for n in sorted(set(got_specs) - set(want_specs))]
-    for name, want in stream():
-        if name in got_specs:
-            report.compared += 1
-            diff = compare_tensors(name, cand.read(name), want)
-            if diff:
-                report.differences.append(diff)
+    for note in cand.notes:
+        log(note)
+    try:
+        for name, want in stream():
+            if name in got_specs:
+                report.compared += 1
+                diff = compare_tensors(name, cand.read(name), want)
+                if diff:
+                    report.differences.append(diff)
+    finally:
+        cand.close()
     if logits:
         _compare_logits(report, candidate, reference if is_hf_folder(reference) else None, log)
     return report

@@ -1,4 +1,4 @@
-"""Test helpers: export a Megatron checkpoint through hubexport.convert.merge and compare the result with the HF
+"""Test helpers: export a Megatron checkpoint through hubexport.executor.merge and compare the result with the HF
 model it came from."""
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ def visible(log: str) -> str:
 
 
 def safetensors_params(folder: Path) -> int:
-    from hubexport.writers.safetensors import read_header
+    from hubexport.safetensors_format import read_header
 
     return sum(prod(m["shape"]) for p in folder.glob("*.safetensors") for m in read_header(p).values())
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from hubexport import card as card_module
 from hubexport.card import redact, render_card, validate_card, validate_metadata
 from hubexport.cli import cli
-from hubexport.errors import HubError
+from hubexport.errors import CardError
 from hubexport.options import CardOptions
 from hubexport.result import Result, WrittenFile
 
@@ -184,7 +184,7 @@ def test_precedence_flags_over_card_data_over_inference(folder: Path, tmp_path: 
     ({"tags": [1, 2]}, "tags must be"),
 ])
 def test_metadata_the_hub_would_refuse_is_refused_locally(meta: dict, message: str) -> None:
-    with pytest.raises(HubError, match=message):
+    with pytest.raises(CardError, match=message):
         validate_metadata(meta)
 
 
@@ -198,9 +198,9 @@ def test_templates_by_path_and_errors(folder: Path, tmp_path: Path) -> None:
     custom.write_text("---\n{{ card_data }}\n---\nstep {{ facts.global_step }} of {{ vars.run }}\n")
     assert render_card(folder, license="mit", template=custom, variables={"run": "r1"},
                        log=lambda _: None).endswith("step None of r1\n")
-    with pytest.raises(HubError, match="no bundled card template named 'fancy'"):
+    with pytest.raises(CardError, match="no bundled card template named 'fancy'"):
         render_card(folder, template="fancy", log=lambda _: None)
-    with pytest.raises(HubError, match=r"has no attribute 'run'"):
+    with pytest.raises(CardError, match=r"has no attribute 'run'"):
         render_card(folder, template=custom, log=lambda _: None)  # vars.run missing: an error, not a blank
 
 
@@ -218,6 +218,7 @@ def test_card_command_writes_readme_or_stdout(folder: Path) -> None:
     (["--license", "Apache 2.0"], "error: model card metadata: license 'Apache 2.0' is not a Hub license id"),
     (["--card-data", "missing.yaml"], "error: cannot read card data missing.yaml"),
     (["--var", "novalue"], "'novalue' is not KEY=VALUE"),
+    (["--template", "fancy"], "error: no bundled card template named 'fancy'"),
 ])
 def test_card_command_bad_input_exits_2(folder: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["card", str(folder), *args])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,11 +20,12 @@ from safetensors.torch import load_file
 
 from hubexport import lora
 from hubexport.cli import cli
+from hubexport.core import TensorSpec
+from hubexport.detect import detect
 from hubexport.errors import CheckpointError, ConfigError, HubexportError
 from hubexport.examples import PROMPT, FsdpCase, LoraSpec, lora_config, tiny_config
 from hubexport.executor import merge as run_merge
 from hubexport.options import MergeOptions, Output
-from hubexport.sources import TensorSpec
 from tests.lora_cases import CASES, actor_dir
 from tests.tensors import folder_tensors
 
@@ -236,8 +239,16 @@ def test_megatron_lora_adapters_are_named_as_a_follow_up(tmp_path, layout):
     else:
         (actor / "model" / "dist_ckpt").mkdir(parents=True)
         (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "backend": {"peft": True}}))
+    found = detect(actor, backend="megatron")  # detect reports the adapter; opening the checkpoint refuses it
+    assert found.adapter == actor / ("adapter_checkpoint" if layout == "v1" else "ckpt_contents.json")
+    assert found.version == layout
     with pytest.raises(CheckpointError, match="Megatron checkpoint with LoRA adapters"):
         merge(actor, tmp_path / "o", log=quiet)
+
+
+def test_detect_does_not_import_lora() -> None:
+    code = "import sys, hubexport.detect; assert 'hubexport.lora' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ------------------------------------------------------------------------------------------ units, checked against PEFT

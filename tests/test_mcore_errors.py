@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hubexport.core import TensorSpec
 from hubexport.detect import detect
 from hubexport.errors import CheckpointError, MappingError
-from hubexport.mapping.mcore import megatron_to_hf_groups
-from hubexport.sources import TensorSpec
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.sources.dcp import read_metadata
 from hubexport.sources.mcore import TorchDistSource
 from tests.mcore_check import export_megatron

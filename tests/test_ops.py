@@ -56,17 +56,6 @@ def test_gate_up_round_trip_and_layout() -> None:
     assert torch.equal(back, fc1)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_gate_up_shards_round_trip(tp: int) -> None:
-    gate, up = torch.randn(8, 3), torch.randn(8, 3)
-    (fc1,) = ops.gate_up_to_mcore(gate, up)
-    shards = ops.global_gate_up_to_tp_shards(fc1, tp)
-    # shard i is [gate_i; up_i] (formats doc §2.4), so a naive cat would be wrong for tp > 1
-    for i, s in enumerate(shards):
-        assert torch.equal(s, torch.cat([gate.chunk(tp)[i], up.chunk(tp)[i]]))
-    assert torch.equal(ops.tp_shards_to_global_gate_up(shards), fc1)
-
-
 def test_vocab_trim_and_pad_are_inverse() -> None:
     w = torch.randn(100, 4)
     assert ops.padded_vocab_size(100, 128, 1) == 128 and ops.padded_vocab_size(100, 128, 2) == 256

@@ -10,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hubexport.plan import Group, make_plan, parse_size
-from hubexport.sources import TensorSpec
-from hubexport.sources.shards import Placement, covering_coords, local_region
-from hubexport.writers.safetensors import index_json, read_header, write_file
+from hubexport.core import Group, TensorSpec
+from hubexport.plan import make_plan, parse_size
+from hubexport.safetensors_format import index_json, read_header
+from hubexport.sources.mcore_legacy import gate_up_from_tp_shards
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
+from hubexport.writers.safetensors import write_file
 
 
 @settings(max_examples=200, deadline=None)
@@ -25,7 +27,7 @@ def test_local_region_matches_torch_chunk(size, other, n, dim):
     pieces = list(torch.chunk(x, n, dim=dim)) if size else []
     start = 0
     for c in range(n):
-        offsets, sizes = local_region(shape, (n,), (c,), (Placement("shard", dim),))
+        offsets, sizes = local_region(shape, (n,), (c,), (MeshPlacement("shard", dim),))
         expected = pieces[c].shape[dim] if c < len(pieces) else 0
         assert sizes[dim] == expected and sizes[1 - dim] == other
         if expected:
@@ -34,14 +36,14 @@ def test_local_region_matches_torch_chunk(size, other, n, dim):
 
 
 def test_hsdp_reads_one_replica_group():
-    coords = covering_coords((2, 3), (Placement("replicate"), Placement("shard", 0)))
+    coords = covering_coords((2, 3), (MeshPlacement("replicate"), MeshPlacement("shard", 0)))
     assert coords == [(0, 0), (0, 1), (0, 2)]
-    assert covering_coords((4,), (Placement("replicate"),)) == [(0,)]
+    assert covering_coords((4,), (MeshPlacement("replicate"),)) == [(0,)]
 
 
 def test_nested_shards_cover_the_tensor_once():
     shape, mesh = (10, 6), (2, 3)
-    placements = (Placement("shard", 0), Placement("shard", 1))
+    placements = (MeshPlacement("shard", 0), MeshPlacement("shard", 1))
     seen = torch.zeros(shape, dtype=torch.int32)
     for coord in covering_coords(mesh, placements):
         off, size = local_region(shape, mesh, coord, placements)
@@ -102,3 +104,11 @@ def test_plan_cast_touches_floats_only():
     specs = [TensorSpec("w", (2,), torch.float32), TensorSpec("ids", (2,), torch.int64)]
     plan = make_plan([Group((s.name,), (s,), lambda t: t) for s in specs], max_shard_size="5GB", cast=torch.bfloat16)
     assert {t.name: t.dtype for t in plan.files[0].tensors} == {"w": torch.bfloat16, "ids": torch.int64}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_v0_tp_gate_up_shards_merge_to_the_global_layout(tp: int) -> None:
+    """v0 TP shard i is [gate_i; up_i] (formats doc §2.4); the legacy source hands mappings torch_dist's [gate; up]."""
+    gate, up = torch.randn(8, 3), torch.randn(8, 3)
+    shards = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+    assert torch.equal(gate_up_from_tp_shards(shards), torch.cat([gate, up]))

@@ -13,9 +13,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import ConfigError, MappingError
-from hubexport.plan import Group, Tensors
-from hubexport.sources import TensorSpec
 
 VALUE_HEAD = "score.weight"
 

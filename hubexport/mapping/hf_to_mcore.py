@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hubexport.core import Group, TensorSpec
 from hubexport.errors import MappingError
 from hubexport.mapping.archs import arch_for
-from hubexport.mapping.mcore import EMBED, OUTPUT, dims_from_config
+from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
 from hubexport.mapping.ops import padded_vocab_size
 from hubexport.mapping.registry import Arch, Binding, Dims, apply_to_mcore, expand_to_mcore, output_shapes
-from hubexport.plan import Group
-from hubexport.sources import TensorSpec
 
 SPECS = ("te", "local")
 HF_EMBED, HF_HEAD, HF_SCORE = "model.embed_tokens.weight", "lm_head.weight", "score.weight"

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-Tensors = tuple[torch.Tensor, ...]
+TensorTuple = tuple[torch.Tensor, ...]
 
 
-def identity(*xs: torch.Tensor) -> Tensors:
+def identity(*xs: torch.Tensor) -> TensorTuple:
     return xs
 
 
-def qkv_to_hf(qkv: torch.Tensor, *, num_query_groups: int, heads_per_group: int, head_dim: int) -> Tensors:
+def qkv_to_hf(qkv: torch.Tensor, *, num_query_groups: int, heads_per_group: int, head_dim: int) -> TensorTuple:
     """mcore stores q, k, v interleaved per query group: [g0: q×p, k, v | g1: ...]; HF keeps them apart.
     Works on weights [rows, H] and biases [rows]."""
     rest = qkv.shape[1:]
@@ -25,31 +25,31 @@ def qkv_to_hf(qkv: torch.Tensor, *, num_query_groups: int, heads_per_group: int,
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_query_groups: int) -> Tensors:
+def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_query_groups: int) -> TensorTuple:
     rest = q.shape[1:]
     g = num_query_groups
     stacked = torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], dim=1)
     return (stacked.reshape(-1, *rest),)
 
 
-def gate_up_to_hf(fc1: torch.Tensor) -> Tensors:
+def gate_up_to_hf(fc1: torch.Tensor) -> TensorTuple:
     """A global (dist_ckpt) SwiGLU fc1 is [gate; up] along dim 0."""
     gate, up = fc1.chunk(2, dim=0)
     return gate, up
 
 
-def gate_up_to_mcore(gate: torch.Tensor, up: torch.Tensor) -> Tensors:
+def gate_up_to_mcore(gate: torch.Tensor, up: torch.Tensor) -> TensorTuple:
     return (torch.cat([gate, up], dim=0),)
 
 
-def trim_vocab(w: torch.Tensor, *, vocab_size: int) -> Tensors:
+def trim_vocab(w: torch.Tensor, *, vocab_size: int) -> TensorTuple:
     """megatron pads the vocabulary (make_vocab_size_divisible_by × TP); HF has exactly vocab_size rows."""
     if w.shape[0] < vocab_size:
         raise ValueError(f"{w.shape[0]} rows is fewer than vocab_size {vocab_size}")
     return (w[:vocab_size],)
 
 
-def pad_vocab(w: torch.Tensor, *, padded_size: int) -> Tensors:
+def pad_vocab(w: torch.Tensor, *, padded_size: int) -> TensorTuple:
     """Inverse of trim_vocab: zero rows up to padded_size (what megatron's initialisation leaves unused)."""
     if w.shape[0] > padded_size:
         raise ValueError(f"{w.shape[0]} rows is more than the padded vocabulary {padded_size}")
@@ -62,14 +62,3 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
     """megatron's `_vocab_size_with_padding`."""
     m = divisible_by * tp
     return -(-vocab_size // m) * m
-
-
-def tp_shards_to_global_gate_up(shards: list[torch.Tensor]) -> torch.Tensor:
-    """TP-local fc1 shard i is [gate_i; up_i]: concatenating shards naively would interleave them (legacy v0 files)."""
-    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
-    return torch.cat([*gates, *ups], dim=0)
-
-
-def global_gate_up_to_tp_shards(fc1: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    gate, up = fc1.chunk(2, dim=0)
-    return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]

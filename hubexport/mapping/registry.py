@@ -151,12 +151,12 @@ def _bind(rule: Rule, subs: dict[str, str], present: set[str], exp: Expansion,
     exp.missing.extend(n for n in concrete[0] if n not in present)
 
 
-def expand(arch: Arch, cfg: object, present: set[str], *, extra: Iterable[Rule] = ()) -> Expansion:
+def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
     """Every rule the config implies, bound to the checkpoint's spelling; absent tensors are collected, not raised."""
     exp = Expansion()
     kinds = arch.layer_kinds(cfg)
     n_exp = arch.num_experts(cfg)
-    for rule in (*arch.rules, *extra):
+    for rule in arch.rules:
         if not config_flag(cfg, rule.if_config):
             continue
         if not rule.per_layer:

@@ -84,7 +84,9 @@ def read_metadata(dist_dir: Path) -> dcp_md.Metadata:
 
 
 @dataclass(frozen=True)
-class Chunk:
+class StoredChunk:
+    """One saved piece of a DCP tensor: its offsets and sizes in the global tensor, and the byte range of its blob."""
+
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     file: str
@@ -97,12 +99,12 @@ class DcpTensor:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    chunks: tuple[Chunk, ...]
+    chunks: tuple[StoredChunk, ...]
 
 
 def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
     """Every tensor key with its global shape, dtype and the storage of each of its chunks."""
-    chunks: dict[str, list[Chunk]] = {}
+    chunks: dict[str, list[StoredChunk]] = {}
     for idx, info in md.storage_data.items():
         if idx.offset is None:
             continue  # bytes items (ShardedObjects, TE _extra_state)
@@ -112,20 +114,20 @@ def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
                 hint="compressed/transformed DCP storage is not supported; re-save without stream transforms",
             )
         chunks.setdefault(idx.fqn, []).append(
-            Chunk(tuple(idx.offset), (), info.relative_path, info.offset, info.length)
+            StoredChunk(tuple(idx.offset), (), info.relative_path, info.offset, info.length)
         )
     out = {}
     for key, tmd in md.state_dict_metadata.items():
         if not isinstance(tmd, dcp_md.TensorStorageMetadata):
             continue
         sizes = {tuple(c.offsets): tuple(c.sizes) for c in tmd.chunks}
-        stored = [Chunk(c.offsets, sizes[c.offsets], c.file, c.start, c.length) for c in chunks.get(key, [])
+        stored = [StoredChunk(c.offsets, sizes[c.offsets], c.file, c.start, c.length) for c in chunks.get(key, [])
                   if c.offsets in sizes]
         out[key] = DcpTensor(key, tuple(tmd.size), tmd.properties.dtype, tuple(stored))
     return out
 
 
-def _load_blob(dist_dir: Path, c: Chunk, key: str) -> torch.Tensor:
+def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
     path = dist_dir / c.file
     try:
         with open(path, "rb") as f:

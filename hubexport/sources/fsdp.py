@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
 from hubexport.sources.pages import MappedFiles
-from hubexport.sources.shards import Placement, covering_coords, local_region
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
 
 
 def _no_pg_warning(record: logging.LogRecord) -> bool:
@@ -49,16 +49,16 @@ def load_rank_file(path: Path) -> dict[str, Any]:
     return sd
 
 
-def _placements(t: Any, path: Path, name: str) -> tuple[Placement, ...]:
+def _placements(t: Any, path: Path, name: str) -> tuple[MeshPlacement, ...]:
     out = []
     for p in t.placements:
         if p.is_shard():
             if type(p).__name__ != "Shard":  # _StridedShard: FSDP + TP interleaving
                 raise CheckpointError(f"{name} in {path} uses {type(p).__name__} placement",
                                       hint="FSDP combined with tensor parallelism is not supported yet")
-            out.append(Placement("shard", p.dim % t.ndim))
+            out.append(MeshPlacement("shard", p.dim % t.ndim))
         elif p.is_replicate():
-            out.append(Placement("replicate"))
+            out.append(MeshPlacement("replicate"))
         else:
             raise CheckpointError(f"{name} in {path} has a {p} placement (unreduced partial values)",
                                   hint="save the checkpoint from a model whose parameters are not Partial")
@@ -87,7 +87,7 @@ class FsdpSource:
                 raise CheckpointError(f"{path} holds the shards of rank {saved_by}, not rank {rank}",
                                       hint="a rank file was duplicated or renamed; re-copy the checkpoint")
         self._specs: dict[str, TensorSpec] = {}
-        self._geometry: dict[str, tuple[tuple[int, ...], tuple[Placement, ...], torch.Tensor]] = {}
+        self._geometry: dict[str, tuple[tuple[int, ...], tuple[MeshPlacement, ...], torch.Tensor]] = {}
         for name, t in first.items():
             if not isinstance(t, torch.Tensor):
                 raise CheckpointError(f"{files[0]} entry {name} is a {type(t).__name__}, not a tensor",
@@ -96,13 +96,6 @@ class FsdpSource:
             if isinstance(t, DTensor):
                 mesh = t.device_mesh.mesh.cpu()
                 self._geometry[name] = (tuple(mesh.shape), _placements(t, files[0], name), mesh)
-
-    @property
-    def mesh_dim_names(self) -> tuple[str, ...] | None:
-        for t in self._sds[0].values():
-            if isinstance(t, self._dtensor):
-                return t.device_mesh.mesh_dim_names
-        return None
 
     def metas(self) -> dict[str, TensorSpec]:
         return dict(self._specs)

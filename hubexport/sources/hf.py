@@ -1,86 +1,96 @@
 """A folder of HF safetensors (one file or sharded with an index) as a Source; used for mbridge checkpoints, whose
-model weights verl already wrote in HF layout."""
+model weights verl already wrote in HF layout, for --base-model and for HF → Megatron.
+
+With an index, its weight_map decides which files are read, as transformers does: a stray file beside the shards
+(Mistral repos ship `consolidated.safetensors`, a second copy of every tensor) is ignored with a note."""
 
 from __future__ import annotations
 
-import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hubexport.core import TensorSpec, natural_key
 from hubexport.errors import CheckpointError
-from hubexport.sources import Source, TensorSpec
-from hubexport.writers.safetensors import DTYPE_CODES, read_header
-
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+from hubexport.safetensors_format import INDEX_NAME, read_index, read_specs
+from hubexport.sources import Source
 
 
-def _weight_map(index: Path) -> dict[str, str]:
-    """The index's weight_map, refusing anything but plain shard names next to it (no `../`, no absolute paths)."""
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{index} is not a valid index: {e}", hint="re-copy it or remove it") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} has no weight_map object", hint="re-copy it or remove it")
-    for f in weight_map.values():
-        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
-            raise CheckpointError(f"{index} points at {f!r}, outside the folder",
-                                  hint="an index may only name shard files next to it; fix or remove the index")
-    return weight_map
-
-
-def _spec(path: Path, name: str, info: object) -> TensorSpec:
-    try:
-        shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-        dtype = CODE_DTYPES[info["dtype"]]  # type: ignore[index]
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has a malformed header entry for {name!r} ({e})",
-                              hint="the file is corrupt; re-copy it") from None
-    return TensorSpec(name, shape, dtype)
+def _files(folder: Path, notes: list[str]) -> tuple[list[Path], dict[str, str] | None]:
+    """The files to read and the index's weight_map (None without an index)."""
+    present = sorted(folder.glob("*.safetensors"))
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return present, None
+    weight_map = read_index(index)
+    if not weight_map:
+        raise CheckpointError(f"{index} lists no tensors", hint="re-copy it, or remove it to read every shard")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is listed in {index.name} but missing",
+                              hint="the HF weights are incomplete; re-copy the folder")
+    stray = [p.name for p in present if p not in files]
+    if stray:
+        notes.append(f"ignored {', '.join(stray)}: not in {index.name} (e.g. a consolidated copy of the shards)")
+    return files, weight_map
 
 
 class SafetensorsSource(Source):
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = _weight_map(index)
-            missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
-            if missing:
-                raise CheckpointError(f"{self.folder / missing[0]} is listed in {index.name} but missing",
-                                      hint="the HF weights are incomplete; re-copy the huggingface/ folder")
+        self.notes: list[str] = []
+        files, weight_map = _files(self.folder, self.notes)
         if not files:
             raise CheckpointError(f"{self.folder} has no .safetensors files", hint="point at the folder with weights")
         self._where: dict[str, Path] = {}
         self._specs: dict[str, TensorSpec] = {}
         for f in files:
-            try:
-                header = read_header(f)
-            except (ValueError, OSError) as e:
-                raise CheckpointError(f"{f} is not a readable safetensors file: {e}", hint="re-copy it") from e
-            for name, info in header.items():
-                spec = _spec(f, name, info)
+            for name, spec in read_specs(f).items():
                 if name in self._where:
                     raise CheckpointError(f"{name} is in both {self._where[name].name} and {f.name}",
                                           hint="remove the stale shard")
+                if weight_map is not None and weight_map.get(name) != f.name:
+                    raise CheckpointError(
+                        f"{f} holds {name}, which {INDEX_NAME} puts in {weight_map.get(name) or 'no file'}",
+                        hint="the index does not belong to these shards; re-copy the folder")
                 self._where[name] = f
                 self._specs[name] = spec
+        if weight_map is not None:
+            self._check_listed(weight_map)
+        self._handles: dict[Path, Any] = {}  # one safe_open per file, kept until close()
+        self._lock = threading.Lock()  # the writer reads one tensor ahead on another thread
+
+    def _check_listed(self, weight_map: dict[str, str]) -> None:
+        absent = sorted(set(weight_map) - set(self._specs), key=natural_key)
+        if absent:
+            more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+            raise CheckpointError(
+                f"{self.folder / weight_map[absent[0]]} does not hold {absent[0]}{more}, which {INDEX_NAME} lists "
+                "in it", hint="the index does not belong to these shards; re-copy the folder")
 
     def metas(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
 
+    def _handle(self, path: Path) -> Any:
+        with self._lock:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), "pt")
+            return self._handles[path]
+
     def read(self, name: str) -> torch.Tensor:
+        path = self._where[name]
         try:
-            with safe_open(str(self._where[name]), "pt") as f:
-                return f.get_tensor(name)
+            return self._handle(path).get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{self._where[name]} cannot be read ({e})", hint="the file is corrupt or truncated; "
+            raise CheckpointError(f"{path} cannot be read ({e})", hint="the file is corrupt or truncated; "
                                   "re-copy it") from None
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for h in handles:
+            h.__exit__(None, None, None)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 from hubexport.sources.dcp import DcpTensor, read_metadata, read_region, tensor_index
 
 NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "lr_scheduler", "common_state")
@@ -80,7 +81,6 @@ class TorchDistSource(Source):
         self._tensors: dict[str, DcpTensor] = {}
         self._entries: dict[str, _Entry] = {}
         self._specs: dict[str, TensorSpec] = {}
-        self.skipped = sorted(k for k in index if not _is_model_key(k))
         for key, t in index.items():
             if not _is_model_key(key):
                 continue

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.mapping.ops import tp_shards_to_global_gate_up
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 
 LAYER_RE = re.compile(r"^((?:.*\.)?decoder\.layers\.)(\d+)\.(.*)$")
 SEQ_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
@@ -53,13 +53,20 @@ def _load(path: Path) -> list[dict]:
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a list of state dicts", hint="re-copy it")
 
 
+def gate_up_from_tp_shards(shards: list[torch.Tensor]) -> torch.Tensor:
+    """TP-local fc1 shard i is [gate_i; up_i] (formats doc §2.4): concatenating shards naively would interleave them.
+    The result is the global [gate; up] a torch_dist checkpoint stores, so mappings see one layout."""
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards), strict=True)
+    return torch.cat([*gates, *ups], dim=0)
+
+
 def _tp_merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     if len(shards) == 1 or any(r in name for r in REPLICATED) or name.endswith(ROW_PARALLEL_BIAS):
         return shards[0]
     if name.endswith("output_layer.weight") and shards[0].shape[0] == 1:  # critic value head: replicated
         return shards[0]
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
-        return tp_shards_to_global_gate_up(shards)
+        return gate_up_from_tp_shards(shards)
     if name.endswith(ROW_PARALLEL):
         return torch.cat(shards, dim=1)
     return torch.cat(shards, dim=0)  # column-parallel (qkv keeps whole groups per rank), vocab-parallel embedding

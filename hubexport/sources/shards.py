@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Placement:
+class MeshPlacement:
+    """How a DTensor is laid along one device-mesh dimension (torch's Shard/Replicate, as plain data)."""
+
     kind: str  # "shard" | "replicate" | "partial"
     dim: int = -1
 
 
 def local_region(
-    global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: tuple[int, ...], placements: tuple[Placement, ...]
+    global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], coord: tuple[int, ...], placements: tuple[MeshPlacement, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Offsets and sizes of the local tensor at mesh coordinate `coord`. Shards nest left to right over mesh dims,
     each chunking what the previous mesh dims left: chunk = ceil(size / n), trailing chunks smaller or empty."""
@@ -31,7 +33,7 @@ def local_region(
     return tuple(offsets), tuple(sizes)
 
 
-def covering_coords(mesh_shape: tuple[int, ...], placements: tuple[Placement, ...]) -> list[tuple[int, ...]]:
+def covering_coords(mesh_shape: tuple[int, ...], placements: tuple[MeshPlacement, ...]) -> list[tuple[int, ...]]:
     """Mesh coordinates that hold each element exactly once: index 0 along replicated mesh dims (one replica group,
     as in HSDP), every index along sharded ones."""
     coords: list[tuple[int, ...]] = [()]

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
+from hubexport.core import TensorSpec
 from hubexport.errors import HubexportError, TargetError
-from hubexport.sources import TensorSpec
 
 LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 EXPERT = ".mlp.experts.local_experts."

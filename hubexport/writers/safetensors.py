@@ -4,46 +4,15 @@ so memory holds one tensor group, never a whole shard."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from hubexport.sources import TensorSpec
-
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-}
-
-
-def header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment as safetensors itself does."""
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for s in specs:
-        header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+from hubexport.core import TensorSpec
+from hubexport.safetensors_format import header_bytes
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -100,23 +69,3 @@ def _one_ahead(specs: list[TensorSpec], fetch: Callable[[TensorSpec], torch.Tens
             if i + 1 < len(specs):
                 pending = pool.submit(fetch, specs[i + 1])
             yield spec, t
-
-
-def read_header(path: Path) -> dict[str, dict]:
-    """Parse a safetensors header without touching tensor data (used to verify what was written)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path} has an implausible header length {n}")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has a header that is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
-
-
-def index_json(weight_map: dict[str, str], total_size: int) -> str:
-    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)

@@ -7,11 +7,10 @@ import functools
 
 import torch
 
+from hubexport.core import Group, TensorSpec
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes
-from hubexport.plan import Group
-from hubexport.sources import TensorSpec
 
 OUTPUT = "output_layer.weight"
 EMBED = "embedding.word_embeddings.weight"

@@ -1,0 +1,43 @@
+"""The core types every layer shares: a tensor's metadata, a group of tensors that convert together, and the
+name order transformers saves in. Sources, mappings, the plan and writers import this module; it imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Group:
+    """Source tensors that convert together into output tensors (a fused expert block, a qkv split...).
+
+    `convert` is pure: it maps the source tensors (by name) to the output tensors (by name). A group with no outputs
+    is a check (e.g. a tied alias must equal its canonical weight)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[TensorSpec, ...]
+    convert: Callable[[Tensors], Tensors]
+
+
+def natural_key(name: str) -> tuple:
+    """`layers.2` sorts before `layers.10`, as transformers orders the tensors it saves."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))

@@ -1,0 +1,104 @@
+"""The safetensors file format, both ways: dtype codes, the 8-byte length + JSON header, header entries as
+TensorSpecs, and the shard index. Sources read it, writers write it, the card reads facts from it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from hubexport.core import TensorSpec
+from hubexport.errors import CheckpointError
+
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100_000_000
+
+
+def header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment as safetensors itself does."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header without touching tensor data. Raises ValueError or OSError."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise ValueError(f"{path} has an implausible header length {n}")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a header that is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
+
+
+def header_spec(path: Path, name: str, info: object) -> TensorSpec:
+    """One header entry as a TensorSpec, refusing what safetensors itself would choke on later."""
+    try:
+        shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
+        dtype = CODE_DTYPES[info["dtype"]]  # type: ignore[index]
+        if any(d < 0 for d in shape):
+            raise ValueError("negative dimension")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has a malformed header entry for {name!r} ({e})",
+                              hint="the file is corrupt; re-copy it") from None
+    return TensorSpec(name, shape, dtype)
+
+
+def read_specs(path: Path) -> dict[str, TensorSpec]:
+    """Every tensor of one file, from its header alone."""
+    try:
+        header = read_header(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}", hint="re-copy it") from None
+    return {name: header_spec(path, name, info) for name, info in header.items()}
+
+
+def index_json(weight_map: dict[str, str], total_size: int) -> str:
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map, refusing anything but plain shard names next to it (no `../`, no absolute paths)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (ValueError, AttributeError, OSError) as e:
+        raise CheckpointError(f"{index} is not a valid index: {e}", hint="re-copy it or remove it") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no weight_map object", hint="re-copy it or remove it")
+    for f in weight_map.values():
+        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+            raise CheckpointError(f"{index} points at {f!r}, outside the folder",
+                                  hint="an index may only name shard files next to it; fix or remove the index")
+    return weight_map
