@@ -74,7 +74,7 @@ def cli(debug: bool) -> None:
 def merge_options(fn: Callable) -> Callable:
     """The options `merge` shares with verl's merger (both spellings) and with `push`."""
     opts = [
-        click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
+        click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto", show_default=True,
                      help="Checkpoint kind; auto-detected by default."),
         click.option("--dtype", type=DTYPES, default=None,
                      help="Cast floating-point weights; by default each tensor keeps its dtype."),
@@ -312,7 +312,7 @@ def summary(result_json: Path, output: Path | None, github_output: Path | None, 
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="An HF folder (single-file or sharded), or a training checkpoint merged on the fly.")
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto", show_default=True,
               help="Kind of a training-checkpoint reference.")
 @click.option("--logits", is_flag=True, help="Also load both with transformers on CPU and compare logits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -323,7 +323,7 @@ def verify(candidate: Path, reference: Path, backend: str, logits: bool, as_json
 
 
 @cli.command("test", hidden=True)
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto")
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto")
 @click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--test-hf-dir", "--test_hf_dir", "test_hf_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--tie-word-embedding", "--tie_word_embedding", is_flag=True, hidden=True)
@@ -358,7 +358,7 @@ def _verify(candidate: Path, reference: Path, *, backend: str, logits: bool, as_
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto", show_default=True)
 @click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True)
 @click.option("--dtype", type=DTYPES, default=None, help="Plan with this cast.")
 @click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True)

@@ -7,17 +7,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubexport.errors import CheckpointError
+from hubexport.errors import CheckpointError, ConfigError
 from hubexport.jsonfile import read_json_object
 
 FSDP_MODEL_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
-STEP_RE = re.compile(r"global_step_(\d+)")
+STEP_RE = re.compile(r"(?:global_step_|step_|step-|checkpoint-)(\d+)")  # verl, NeMo RL, torchtitan, HF Trainer
 
 
 @dataclass
 class Layout:
-    format: str  # "fsdp" | "megatron" | "hf"
-    version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"
+    format: str  # "fsdp" | "megatron" | "dcp" | "hf"
+    version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"; dcp: see DCP_LAYOUTS
     root: Path  # the actor (or critic) directory
     hf_dir: Path | None  # where config.json and the tokenizer live
     files: list[Path] = field(default_factory=list)  # the weight files the source reads
@@ -46,6 +46,7 @@ def _is_checkpoint_dir(d: Path) -> bool:
         or (d / "model" / "dist_ckpt").is_dir()
         or (d / "ckpt_contents.json").is_file()
         or any(p.name.startswith("mp_rank_") for p in (d / "model").glob("mp_rank_*"))
+        or find_dcp(d) is not None
     )
 
 
@@ -247,19 +248,65 @@ def detect_megatron(root: Path) -> Layout | None:
     )
 
 
+# torch DCP of a model state dict: where producers put the folder, relative to what a user points at.
+DCP_SUBDIRS = ("pytorch_model_fsdp_0", "policy/weights", "weights")  # accelerate checkpoint-N/; NeMo RL step_N/, policy/
+DISTCP_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+
+
+def _is_dcp_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / ".metadata").is_file() or any(d.glob("*.distcp")))
+
+
+def find_dcp(root: Path) -> Path | None:
+    return next((d for d in (root, *(root / s for s in DCP_SUBDIRS)) if _is_dcp_dir(d)), None)
+
+
+def _dcp_version(d: Path) -> str:
+    if re.fullmatch(r"pytorch_model_fsdp_\d+", d.name):
+        return "accelerate"
+    if d.name == "weights" and d.parent.name == "policy":
+        return "nemo-rl"
+    return "torchtitan" if re.fullmatch(r"step-\d+", d.name) else "dcp"
+
+
+def detect_dcp(root: Path) -> Layout | None:
+    """torch DCP (`.metadata` + `__R_S.distcp`) of a model state dict: a bare folder (verl's newer engines,
+    torchtitan `step-N/`), accelerate's `pytorch_model_fsdp_0/`, NeMo RL's `policy/weights/`."""
+    dcp = find_dcp(root)
+    if dcp is None:
+        return None
+    if (dcp / "metadata.json").is_file():
+        raise CheckpointError(f"{dcp} is a Megatron torch_dist folder",
+                              hint=f"pass the directory above it ({dcp.parent}) so its config is found too")
+    if not (dcp / ".metadata").is_file():
+        raise CheckpointError(f"{dcp / '.metadata'} is missing: the DCP save did not finish",
+                              hint="use an earlier checkpoint, or re-copy the directory if the copy was cut short")
+    looked = list(dict.fromkeys((dcp / "huggingface", root / "huggingface", dcp, root, dcp.parent)))
+    hf_dir = next((d for d in looked if (d / "config.json").is_file()), None)
+    if hf_dir is None:
+        raise ConfigError(
+            f"no config.json beside the DCP checkpoint {dcp}: looked in {', '.join(map(str, looked))}",
+            hint=f"torch DCP holds no model config: copy the trained model's config.json (and tokenizer) into {looked[0]}",
+        )
+    writers = {int(m.group(1)) for p in dcp.iterdir() if (m := DISTCP_RE.match(p.name))}
+    return Layout(format="dcp", version=_dcp_version(dcp), root=root, hf_dir=hf_dir, files=[dcp],
+                  parallel={"world_size": len(writers)} if writers else {})
+
+
 def detect(path: Path, backend: str = "auto") -> Layout:
     root, notes = resolve_checkpoint_dir(Path(path))
-    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "auto": [detect_fsdp, detect_megatron]}
+    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "dcp": [detect_dcp],
+                 "auto": [detect_fsdp, detect_megatron, detect_dcp]}
     if backend not in detectors:
-        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp or megatron")
+        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp, megatron or dcp")
     for fn in detectors[backend]:
         layout = fn(root)
         if layout is not None:
             layout.notes[:0] = notes
             return layout
-    what = {"auto": "a verl FSDP or Megatron checkpoint", "fsdp": "a verl FSDP checkpoint",
-            "megatron": "a Megatron checkpoint"}[backend]
+    what = {"auto": "a verl FSDP, Megatron or torch DCP checkpoint", "fsdp": "a verl FSDP checkpoint",
+            "megatron": "a Megatron checkpoint", "dcp": "a torch DCP checkpoint"}[backend]
     raise CheckpointError(
-        f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/ or model/ found",
+        f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/, model/ or .metadata found",
         hint="point --local-dir at global_step_N/actor (or the run root holding latest_checkpointed_iteration.txt)",
     )

@@ -68,19 +68,37 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def read_metadata(dist_dir: Path) -> dcp_md.Metadata:
+def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> dcp_md.Metadata:
+    """`recopy` names what to re-copy in the hints (the torch_dist folder, or a DCP checkpoint directory)."""
     path = dist_dir / ".metadata"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing", hint="the torch_dist checkpoint is incomplete; re-copy dist_ckpt/")
+        raise CheckpointError(f"{path} is missing", hint=f"the checkpoint is incomplete; re-copy {recopy}")
     try:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except Exception as e:  # a damaged pickle fails in many ways (KeyError, IndexError, struct.error, ...)
         raise CheckpointError(f"{path} cannot be read: {e}",
-                              hint="the file is corrupt or from an unknown writer; re-copy dist_ckpt/") from e
+                              hint=f"the file is corrupt or from an unknown writer; re-copy {recopy}") from e
     if not isinstance(md, dcp_md.Metadata):
-        raise CheckpointError(f"{path} holds a {type(md).__name__}, not DCP metadata", hint="re-copy dist_ckpt/")
+        raise CheckpointError(f"{path} holds a {type(md).__name__}, not DCP metadata", hint=f"re-copy {recopy}")
     return md
+
+
+def check_files(dist_dir: Path, md: dcp_md.Metadata, recopy: str) -> None:
+    """Every data file `.metadata` names exists and is long enough for the byte ranges it lists (stat only), so a
+    missing or cut-short file is reported before any output is written."""
+    ends: dict[str, int] = {}
+    for info in md.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = dist_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing ({dist_dir / '.metadata'} lists it)",
+                                  hint=f"the copy is incomplete; re-copy {recopy}")
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, {dist_dir / '.metadata'} needs {end}",
+                                  hint=f"the copy was cut short; re-copy {recopy}")
 
 
 @dataclass(frozen=True)
