@@ -25,7 +25,7 @@ from hubexport.sources import CombinedSource, Source, TensorSpec
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import open_megatron_source
-from hubexport.sources.torch_dcp import DcpSource
+from hubexport.sources.torch_dcp import open_dcp_source
 from hubexport.writers.safetensors import index_json, read_header, write_file
 from hubexport.writers.staging import check_target, discard, fresh_staging, publish, staging_dir
 
@@ -100,7 +100,7 @@ def open_source(layout: Layout) -> Source:
     if layout.format == "megatron":
         return open_megatron_source(layout)
     if layout.format == "dcp":
-        return DcpSource(layout.files[0])
+        return open_dcp_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
 

@@ -1,6 +1,8 @@
 """Real torch DCP checkpoints of an FSDP2 model, made on CPU (gloo) the way their producers save them: a plain
 `dcp.save(get_model_state_dict(model))`, accelerate's own `save_fsdp_model` (`pytorch_model_fsdp_0/`, what TRL and
-axolotl runs leave) and NeMo RL's `{"model": ...}` save into `step_N/policy/weights/`. Used by the tests."""
+axolotl runs leave), NeMo RL's `{"model": ...}` save into `step_N/policy/weights/`, and safetensors-serialised DCP
+through torch's `HuggingFaceStorageWriter`: NeMo Automodel's `model/` (+ `model/consolidated/`) and torch's own
+consolidating layout (`sharded/` beside the full files). Used by the tests."""
 
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ import torch
 
 from hubexport.examples import FsdpCase, _full_state_and_logits, _save_hf_dir, _save_reference, _train_step, _wrap, build_model
 
-WRITERS = ("plain", "accelerate", "nemo_rl")
+WRITERS = ("plain", "accelerate", "nemo_rl", "automodel", "torch_hf")
+_LOCAL = {"plain": "global_step_1/actor", "accelerate": "checkpoint-1", "nemo_rl": "step_1", "automodel": "epoch_0_step_1",
+          "torch_hf": "step_1/hf"}
+_SUB = {"plain": "", "accelerate": "pytorch_model_fsdp_0", "nemo_rl": "policy/weights", "automodel": "model",
+        "torch_hf": "sharded"}
 
 
 @dataclass(frozen=True)
@@ -25,19 +31,20 @@ class DcpCase:
     @property
     def local_dir(self) -> Path:
         """What a user passes as --local-dir (relative to the case folder)."""
-        return Path({"plain": "global_step_1/actor", "accelerate": "checkpoint-1", "nemo_rl": "step_1"}[self.writer])
+        return Path(_LOCAL[self.writer])
 
     @property
     def dcp_dir(self) -> Path:
-        sub = {"plain": "", "accelerate": "pytorch_model_fsdp_0", "nemo_rl": "policy/weights"}[self.writer]
-        return self.local_dir / sub if sub else self.local_dir
+        return self.local_dir / _SUB[self.writer] if _SUB[self.writer] else self.local_dir
 
     @property
     def config_dir(self) -> Path:
         """Where the run's HF config and tokenizer are put: verl's huggingface/, the Trainer's checkpoint folder,
-        NeMo RL's policy/ (NeMo RL saves none: its converter takes the config from the training yaml)."""
+        NeMo RL's policy/ (NeMo RL saves none: its converter takes the config from the training yaml), Automodel's
+        model/consolidated/, beside torch's consolidated files."""
         return {"plain": self.local_dir / "huggingface", "accelerate": self.local_dir,
-                "nemo_rl": self.local_dir / "policy"}[self.writer]
+                "nemo_rl": self.local_dir / "policy", "automodel": self.dcp_dir / "consolidated",
+                "torch_hf": self.local_dir}[self.writer]
 
 
 def _save(model, case: DcpCase, path: Path) -> None:
@@ -53,7 +60,33 @@ def _save(model, case: DcpCase, path: Path) -> None:
         save_fsdp_model(plugin, None, model, path.parent)  # the accelerator is only read for full/local state dicts
         return
     sd = get_model_state_dict(model)
+    if case.writer in ("automodel", "torch_hf"):
+        if case.model.tied:  # as Automodel does: safetensors refuses two names for one storage
+            sd.pop("lm_head.weight")
+        _save_safetensors(sd, case.writer, path)
+        return
     dcp.save({"model": sd} if case.writer == "nemo_rl" else sd, checkpoint_id=path)
+
+
+def _save_safetensors(sd: dict, writer: str, path: Path) -> None:
+    """torch's HuggingFaceStorageWriter, every rank writing its own shards. Automodel: two model files (layer 0 and
+    the rest), then rank 0 consolidates into model/consolidated/; torch_hf: the writer's own consolidation (shards in
+    sharded/, full files beside it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+
+    if writer == "torch_hf":
+        dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(path.parent), save_distributed=True,
+                                                             enable_consolidation=True))
+        return
+    mapping = {k: 1 if ".layers.0." in k else 2 for k in sd}
+    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(path), fqn_to_index_mapping=mapping,
+                                                         save_distributed=True))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        (path / "consolidated").mkdir()
+        consolidate_safetensors_files(str(path), str(path / "consolidated"), fqn_to_index_mapping=mapping)
 
 
 def make_dcp_case(case: DcpCase, out: Path, rank: int) -> None:

@@ -18,6 +18,10 @@ CASES = {c.name: c for c in [
     DcpCase("nemo_rl_qwen3moe", "nemo_rl", FsdpCase("m", family="qwen3_moe")),
     # a bf16 critic (value head) saved bare
     DcpCase("plain_qwen2_critic_bf16", "plain", FsdpCase("m", critic=True, dtype="bfloat16")),
+    # safetensors DCP, NeMo Automodel's layout: model/shard-R-model-X-of-2 (+ consolidated/), tied head left out
+    DcpCase("automodel_qwen3_tied", "automodel", FsdpCase("m", family="qwen3", tied=True, vocab_size=127)),
+    # safetensors DCP through torch's own consolidating writer: sharded/ beside the full files, bf16
+    DcpCase("torch_hf_llama_bf16", "torch_hf", FsdpCase("m", family="llama", dtype="bfloat16")),
 ]}
 
 

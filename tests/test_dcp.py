@@ -1,5 +1,6 @@
-"""torch DCP model checkpoints (plain dcp.save, accelerate, NeMo RL) made by real FSDP2: merged bit-exact, with
-save_pretrained's key set and equal logits; shown by inspect, taken by verify --reference; bad input refused."""
+"""torch DCP model checkpoints (plain dcp.save, accelerate, NeMo RL; safetensors DCP of NeMo Automodel and torch's
+HuggingFaceStorageWriter) made by real FSDP2: merged bit-exact, with save_pretrained's key set and equal logits;
+shown by inspect, taken by verify --reference; bad input refused."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from hubexport.verify import verify
 from tests.dcp_cases import CASES, local_dir
 from tests.test_fsdp_errors import assert_clean_failure, merge_cli
 
-VERSIONS = {"plain": "dcp", "accelerate": "accelerate", "nemo_rl": "nemo-rl"}
+VERSIONS = {"plain": "dcp", "accelerate": "accelerate", "nemo_rl": "nemo-rl", "automodel": "automodel-safetensors",
+            "torch_hf": "safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +69,19 @@ def test_bit_exact_key_set_and_logits(name, merged, dcp_root, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_inspect_shows_it(name, dcp_root, merged):
+def test_inspect_and_verify_take_it(name, dcp_root, merged):
     info = inspect(local_dir(dcp_root, name))
     assert (info["format"], info["version"], info["parallel"]) == ("dcp", VERSIONS[CASES[name].writer], {"world_size": 2})
     assert info["num_tensors"] == len(header_specs(merged[name][1]))
     assert f"dcp {info['version']}" in render_text(info)
+    assert any("consolidated copy" in n for n in info["notes"]) == (CASES[name].writer in ("automodel", "torch_hf"))
+    report = verify(merged[name][1], local_dir(dcp_root, name), log=lambda _: None)
+    assert report.ok and report.compared == info["num_tensors"]
 
 
-def test_verify_takes_it_as_reference(dcp_root, merged, tmp_path):
+def test_verify_finds_one_ulp_against_it(dcp_root, merged, tmp_path):
     name = "accelerate_llama_tied"
     src, folder = local_dir(dcp_root, name), merged[name][1]
-    report = verify(folder, src, log=lambda _: None)
-    assert report.ok and report.compared == len(header_specs(folder))
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     tensors = load_file(bad / "model.safetensors")
@@ -174,3 +177,36 @@ def test_torchtitan_names_are_refused(ckpt, tmp_path):
 def test_fsdp_backend_does_not_take_it(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="is not a verl FSDP checkpoint"):
         merge(ckpt, tmp_path / "o", backend="fsdp", log=lambda _: None)
+
+
+@pytest.fixture
+def st_ckpt(dcp_root, tmp_path) -> Path:
+    """A private, damageable copy of the Automodel safetensors-DCP checkpoint (epoch_0_step_1/)."""
+    dst = tmp_path / "ckpts" / "epoch_0_step_1"
+    shutil.copytree(local_dir(dcp_root, "automodel_qwen3_tied"), dst)
+    return dst
+
+
+def test_safetensors_missing_rank_file(st_ckpt, tmp_path):
+    (st_ckpt / "model" / "shard-00002-model-00001-of-00002.safetensors").unlink()
+    assert_clean_failure(merge_cli(st_ckpt, tmp_path / "o"), tmp_path / "o", "shard-00002-model-00001-of-00002",
+                         "is missing")
+
+
+def test_safetensors_missing_first_writer(st_ckpt, tmp_path):
+    for f in (st_ckpt / "model").glob("shard-00001-*"):
+        f.unlink()
+    assert_clean_failure(merge_cli(st_ckpt, tmp_path / "o"), tmp_path / "o", "shard-00001-model-00001-of-00002",
+                         "is missing")
+
+
+def test_safetensors_truncated_shard(st_ckpt, tmp_path):
+    f = st_ckpt / "model" / "shard-00001-model-00002-of-00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert_clean_failure(merge_cli(st_ckpt, tmp_path / "o"), tmp_path / "o", f.name, "truncated")
+
+
+def test_safetensors_without_dcp_offsets(st_ckpt, tmp_path):
+    f = st_ckpt / "model" / "shard-00001-model-00002-of-00002.safetensors"
+    save_file(load_file(f), f)  # same tensors, no DCP_SHARDING_INFO
+    assert_clean_failure(merge_cli(st_ckpt, tmp_path / "o"), tmp_path / "o", "DCP_SHARDING_INFO")

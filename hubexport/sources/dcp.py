@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,9 +158,11 @@ def _load_blob(dist_dir: Path, c: Chunk, key: str) -> torch.Tensor:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
-def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
+def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
+                load: Callable[[Path, Chunk, str], torch.Tensor] = _load_blob) -> torch.Tensor:
     """The sub-tensor `t[lead]` (fixed indices on the leading axes), pasted from every chunk that overlaps it.
-    Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes."""
+    Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes. `load` reads one
+    chunk (a torch.save blob by default; safetensors-serialised DCP passes its own)."""
     n = len(lead)
     out_shape = t.shape[n:]
     out = torch.empty(out_shape, dtype=t.dtype)
@@ -167,7 +170,7 @@ def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> tor
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
-        data = _load_blob(dist_dir, c, t.key)
+        data = load(dist_dir, c, t.key)
         if tuple(data.shape) != c.sizes:
             raise CheckpointError(f"chunk of {t.key} at {c.offsets} has shape {tuple(data.shape)}, "
                                   f"metadata says {c.sizes}", hint="the checkpoint is corrupt; re-copy it")

@@ -10,12 +10,13 @@ Producers nest the model differently: a bare state dict (`model.embed_tokens.wei
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
+from hubexport.sources import Source, TensorSpec
 from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, tensor_index
 
 NON_MODEL_GROUPS = frozenset({"optimizer", "optim", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader",
@@ -24,6 +25,16 @@ NON_MODEL_GROUPS = frozenset({"optimizer", "optim", "lr_scheduler", "lr_schedule
 # are not HF tensors under other names.
 TORCHTITAN_NAME = re.compile(r"^(tok_embeddings\.weight|layers\.\d+\.(attention|feed_forward|moe)\.)")
 RECOPY = "the whole DCP checkpoint directory"
+
+
+def refuse_torchtitan_names(dcp_dir: Path, names: Iterable[str]) -> None:
+    native = sorted(n for n in names if TORCHTITAN_NAME.match(n))
+    if native:
+        raise CheckpointError(
+            f"{dcp_dir} holds torchtitan's own parameter names (e.g. {native[0]}), not Hugging Face names",
+            hint="save with torchtitan's checkpoint.last_save_in_hf = true, or convert with torchtitan's "
+                 "scripts/checkpoint_conversion/convert_to_hf.py; hubexport does not map torchtitan names",
+        )
 
 
 def _groups(md, keys: list[str]) -> dict[str, dict[str, str]]:
@@ -48,13 +59,7 @@ def model_keys(dcp_dir: Path, md, index: dict[str, DcpTensor]) -> tuple[dict[str
             hint="pass the directory saved from the model's state dict (e.g. pytorch_model_fsdp_0/, policy/weights/)",
         )
     names = groups[chosen]
-    native = sorted(n for n in names if TORCHTITAN_NAME.match(n))
-    if native:
-        raise CheckpointError(
-            f"{dcp_dir} holds torchtitan's own parameter names (e.g. {native[0]}), not Hugging Face names",
-            hint="save with torchtitan's checkpoint.last_save_in_hf = true, or convert with torchtitan's "
-                 "scripts/checkpoint_conversion/convert_to_hf.py; hubexport does not map torchtitan names",
-        )
+    refuse_torchtitan_names(dcp_dir, names)
     skipped = sorted(k for g, inner in groups.items() if g != chosen for k in inner.values())
     return names, skipped
 
@@ -78,3 +83,12 @@ class DcpSource:
 
     def close(self) -> None:
         pass
+
+
+def open_dcp_source(layout) -> Source:
+    """The Source for a detected DCP Layout: torch.save-serialised (`.metadata`) or safetensors-serialised."""
+    if layout.version.endswith("safetensors"):
+        from hubexport.sources.st_dcp import SafetensorsDcpSource
+
+        return SafetensorsDcpSource(layout.files[0])
+    return DcpSource(layout.files[0])
