@@ -92,8 +92,8 @@ def _options(*opts: Callable) -> Callable:
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
-                       help="Checkpoint kind; auto-detected by default.")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto",
+                       show_default=True, help="Checkpoint kind; auto-detected by default.")
 TRUST_REMOTE_CODE = click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
                                  help="Allow the config's custom modeling code (auto_map).")
 MAX_SHARD_SIZE = click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,
@@ -337,10 +337,9 @@ def summary(result_json: Path, output: Path | None, github_output: Path | None, 
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="An HF folder (single-file or sharded), or a training checkpoint merged on the fly.")
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True,
-              help="Kind of a training-checkpoint reference.")
+@BACKEND
 @click.option("--logits", is_flag=True, help="Also load both with transformers on CPU and compare logits.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@JSON
 @friendly
 def verify(candidate: Path, reference: Path, backend: str, logits: bool, as_json: bool) -> None:
     """Compare CANDIDATE with a reference tensor by tensor (exit 0 = same, 1 = differences, 2 = error)."""
@@ -348,7 +347,7 @@ def verify(candidate: Path, reference: Path, backend: str, logits: bool, as_json
 
 
 @cli.command("test", hidden=True)
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto")
+@BACKEND
 @click.option("--local-dir", "--local_dir", "local_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--test-hf-dir", "--test_hf_dir", "test_hf_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--tie-word-embedding", "--tie_word_embedding", is_flag=True, hidden=True)
@@ -383,11 +382,11 @@ def _verify(candidate: Path, reference: Path, *, backend: str, logits: bool, as_
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron"]), default="auto", show_default=True)
-@click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True)
+@BACKEND
+@MAX_SHARD_SIZE
 @click.option("--dtype", type=DTYPES, default=None, help="Plan with this cast.")
-@click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@TRUST_REMOTE_CODE
+@JSON
 @friendly
 def inspect(path: Path, backend: str, max_shard_size: str, dtype: str | None, trust_remote_code: bool,
             as_json: bool) -> None:
@@ -423,7 +422,7 @@ def demo(out_dir: Path, world_size: int) -> None:
                                             "or holding NaN/Inf.")
 @click.option("--allow-unchanged", is_flag=True, help="With --check: accept a model identical to its base.")
 @click.option("--allow-nonfinite", is_flag=True, help="With --check: accept NaN/Inf weights.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@JSON
 @friendly
 def diff(candidate: Path, base: Path, check: bool, allow_unchanged: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """How far CANDIDATE moved from BASE: ‖ΔW‖/‖W‖, max |ΔW|, unchanged tensors, NaN/Inf, drift, per module type."""

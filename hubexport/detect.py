@@ -7,17 +7,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubexport.errors import CheckpointError
+from hubexport.errors import CheckpointError, ConfigError
 from hubexport.jsonfile import read_json_object
 
 FSDP_MODEL_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
-STEP_RE = re.compile(r"global_step_(\d+)")
+# verl, NeMo RL, NeMo Automodel, torchtitan, HF Trainer
+STEP_RE = re.compile(r"(?:global_step_|(?:epoch_\d+_)?step_|step-|checkpoint-)(\d+)")
 
 
 @dataclass
 class Layout:
-    format: str  # "fsdp" | "megatron" | "hf"
-    version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"
+    format: str  # "fsdp" | "megatron" | "dcp" | "hf"
+    version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"; dcp: see DCP_LAYOUTS
     root: Path  # the actor (or critic) directory
     hf_dir: Path | None  # where config.json and the tokenizer live
     files: list[Path] = field(default_factory=list)  # the weight files the source reads
@@ -47,6 +48,7 @@ def _is_checkpoint_dir(d: Path) -> bool:
         or (d / "model" / "dist_ckpt").is_dir()
         or (d / "ckpt_contents.json").is_file()
         or any(p.name.startswith("mp_rank_") for p in (d / "model").glob("mp_rank_*"))
+        or find_dcp(d) is not None
     )
 
 
@@ -264,19 +266,90 @@ def detect_megatron(root: Path) -> Layout | None:
     )
 
 
+# torch DCP of a model state dict: where producers put the folder, relative to what a user points at (accelerate's
+# checkpoint-N/, NeMo RL's step_N/ or policy/, NeMo Automodel's epoch_E_step_N/, torch's consolidating writer).
+DCP_SUBDIRS = ("pytorch_model_fsdp_0", "policy/weights", "weights", "model", "sharded")
+DISTCP_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
+ST_SHARD_RE = re.compile(r"^shard-(\d+)-model-\d+-of-\d+\.safetensors$")
+
+
+def _dcp_writers(d: Path) -> tuple[str, set[int]] | None:
+    """("torch" | "safetensors", the writer ranks in the file names) for a DCP folder, else None."""
+    if not d.is_dir():
+        return None
+    for storage, pattern in (("torch", DISTCP_RE), ("safetensors", ST_SHARD_RE)):
+        ranks = {int(m.group(1)) for p in d.iterdir() if (m := pattern.match(p.name))}
+        if ranks or (storage == "torch" and (d / ".metadata").is_file()):
+            return storage, ranks
+    return None
+
+
+def find_dcp(root: Path) -> Path | None:
+    return next((d for d in (root, *(root / s for s in DCP_SUBDIRS)) if _dcp_writers(d)), None)
+
+
+def _dcp_version(d: Path, storage: str) -> str:
+    if d.name == "model":
+        producer = "automodel"
+    elif re.fullmatch(r"pytorch_model_fsdp_\d+", d.name):
+        producer = "accelerate"
+    elif d.name == "weights" and d.parent.name == "policy":
+        producer = "nemo-rl"
+    else:
+        producer = "torchtitan" if re.fullmatch(r"step-\d+", d.name) else ""
+    return "-".join(filter(None, (producer, "safetensors" if storage == "safetensors" else ""))) or "dcp"
+
+
+def _consolidated_copy(dcp: Path) -> Path | None:
+    """The full HF copy a producer may save beside the shards (Automodel's consolidated/, torch's parent dir)."""
+    for d in (dcp / "consolidated", dcp.parent if dcp.name == "sharded" else None):
+        if d is not None and any(d.glob("model*.safetensors")):
+            return d
+    return None
+
+
+def detect_dcp(root: Path) -> Layout | None:
+    """torch DCP of a model state dict, torch.save-serialised (`.metadata` + `__R_S.distcp`) or safetensors-serialised
+    (`shard-R-model-X-of-Y.safetensors`); see DCP_SUBDIRS for where producers put it."""
+    dcp = find_dcp(root)
+    if dcp is None:
+        return None
+    storage, writers = _dcp_writers(dcp)  # type: ignore[misc]
+    if (dcp / "metadata.json").is_file():
+        raise CheckpointError(f"{dcp} is a Megatron torch_dist folder",
+                              hint=f"pass the directory above it ({dcp.parent}) so its config is found too")
+    if storage == "torch" and not (dcp / ".metadata").is_file():
+        raise CheckpointError(f"{dcp / '.metadata'} is missing: the DCP save did not finish",
+                              hint="use an earlier checkpoint, or re-copy the directory if the copy was cut short")
+    looked = list(dict.fromkeys((dcp / "huggingface", root / "huggingface", dcp / "consolidated", dcp, root,
+                                 dcp.parent)))
+    hf_dir = next((d for d in looked if (d / "config.json").is_file()), None)
+    if hf_dir is None:
+        raise ConfigError(
+            f"no config.json beside the DCP checkpoint {dcp}: looked in {', '.join(map(str, looked))}",
+            hint=f"torch DCP holds no model config: copy the trained model's config.json (and tokenizer) into {looked[0]}",
+        )
+    copy = _consolidated_copy(dcp)
+    notes = [f"{copy} also holds a consolidated copy; converting from the shards in {dcp} (the training state)"] \
+        if copy else []
+    return Layout(format="dcp", version=_dcp_version(dcp, storage), root=root, hf_dir=hf_dir, files=[dcp],
+                  parallel={"world_size": len(writers)} if writers else {}, notes=notes)
+
+
 def detect(path: Path, backend: str = "auto") -> Layout:
     root, notes = resolve_checkpoint_dir(Path(path))
-    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "auto": [detect_fsdp, detect_megatron]}
+    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "dcp": [detect_dcp],
+                 "auto": [detect_fsdp, detect_megatron, detect_dcp]}
     if backend not in detectors:
-        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp or megatron")
+        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp, megatron or dcp")
     for fn in detectors[backend]:
         layout = fn(root)
         if layout is not None:
             layout.notes[:0] = notes
             return layout
-    what = {"auto": "a verl FSDP or Megatron checkpoint", "fsdp": "a verl FSDP checkpoint",
-            "megatron": "a Megatron checkpoint"}[backend]
+    what = {"auto": "a verl FSDP, Megatron or torch DCP checkpoint", "fsdp": "a verl FSDP checkpoint",
+            "megatron": "a Megatron checkpoint", "dcp": "a torch DCP checkpoint"}[backend]
     raise CheckpointError(
-        f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/ or model/ found",
+        f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/, model/ or .metadata found",
         hint="point --local-dir at global_step_N/actor (or the run root holding latest_checkpointed_iteration.txt)",
     )

@@ -27,6 +27,7 @@ from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.mcore import open_megatron_source
+from hubexport.sources.torch_dcp import open_dcp_source
 from hubexport.writers.safetensors import write_file
 
 
@@ -49,6 +50,8 @@ def open_source(layout: Layout) -> Source:
         return FsdpSource(layout.files)
     if layout.format == "megatron":
         return open_megatron_source(layout)
+    if layout.format == "dcp":
+        return open_dcp_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,19 +69,37 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def read_metadata(dist_dir: Path) -> dcp_md.Metadata:
+def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> dcp_md.Metadata:
+    """`recopy` names what to re-copy in the hints (the torch_dist folder, or a DCP checkpoint directory)."""
     path = dist_dir / ".metadata"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing", hint="the torch_dist checkpoint is incomplete; re-copy dist_ckpt/")
+        raise CheckpointError(f"{path} is missing", hint=f"the checkpoint is incomplete; re-copy {recopy}")
     try:
         with open(path, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except Exception as e:  # a damaged pickle fails in many ways (KeyError, IndexError, struct.error, ...)
         raise CheckpointError(f"{path} cannot be read: {e}",
-                              hint="the file is corrupt or from an unknown writer; re-copy dist_ckpt/") from e
+                              hint=f"the file is corrupt or from an unknown writer; re-copy {recopy}") from e
     if not isinstance(md, dcp_md.Metadata):
-        raise CheckpointError(f"{path} holds a {type(md).__name__}, not DCP metadata", hint="re-copy dist_ckpt/")
+        raise CheckpointError(f"{path} holds a {type(md).__name__}, not DCP metadata", hint=f"re-copy {recopy}")
     return md
+
+
+def check_files(dist_dir: Path, md: dcp_md.Metadata, recopy: str) -> None:
+    """Every data file `.metadata` names exists and is long enough for the byte ranges it lists (stat only), so a
+    missing or cut-short file is reported before any output is written."""
+    ends: dict[str, int] = {}
+    for info in md.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = dist_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing ({dist_dir / '.metadata'} lists it)",
+                                  hint=f"the copy is incomplete; re-copy {recopy}")
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, {dist_dir / '.metadata'} needs {end}",
+                                  hint=f"the copy was cut short; re-copy {recopy}")
 
 
 @dataclass(frozen=True)
@@ -141,9 +160,11 @@ def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
-def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> torch.Tensor:
+def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
+                load: Callable[[Path, Chunk, str], torch.Tensor] = _load_blob) -> torch.Tensor:
     """The sub-tensor `t[lead]` (fixed indices on the leading axes), pasted from every chunk that overlaps it.
-    Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes."""
+    Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes. `load` reads one
+    chunk (a torch.save blob by default; safetensors-serialised DCP passes its own)."""
     n = len(lead)
     out_shape = t.shape[n:]
     out = torch.empty(out_shape, dtype=t.dtype)
@@ -151,7 +172,7 @@ def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> tor
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
-        data = _load_blob(dist_dir, c, t.key)
+        data = load(dist_dir, c, t.key)
         if tuple(data.shape) != c.sizes:
             raise CheckpointError(f"chunk of {t.key} at {c.offsets} has shape {tuple(data.shape)}, "
                                   f"metadata says {c.sizes}", hint="the checkpoint is corrupt; re-copy it")
