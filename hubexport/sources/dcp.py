@@ -161,7 +161,7 @@ def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
 
 
 def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
-                load: Callable[[Path, Chunk, str], torch.Tensor] = _load_blob) -> torch.Tensor:
+                load: Callable[[Path, StoredChunk, str], torch.Tensor] = _load_blob) -> torch.Tensor:
     """The sub-tensor `t[lead]` (fixed indices on the leading axes), pasted from every chunk that overlaps it.
     Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes. `load` reads one
     chunk (a torch.save blob by default; safetensors-serialised DCP passes its own)."""

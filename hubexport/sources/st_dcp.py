@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from hubexport.errors import CheckpointError
 from hubexport.sources import TensorSpec
-from hubexport.sources.dcp import Chunk, DcpTensor, read_region
+from hubexport.sources.dcp import StoredChunk, DcpTensor, read_region
 from hubexport.sources.hf import CODE_DTYPES
 
 SHARD_RE = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
@@ -65,7 +65,7 @@ def _pieces(path: Path) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tor
     return out
 
 
-def _assemble(pieces: dict[str, list[tuple[Chunk, torch.dtype]]]) -> dict[str, DcpTensor]:
+def _assemble(pieces: dict[str, list[tuple[StoredChunk, torch.dtype]]]) -> dict[str, DcpTensor]:
     out = {}
     for name, chunks in pieces.items():
         dtypes = {d for _, d in chunks}
@@ -84,7 +84,7 @@ def _assemble(pieces: dict[str, list[tuple[Chunk, torch.dtype]]]) -> dict[str, D
     return out
 
 
-def _load_piece(folder: Path, c: Chunk, name: str) -> torch.Tensor:
+def _load_piece(folder: Path, c: StoredChunk, name: str) -> torch.Tensor:
     try:
         with safe_open(str(folder / c.file), "pt") as f:
             return f.get_tensor(name)
@@ -100,10 +100,10 @@ class SafetensorsDcpSource:
         files = shard_files(self.dir)
         if not files:
             raise CheckpointError(f"{self.dir} has no shard-*-model-*.safetensors files", hint=RECOPY)
-        pieces: dict[str, list[tuple[Chunk, torch.dtype]]] = {}
+        pieces: dict[str, list[tuple[StoredChunk, torch.dtype]]] = {}
         for path in files:
             for name, offsets, shape, dtype in _pieces(path):
-                pieces.setdefault(name, []).append((Chunk(offsets, shape, path.name, 0, 0), dtype))
+                pieces.setdefault(name, []).append((StoredChunk(offsets, shape, path.name, 0, 0), dtype))
         refuse_torchtitan_names(self.dir, pieces)
         self._tensors = _assemble(pieces)
 
