@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from hubexport.errors import CheckpointError
 from hubexport.sources import TensorSpec
-from hubexport.sources.dcp import StoredChunk, DcpTensor, read_region
+from hubexport.sources.dcp import DcpTensor, StoredChunk, read_region
 from hubexport.sources.hf import CODE_DTYPES
 
 SHARD_RE = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
