@@ -134,7 +134,7 @@ def to_megatron(
     for c in chunks:
         dtypes[c.spec.dtype] = dtypes.get(c.spec.dtype, 0) + c.spec.nbytes
     result = ToMegatronResult(
-        output_path=target, architecture=(getattr(config, "architectures", None) or [plan.arch.causal_lm])[0],
+        output_path=target, architecture=plan.architecture,
         spec=spec, layer_keys="stacked" if plan.stacked else "per-layer",
         num_parameters=sum(math.prod(s.shape) for s in hf.values()), num_tensors=len(chunks),
         num_keys=len({c.where.key for c in chunks}), padded_vocab=plan.padded_vocab, tied_embeddings=plan.tied,
