@@ -172,7 +172,7 @@ def _download_once_per_cache(hub: _Hub, dist: Dist, log: Callable[[str], None]) 
     lowest such rank of each (host, cache folder) downloads it, pinned to rank 0's commit, and its peers wait."""
     folder, error = None, None
     if dist.is_main:
-        log(f"{hub.purpose}: downloading {hub.repo_id} from {hub.endpoint} into {hub.cache}")
+        log(f"{hub.purpose}: fetching {hub.repo_id} from {hub.endpoint} (cache {hub.cache}: cached files are kept)")
         folder, error = _attempt(lambda: hub.fetch(local=False, revision=hub.revision))
     dist.sync(error)
     sha = dist.gather(folder.name if folder else None)[0]
