@@ -59,3 +59,7 @@ class DifferencesFound(HubexportError):
     """`verify` found differences: not a crash, so a distinct exit code."""
 
     exit_code = 1
+
+
+class ResolveError(HubexportError):
+    """A model reference (a folder or a Hub id) cannot be resolved: not found, no access, not cached offline."""

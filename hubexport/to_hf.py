@@ -89,7 +89,8 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
             f"--tie-word-embedding contradicts {layout.hf_dir / 'config.json'}, which says tie_word_embeddings=false",
             hint="drop the flag: hubexport reads tying from the config and never drops a trained lm_head",
         )
-    architecture = architecture_for(config, value_model=value_model)
+    architecture, arch_notes = architecture_for(config, value_model=value_model)
+    layout.notes.extend(arch_notes)
     if value_model:
         config.num_labels = 1
         tied = False

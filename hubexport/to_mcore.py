@@ -53,7 +53,7 @@ class McoreJob:
                               padded_vocab=plan.padded_vocab, world_size=self.dist.world_size, tested=self.options.test)
         return Result(
             command=command, target_dir=target, source_format="hf", source_version="safetensors", parallel={},
-            architecture=(getattr(self.config, "architectures", None) or [plan.arch.causal_lm])[0],
+            architecture=plan.architecture,
             dtype=str(max(dtypes, key=dtypes.__getitem__)).removeprefix("torch."),
             num_parameters=sum(math.prod(s.shape) for s in hf.values()), tied_embeddings=plan.tied,
             value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak,

@@ -3,7 +3,8 @@ protocol that huggingface_hub's upload and download paths use (docs/hub-and-acti
 
 It is strict where the real client or the real Hub depend on it (sha256 of every stored LFS object, ETags on parts,
 stale parents, auth roles), keeps counters the tests assert on, and can inject faults: a status (429 + Retry-After,
-5xx), a dropped connection, or a stall that holds a request until the test releases it."""
+5xx), a dropped connection, an answer cut after its first bytes, or a stall that holds a request until the test
+releases it. Gated repos answer like the Hub's: metadata and tree for everyone, files only to granted users."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch or refs/pr/N -> commit oid
     lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> verified content
     prs: int = 0
+    gated: bool = False  # files need a token of a user in `granted`, like a gated repo whose terms were accepted
+    granted: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Fault:
     drop: bool
     stall: threading.Event | None
     times: int
+    cut: int | None = None
 
 
 @dataclass
@@ -118,10 +122,11 @@ class FakeHub:
 
     def inject(self, method: str, pattern: str, *, status: int | None = None, headers: dict[str, str] | None = None,
                body: dict[str, Any] | None = None, drop: bool = False, stall: threading.Event | None = None,
-               times: int = 1) -> None:
-        """Make the next `times` requests matching method + path regex fail: a status, a dropped connection, or a
-        stall until `stall` is set (the connection is then closed without an answer)."""
-        self.faults.append(Fault(method, re.compile(pattern), status, headers or {}, body, drop, stall, times))
+               times: int = 1, cut: int | None = None) -> None:
+        """Make the next `times` requests matching method + path regex fail: a status, a dropped connection, a
+        stall until `stall` is set (the connection is then closed without an answer), or `cut`: the real answer's
+        headers (full Content-Length) and only its first `cut` body bytes, then the connection closes."""
+        self.faults.append(Fault(method, re.compile(pattern), status, headers or {}, body, drop, stall, times, cut))
 
     def paths(self, method: str | None = None, contains: str = "") -> list[str]:
         return [p for m, p, _ in self.requests if (method is None or m == method) and contains in p]
@@ -129,6 +134,11 @@ class FakeHub:
     def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, Entry]:
         repo = self.repos[f"{repo_type}:{repo_id}"]
         return repo.commits[repo.refs[revision]]
+
+    def gate(self, repo_id: str, *granted: str, repo_type: str = "model") -> None:
+        """Gate a repo's files; `granted` users (and the owner) may download them."""
+        repo = self.repos[f"{repo_type}:{repo_id}"]
+        repo.gated, repo.granted = True, set(granted)
 
     def commit_count(self, repo_id: str, repo_type: str = "model") -> int:
         return len(self.repos[f"{repo_type}:{repo_id}"].commits)
@@ -236,6 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
+        self.cut: int | None = None
         self.query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         path = split.path
         fault = self.hub._take_fault(method, path)
@@ -252,6 +263,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(HttpError(404, f"no route for {method} {path}"))
 
     def _apply_fault(self, fault: Fault, method: str, path: str) -> bool:
+        if fault.cut is not None:
+            self.cut = fault.cut  # the route answers; _send truncates
+            return False
         if fault.drop or fault.stall is not None:
             self._record(method, path, 0)
             if fault.stall is not None:
@@ -296,8 +310,16 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if self.cut is None:
             self.wfile.write(body)
+            return
+        self.wfile.write(body[:self.cut])
+        self.wfile.flush()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers or {}, "application/json")
@@ -341,6 +363,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._can_write_ns(user, role, ns)
         assert repo is not None
         return repo
+
+    def _gate(self, repo: Repo) -> None:
+        """The Hub's answers for a gated repo's files: 401 anonymous, 403 for a user who was not granted access."""
+        if not repo.gated:
+            return
+        user, _ = self._user()
+        if user is None:
+            raise HttpError(401, f"Access to model {repo.id} is restricted. You must have access to it and be "
+                                 "authenticated to access it. Please log in.", code="GatedRepo")
+        if user not in repo.granted and repo.id.split("/")[0] != user:
+            raise HttpError(403, f"Access to model {repo.id} is restricted and you are not in the authorized list. "
+                                 f"Visit {self.base}/{repo.id} to ask for access.", code="GatedRepo")
 
     def _resolve(self, repo: Repo, rev: str) -> tuple[str, dict[str, Entry]]:
         oid = repo.refs.get(rev) or next((c for c in repo.commits if len(rev) >= 7 and c.startswith(rev)), None)
@@ -392,6 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
         oid, tree = self._resolve(repo, rev)
         siblings = [{"rfilename": p, "size": e.size, "blobId": e.oid} for p, e in sorted(tree.items())]
         self._json({"id": repo.id, "modelId": repo.id, "sha": oid, "private": repo.private, "siblings": siblings,
+                    "gated": "manual" if repo.gated else False,
                     "lastModified": "2026-01-01T00:00:00.000Z", "author": ns, "tags": [], "downloads": 0})
 
     def tree(self, type: str, ns: str, name: str, rev: str, path: str = "") -> None:
@@ -578,6 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- downloads ------------------------------------------------------------------------------------------------
     def resolve(self, ns: str, name: str, rev: str, path: str, prefix: str = "") -> None:
         repo = self._repo("dataset" if prefix else "model", ns, name)
+        self._gate(repo)
         oid, tree = self._resolve(repo, rev)
         entry = tree.get(path)
         if entry is None:

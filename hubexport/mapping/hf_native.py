@@ -15,6 +15,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import ConfigError, MappingError
+from hubexport.mapping.archnames import model_class
 
 VALUE_HEAD = "score.weight"
 
@@ -24,16 +25,10 @@ def is_value_checkpoint(names: Iterable[str], specs: dict[str, TensorSpec]) -> b
     return VALUE_HEAD in specs and specs[VALUE_HEAD].shape[0] == 1 and "lm_head.weight" not in names
 
 
-def architecture_for(config: PretrainedConfig, *, value_model: bool) -> str:
-    """The class the weights really are: a critic is `<Family>ForTokenClassification` whatever the config says."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if not value_model:
-        if archs:
-            return archs[0]
-        family = type(config).__name__.removesuffix("Config")
-        return f"{family}ForCausalLM"
-    family = archs[0].split("For")[0] if archs else type(config).__name__.removesuffix("Config")
-    return f"{family}ForTokenClassification"
+def architecture_for(config: PretrainedConfig, *, value_model: bool) -> tuple[str, list[str]]:
+    """The class the weights really are, and notes on how it was found (see archnames.model_class): a critic is
+    `<Family>ForTokenClassification` whatever the config says."""
+    return model_class(config, value_model=value_model)
 
 
 def meta_model(config: PretrainedConfig, architecture: str, *, trust_remote_code: bool) -> PreTrainedModel:

@@ -16,6 +16,7 @@ import torch
 
 from hubexport.core import Group, TensorSpec
 from hubexport.errors import MappingError
+from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
 from hubexport.mapping.ops import padded_vocab_size
@@ -41,6 +42,7 @@ class McorePlan:
     tied: bool
     value_model: bool
     notes: list[str] = field(default_factory=list)
+    architecture: str = ""  # the transformers class the HF folder holds (archnames.model_class)
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -111,7 +113,7 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     heads, checks, tied, value = _heads(hf, config, config.hidden_size)
     bindings = exp.bindings + heads
     used = {n for b in bindings for n in b.hf} | {n for g in checks for n in g.inputs}
-    notes: list[str] = []
+    architecture, notes = model_class(config, value_model=value)
     ignored = sorted(n for n in present - used if IGNORED.match(n))
     if ignored:
         notes.append(f"skipped {len(ignored)} buffer(s) megatron recomputes: {_first(ignored)}")
@@ -146,4 +148,4 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
                             convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
     assert EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
     return McorePlan(arch, groups + checks, n_layers, arch.num_experts(config), arch.stacked(config), padded,
-                     tied, value, notes)
+                     tied, value, notes, architecture)

@@ -9,6 +9,7 @@ import torch
 
 from hubexport.core import Group, TensorSpec
 from hubexport.errors import ConfigError, MappingError
+from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes
 
@@ -39,16 +40,15 @@ def _heads(metas: dict[str, TensorSpec], config, *, tie_word_embedding: bool,
             got = "no output_layer.weight" if out is None else f"output_layer.weight {list(out.shape)}"
             raise MappingError(f"--is-value-model was given but the checkpoint has {got}, not a [1, hidden] value head",
                                hint="drop --is-value-model for an actor checkpoint, or point at the critic directory")
-        base = (getattr(config, "architectures", None) or [arch.causal_lm])[0]
-        cls = base.replace("ForCausalLM", "ForTokenClassification")
-        if not cls.endswith("ForTokenClassification"):
-            cls = arch.causal_lm.replace("ForCausalLM", "ForTokenClassification")
+        cls, arch_notes = model_class(config, value_model=True)
+        notes.extend(arch_notes)
         updates = {"architectures": [cls], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
         if tie_word_embedding:
             notes.append("--tie-word-embedding ignored: a critic's value head is never tied to the embedding")
         return [Binding((OUTPUT,), ("score.weight",), "copy")], updates, notes
     cfg_tied = bool(getattr(config, "tie_word_embeddings", False))
-    base = (getattr(config, "architectures", None) or [arch.causal_lm])[0]
+    base, arch_notes = model_class(config, value_model=False)
+    notes.extend(arch_notes)
     if not base.endswith("ForCausalLM"):
         base = arch.causal_lm
     updates: dict = {"architectures": [base]}
