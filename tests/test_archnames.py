@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubexport.mapping.mcore import megatron_to_hf_groups
 from transformers import AutoConfig, DeepseekV3Config, Qwen2Config, Qwen2ForCausalLM
 
+from hubexport.core import TensorSpec
 from hubexport.errors import ConfigError
 from hubexport.mapping.archnames import model_class, strip_fsdp_prefix
 from hubexport.mapping.hf_native import architecture_for, meta_model, saved_groups
 from hubexport.mapping.hf_to_mcore import hf_to_megatron_plan
-from hubexport.sources import TensorSpec
+from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.sources.hf import SafetensorsSource
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

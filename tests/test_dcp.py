@@ -14,14 +14,15 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from hubexport.convert import merge
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hubexport.cli import cli
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.examples import PROMPT
+from hubexport.executor import merge
 from hubexport.inspection import inspect, render_text
+from hubexport.options import MergeOptions, Output
 from hubexport.verify import verify
 from tests.dcp_cases import CASES, local_dir
 from tests.test_fsdp_errors import assert_clean_failure, merge_cli
@@ -33,7 +34,7 @@ VERSIONS = {"plain": "dcp", "accelerate": "accelerate", "nemo_rl": "nemo-rl", "a
 @pytest.fixture(scope="module")
 def merged(dcp_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("dcp_merged")
-    return {name: (merge(local_dir(dcp_root, name), out / name, log=lambda _: None), out / name) for name in CASES}
+    return {name: (merge(local_dir(dcp_root, name), Output(out / name), log=lambda _: None), out / name) for name in CASES}
 
 
 def auto_class(name):
@@ -151,14 +152,14 @@ def test_code_in_metadata_is_refused_not_run(ckpt, tmp_path):
 def test_no_config_says_where_it_looked(ckpt, tmp_path):
     shutil.rmtree(ckpt / "huggingface")
     with pytest.raises(ConfigError, match=r"no config\.json beside the DCP checkpoint .*huggingface"):
-        merge(ckpt, tmp_path / "o", log=lambda _: None)
+        merge(ckpt, Output(tmp_path / "o"), log=lambda _: None)
     assert not (tmp_path / "o").exists()
 
 
 def test_megatron_dist_ckpt_passed_directly(ckpt, tmp_path):
     (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     with pytest.raises(CheckpointError, match="Megatron torch_dist folder"):
-        merge(ckpt, tmp_path / "o", backend="dcp", log=lambda _: None)
+        merge(ckpt, Output(tmp_path / "o"), MergeOptions(backend="dcp"), log=lambda _: None)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -176,7 +177,7 @@ def test_torchtitan_names_are_refused(ckpt, tmp_path):
 
 def test_fsdp_backend_does_not_take_it(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="is not a verl FSDP checkpoint"):
-        merge(ckpt, tmp_path / "o", backend="fsdp", log=lambda _: None)
+        merge(ckpt, Output(tmp_path / "o"), MergeOptions(backend="fsdp"), log=lambda _: None)
 
 
 @pytest.fixture

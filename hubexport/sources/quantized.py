@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError, ConfigError
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 
 SCALE_SUFFIX = "_scale_inv"
 FP8 = torch.float8_e4m3fn

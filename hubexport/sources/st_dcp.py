@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import TensorSpec
 from hubexport.sources.dcp import DcpTensor, StoredChunk, read_region
 from hubexport.sources.hf import CODE_DTYPES
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources import Source, TensorSpec
+from hubexport.sources import Source
 from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, tensor_index
 
 NON_MODEL_GROUPS = frozenset({"optimizer", "optim", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader",
