@@ -124,7 +124,7 @@ def to_megatron(
     source = SafetensorsSource(hf_dir)
     hf = source.metas()
     plan = hf_to_megatron_plan(hf, config, spec=spec)
-    where = {"num_layers": plan.num_layers, "num_experts": plan.num_experts, "stacked": plan.stacked}
+    where = {"num_layers": plan.stacks, "num_experts": plan.num_experts, "stacked": plan.stacked}
     chunks = [Chunk(o, placement(o.name, **where)) for o in plan.outputs]
     owners = assign_ranks([c.spec.nbytes for c in chunks], dist.world_size)
     extra = [placement(m + "._extra_state", **where) for m in extra_state_modules([c.spec.name for c in chunks], spec)]
