@@ -35,7 +35,7 @@ class McoreJob:
         self.source = SafetensorsSource(hf_dir)
         self.hf = self.source.metas()
         self.plan: McorePlan = hf_to_megatron_plan(self.hf, self.config, spec=options.spec)
-        where = {"num_layers": self.plan.num_layers, "num_experts": self.plan.num_experts, "stacked": self.plan.stacked}
+        where = {"num_layers": self.plan.stacks, "num_experts": self.plan.num_experts, "stacked": self.plan.stacked}
         self.chunks = [Chunk(o, placement(o.name, **where)) for o in self.plan.outputs]
         self.owners = assign_ranks([c.spec.nbytes for c in self.chunks], dist.world_size)
         self.extra = [placement(m + "._extra_state", **where)

@@ -627,10 +627,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, jobs: list[dict], timeout: int = 420) -> float:
+def run_torchrun(nproc: int, jobs: list[dict], timeout: int = 420, script: Path = HERE) -> float:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), str(HERE), "--jobs", json.dumps(jobs)]
+           "--master_port", str(_free_port()), str(script), "--jobs", json.dumps(jobs)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -67,3 +67,20 @@ def test_vocab_trim_and_pad_are_inverse() -> None:
     assert torch.equal(again, padded)
     with pytest.raises(ValueError):
         ops.trim_vocab(w, vocab_size=101)
+
+
+@pytest.mark.parametrize(("heads", "head_dim"), [(2, 4), (1, 3), (16, 2)])
+def test_fused_vision_qkv_follows_the_head_formula_and_inverts(heads: int, head_dim: int) -> None:
+    """mbridge's Qwen-VL vision layout: mcore row block h holds [q_h; k_h; v_h]; HF's fused qkv is [q; k; v]."""
+    hidden = 5
+    rows = 3 * heads * head_dim
+    qkv = torch.arange(rows * hidden, dtype=torch.float64).reshape(rows, hidden)
+    (hf,) = ops.fused_qkv_to_hf(qkv, num_heads=heads)
+    for r in range(rows):
+        h, o = divmod(r, 3 * head_dim)
+        part, i = divmod(o, head_dim)  # 0 q, 1 k, 2 v
+        assert torch.equal(hf[part * heads * head_dim + h * head_dim + i], qkv[r])
+    for x in (qkv, torch.randn(rows).to(torch.bfloat16)):
+        (h_,) = ops.fused_qkv_to_hf(x, num_heads=heads)
+        (back,) = ops.fused_qkv_to_mcore(h_, num_heads=heads)
+        assert back.dtype == x.dtype and torch.equal(back, x)

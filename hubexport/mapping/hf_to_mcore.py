@@ -23,7 +23,7 @@ from hubexport.mapping.ops import padded_vocab_size
 from hubexport.mapping.registry import Arch, Binding, Dims, apply_to_mcore, expand_to_mcore, output_shapes
 
 SPECS = ("te", "local")
-HF_EMBED, HF_HEAD, HF_SCORE = "model.embed_tokens.weight", "lm_head.weight", "score.weight"
+HF_HEAD, HF_SCORE = "lm_head.weight", "score.weight"
 # Buffers some HF checkpoints carry that no megatron module holds (recomputed from the config).
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 SHOW = 5
@@ -38,6 +38,7 @@ class McorePlan:
     num_layers: int
     num_experts: int
     stacked: bool  # layers stacked under one key with a leading layer axis (else `decoder.layers.<i>.` keys)
+    stacks: dict[str, int]  # stacked-key prefix → layer count (the language model, a vision tower's blocks)
     padded_vocab: int
     tied: bool
     value_model: bool
@@ -70,23 +71,28 @@ def _check_zero(name: str, tensors: dict[str, torch.Tensor]) -> dict:
 
 def _heads(hf: dict[str, TensorSpec], config, hidden: int) -> tuple[list[Binding], list[Group], bool, bool]:
     """(head bindings, check groups, tied, value model), decided by the folder's tensors and config."""
+    arch = arch_for(config)
+    output, hf_embed = arch.lm_prefix + OUTPUT, arch.hf_embed
+    if HF_SCORE in hf and arch.lm_prefix:
+        raise MappingError(f"{HF_SCORE}: critics of {arch.name} models are not supported",
+                           hint="convert the actor (the *ForConditionalGeneration model)")
     if HF_SCORE in hf:  # *ForTokenClassification with one label: verl's critic
         if hf[HF_SCORE].shape != (1, hidden):
             raise MappingError(f"{HF_SCORE} has shape {list(hf[HF_SCORE].shape)}, not a [1, {hidden}] value head",
                                hint="only single-label token-classification models (critics) convert")
         checks = [Group(("score.bias",), (), functools.partial(_check_zero, "score.bias"))] \
             if "score.bias" in hf else []
-        return [Binding((OUTPUT,), (HF_SCORE,), "copy")], checks, False, True
+        return [Binding((output,), (HF_SCORE,), "copy")], checks, False, True
     if bool(getattr(config, "tie_word_embeddings", False)):
         checks = []
         if HF_HEAD in hf:  # some writers keep the alias; megatron stores the embedding once
-            checks.append(Group((HF_EMBED, HF_HEAD), (), functools.partial(
-                _check_equal, HF_EMBED, HF_HEAD, "config.json says tie_word_embeddings=true")))
+            checks.append(Group((hf_embed, HF_HEAD), (), functools.partial(
+                _check_equal, hf_embed, HF_HEAD, "config.json says tie_word_embeddings=true")))
         return [], checks, True, False
     if HF_HEAD not in hf:
         raise MappingError(f"{HF_HEAD} is missing and config.json says tie_word_embeddings=false",
                            hint="the HF folder is incomplete, or its config should say tie_word_embeddings=true")
-    return [Binding((OUTPUT,), (HF_HEAD,), "vocab")], [], False, False
+    return [Binding((output,), (HF_HEAD,), "vocab")], [], False, False
 
 
 def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
@@ -96,11 +102,12 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     if spec not in SPECS:
         raise MappingError(f"unknown layer spec {spec!r}", hint=f"use one of {', '.join(SPECS)}")
     arch = arch_for(config)
+    text = arch.text_config(config)
     base = dims_from_config(config)
     # megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (× TP at load; the embedding and
     # output layer allow a shape mismatch there, so one padding serves every TP)
-    padded = padded_vocab_size(config.vocab_size, vocab_divisible_by)
-    dims = Dims(base.num_query_groups, base.heads_per_group, base.head_dim, base.vocab_size, padded)
+    padded = padded_vocab_size(text.vocab_size, vocab_divisible_by)
+    dims = Dims(base.num_query_groups, base.heads_per_group, base.head_dim, base.vocab_size, padded, base.vision_heads)
     present = set(hf)
     exp = expand_to_mcore(arch, config, present, spec=spec)
     if exp.missing:
@@ -110,14 +117,14 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
             hint="check that config.json (num_hidden_layers, experts, biases, q_lora_rank...) belongs to these "
                  "weights",
         )
-    heads, checks, tied, value = _heads(hf, config, config.hidden_size)
+    heads, checks, tied, value = _heads(hf, config, text.hidden_size)
     bindings = exp.bindings + heads
     used = {n for b in bindings for n in b.hf} | {n for g in checks for n in g.inputs}
     architecture, notes = model_class(config, value_model=value)
     ignored = sorted(n for n in present - used if IGNORED.match(n))
     if ignored:
         notes.append(f"skipped {len(ignored)} buffer(s) megatron recomputes: {_first(ignored)}")
-    n_layers = len(arch.layer_kinds(config))
+    n_layers = len(arch.layer_kinds(text))
     mtp = sorted(n for n in present - used
                  if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= n_layers)
     unused = present - used - set(ignored) - set(mtp)
@@ -146,6 +153,6 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
         (mcore_name,) = b.mcore
         groups.append(Group(inputs=b.hf, outputs=(TensorSpec(mcore_name, shape, dtypes.pop()),),
                             convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
-    assert EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
-    return McorePlan(arch, groups + checks, n_layers, arch.num_experts(config), arch.stacked(config), padded,
-                     tied, value, notes, architecture)
+    assert arch.lm_prefix + EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
+    return McorePlan(arch, groups + checks, n_layers, arch.num_experts(text), arch.stacked(config),
+                     arch.layer_stacks(config), padded, tied, value, notes, architecture)

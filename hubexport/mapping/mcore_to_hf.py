@@ -19,22 +19,29 @@ SHOW = 5  # names listed in an error
 
 
 def dims_from_config(config) -> Dims:
-    nq = config.num_attention_heads
-    ng = getattr(config, "num_key_value_heads", None) or nq
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // nq
+    text = arch_for(config).text_config(config)
+    nq = text.num_attention_heads
+    ng = getattr(text, "num_key_value_heads", None) or nq
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // nq
     if nq % ng:
         raise ConfigError(f"num_attention_heads={nq} is not a multiple of num_key_value_heads={ng}",
                           hint="fix config.json in the checkpoint's huggingface/ folder")
-    return Dims(num_query_groups=ng, heads_per_group=nq // ng, head_dim=head_dim, vocab_size=config.vocab_size)
+    vision_heads = getattr(getattr(config, "vision_config", None), "num_heads", 0)
+    return Dims(num_query_groups=ng, heads_per_group=nq // ng, head_dim=head_dim, vocab_size=text.vocab_size,
+                vision_heads=vision_heads)
 
 
 def _heads(metas: dict[str, TensorSpec], config, *, tie_word_embedding: bool,
            value_model: bool) -> tuple[list[Binding], dict, list[str]]:
     """Which head to write. The checkpoint's keys decide; a flag that contradicts them is an error, never a drop."""
     arch = arch_for(config)
-    out = metas.get(OUTPUT)
+    output = arch.lm_prefix + OUTPUT
+    out = metas.get(output)
     value = value_model or (out is not None and out.shape[0] == 1)
     notes: list[str] = []
+    if value and arch.lm_prefix:
+        raise MappingError(f"{output} is a [1, hidden] value head: critics of {arch.name} models are not supported",
+                           hint="export the actor checkpoint, or drop --is-value-model")
     if value:
         if out is None or out.shape[0] != 1:
             got = "no output_layer.weight" if out is None else f"output_layer.weight {list(out.shape)}"
@@ -49,7 +56,7 @@ def _heads(metas: dict[str, TensorSpec], config, *, tie_word_embedding: bool,
     cfg_tied = bool(getattr(config, "tie_word_embeddings", False))
     base, arch_notes = model_class(config, value_model=False)
     notes.extend(arch_notes)
-    if not base.endswith("ForCausalLM"):
+    if not base.endswith(("ForCausalLM", "ForConditionalGeneration")):
         base = arch.causal_lm
     updates: dict = {"architectures": [base]}
     if out is not None:
@@ -62,7 +69,7 @@ def _heads(metas: dict[str, TensorSpec], config, *, tie_word_embedding: bool,
             notes.append("config says tie_word_embeddings=true but the checkpoint holds a separate output_layer: "
                          "writing lm_head.weight and tie_word_embeddings=false")
         updates["tie_word_embeddings"] = False
-        return [Binding((OUTPUT,), ("lm_head.weight",), "vocab")], updates, notes
+        return [Binding((output,), ("lm_head.weight",), "vocab")], updates, notes
     if not cfg_tied:
         notes.append("the checkpoint has no output_layer (trained with tied embeddings): "
                      "writing tie_word_embeddings=true")
@@ -108,7 +115,7 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
             hint="check that config.json (num_hidden_layers, experts, biases, q_lora_rank...) belongs to this "
                  "checkpoint",
         )
-    n_layers = len(arch.layer_kinds(config))
+    n_layers = len(arch.layer_kinds(arch.text_config(config)))
     heads, updates, head_notes = _heads(metas, config, tie_word_embedding=tie_word_embedding,
                                         value_model=value_model)
     bindings = exp.bindings + heads + _mtp_heads(metas, n_layers, updates.get("tie_word_embeddings", False))

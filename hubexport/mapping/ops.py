@@ -32,6 +32,17 @@ def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_query
     return (stacked.reshape(-1, *rest),)
 
 
+def fused_qkv_to_hf(qkv: torch.Tensor, *, num_heads: int) -> TensorTuple:
+    """Vision towers without GQA (Qwen2.5-VL, Qwen3-VL): mcore interleaves per head [h0: q, k, v | h1: ...], HF keeps
+    one fused `attn.qkv` tensor [q (all heads); k; v]. Weights [3·heads·d, H] and biases alike."""
+    q, k, v = qkv_to_hf(qkv, num_query_groups=num_heads, heads_per_group=1, head_dim=qkv.shape[0] // (3 * num_heads))
+    return (torch.cat([q, k, v], dim=0),)
+
+
+def fused_qkv_to_mcore(qkv: torch.Tensor, *, num_heads: int) -> TensorTuple:
+    return qkv_to_mcore(*qkv.chunk(3, dim=0), num_query_groups=num_heads)
+
+
 def gate_up_to_hf(fc1: torch.Tensor) -> TensorTuple:
     """A global (dist_ckpt) SwiGLU fc1 is [gate; up] along dim 0."""
     gate, up = fc1.chunk(2, dim=0)

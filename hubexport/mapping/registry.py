@@ -26,6 +26,7 @@ class Dims:
     head_dim: int
     vocab_size: int
     padded_vocab: int | None = None  # only the HF → mcore direction needs it
+    vision_heads: int = 0  # a vision tower's attention heads (no GQA), for its fused qkv
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ OPS: dict[str, Op] = {
                                     head_dim=d.head_dim),
         lambda xs, d: ops.qkv_to_mcore(*xs, num_query_groups=d.num_query_groups),
     ),
+    "vision_qkv": Op(lambda xs, d: ops.fused_qkv_to_hf(xs[0], num_heads=d.vision_heads),
+                     lambda xs, d: ops.fused_qkv_to_mcore(xs[0], num_heads=d.vision_heads)),
     "gate_up": Op(lambda xs, d: ops.gate_up_to_hf(xs[0]), lambda xs, d: ops.gate_up_to_mcore(*xs)),
     "vocab": Op(
         lambda xs, d: ops.trim_vocab(xs[0], vocab_size=d.vocab_size),
@@ -99,11 +102,24 @@ class Arch:
     # megatron stores layers per key (`decoder.layers.<i>.…`) instead of stacked when its config makes them
     # non-homogeneous (moe_layer_freq a list, formats doc §3.3); default: when the layer kinds differ
     per_layer_keys: Callable[[object], bool] | None = None
+    # vision-language models: the language model's config, its mcore prefix and HF embedding name, the counts of
+    # the other wildcards (`{V}` vision block, `{D}` deepstack merger) and the other stacked layer blocks
+    text_config: Callable[[object], object] = lambda cfg: cfg
+    lm_prefix: str = ""
+    hf_embed: str = "model.embed_tokens.weight"
+    counts: Callable[[object], dict[str, int]] = lambda cfg: {}
+    other_stacks: Callable[[object], dict[str, int]] = lambda cfg: {}
+
+    def layer_stacks(self, cfg: object) -> dict[str, int]:
+        """Stacked-key prefix → its layer count (the writer's leading axis), language model first."""
+        n = len(self.layer_kinds(self.text_config(cfg)))
+        return {f"{self.lm_prefix}decoder.layers": n, **self.other_stacks(cfg)}
 
     def stacked(self, cfg: object) -> bool:
+        text = self.text_config(cfg)
         if self.per_layer_keys is not None:
-            return not self.per_layer_keys(cfg)
-        return len(set(self.layer_kinds(cfg))) <= 1
+            return not self.per_layer_keys(text)
+        return len(set(self.layer_kinds(text))) <= 1
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,17 @@ def config_flag(cfg: object, flag: str | None) -> bool:
     neg = flag.startswith("!")
     value = bool(getattr(cfg, flag.lstrip("!"), None))
     return not value if neg else value
+
+
+WILDCARD = re.compile(r"\{([A-Z])\}")
+
+
+def index_subs(rule: Rule, counts: dict[str, int]) -> list[dict[str, str]]:
+    """Every substitution of a rule's wildcards other than layer, expert and MTP (`{V}`, `{D}`...)."""
+    subs: list[dict[str, str]] = [{}]
+    for w in sorted({w for n in (*rule.mcore, *rule.hf) for w in WILDCARD.findall(n)} - {"L", "E", "M"}):
+        subs = [{**s, w: str(i)} for s in subs for i in range(counts[w])]
+    return subs
 
 
 def _fill(names: tuple[str, ...], subs: dict[str, str]) -> tuple[str, ...]:
@@ -154,13 +181,15 @@ def _bind(rule: Rule, subs: dict[str, str], present: set[str], exp: Expansion,
 def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
     """Every rule the config implies, bound to the checkpoint's spelling; absent tensors are collected, not raised."""
     exp = Expansion()
-    kinds = arch.layer_kinds(cfg)
-    n_exp = arch.num_experts(cfg)
-    for rule in arch.rules:
-        if not config_flag(cfg, rule.if_config):
+    text, counts = arch.text_config(cfg), arch.counts(cfg)
+    kinds = arch.layer_kinds(text)
+    n_exp = arch.num_experts(text)
+    for rule in (*arch.rules, *extra):
+        if not config_flag(text, rule.if_config):
             continue
         if not rule.per_layer:
-            _bind(rule, {}, present, exp)
+            for subs in index_subs(rule, counts):
+                _bind(rule, subs, present, exp)
             continue
         for i, kind in enumerate(kinds):
             if rule.when not in (None, kind):
@@ -171,10 +200,10 @@ def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
     for m in mtp:  # MTP block m is exported as HF layer L + m (DeepSeek-V3 layout)
         hf_layer = str(len(kinds) + m)
         for rule in arch.mtp_rules:
-            if config_flag(cfg, rule.if_config):
+            if config_flag(text, rule.if_config):
                 _bind(rule, {"M": str(m), "L": hf_layer}, present, exp)
         for rule in arch.rules:
-            if not rule.per_layer or rule.when not in (None, arch.mtp_kind) or not config_flag(cfg, rule.if_config):
+            if not rule.per_layer or rule.when not in (None, arch.mtp_kind) or not config_flag(text, rule.if_config):
                 continue
             for e in range(n_exp) if rule.per_expert else [None]:
                 subs = {"L": hf_layer, **({"E": str(e)} if e is not None else {})}
@@ -187,23 +216,25 @@ def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "
     """The same rules read the other way: every rule the config implies, bound to the HF names found and to the
     spec's mcore spelling; `missing` lists the HF tensors the config implies but the folder lacks."""
     exp = Expansion()
-    kinds = arch.layer_kinds(cfg)
-    n_exp = arch.num_experts(cfg)
+    text, counts = arch.text_config(cfg), arch.counts(cfg)
+    kinds = arch.layer_kinds(text)
+    n_exp = arch.num_experts(text)
     for rule in arch.rules:
-        if not config_flag(cfg, rule.if_config):
+        if not config_flag(text, rule.if_config):
             continue
-        layers = list(enumerate(kinds)) if rule.per_layer else [(None, None)]
-        for i, kind in layers:
-            if rule.per_layer and rule.when not in (None, kind):
-                continue
-            for e in range(n_exp) if rule.per_expert else [None]:
-                subs = {**({"L": str(i)} if i is not None else {}), **({"E": str(e)} if e is not None else {})}
-                hf = _fill(rule.hf, subs)
-                absent = [n for n in hf if n not in present]
-                if absent:
-                    exp.missing.extend(absent)
-                else:
-                    exp.bindings.append(Binding(_fill(rule.spelled(spec), subs), hf, rule.op))
+        if rule.per_layer:
+            all_subs = [{"L": str(i), **({"E": str(e)} if e is not None else {})}
+                        for i, kind in enumerate(kinds) if rule.when in (None, kind)
+                        for e in (range(n_exp) if rule.per_expert else [None])]
+        else:
+            all_subs = index_subs(rule, counts)
+        for subs in all_subs:
+            hf = _fill(rule.hf, subs)
+            absent = [n for n in hf if n not in present]
+            if absent:
+                exp.missing.extend(absent)
+            else:
+                exp.bindings.append(Binding(_fill(rule.spelled(spec), subs), hf, rule.op))
     return exp
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +26,13 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from hubexport.core import TensorSpec
 from hubexport.errors import HubexportError, TargetError
 
-LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER = re.compile(r"^(.*decoder\.layers)\.(\d+)\.(.+)$")  # also `language_model.` / `vision_model.decoder.layers`
 EXPERT = ".mlp.experts.local_experts."
 GROUPED = ".mlp.experts.experts."
 # TE normalisation modules (TE ≥ 2 builds RMSNorm from fusible ops, which carry `_extra_state`); the local spec's
 # torch norms have none. Loading ignores unexpected keys by default, so writing them for TE 1.x models is harmless,
 # while a missing one fails the load.
-TE_NORMS = ("q_layernorm", "k_layernorm", "pre_mlp_layernorm", "input_layernorm", "final_layernorm")
+TE_NORMS = ("q_layernorm", "k_layernorm", "pre_mlp_layernorm", "input_layernorm", "final_layernorm", "patch_norm")
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,17 @@ class Placement:
     lead_sizes: tuple[int, ...]
 
 
-def placement(name: str, *, num_layers: int, num_experts: int, stacked: bool) -> Placement:
+def placement(name: str, *, num_layers: int | Mapping[str, int], num_experts: int, stacked: bool) -> Placement:
     """Inverse of `sources.mcore._logical_names`: `decoder.layers.<i>.<s>` → `decoder.layers.<s>` [i] when stacked,
-    `…mlp.experts.local_experts.<j>.<w>` → `…mlp.experts.experts.<w>` [j] (TEGroupedMLP and SequentialMLP agree)."""
+    `…mlp.experts.local_experts.<j>.<w>` → `…mlp.experts.experts.<w>` [j] (TEGroupedMLP and SequentialMLP agree).
+    `num_layers`: the decoder's layer count, or each stacked block's (`McorePlan.stacks`: a VLM's vision tower too)."""
+    stacks = num_layers if isinstance(num_layers, Mapping) else {"decoder.layers": num_layers}
     key, lead, sizes = name, [], []
     m = LAYER.match(name)
-    if m and stacked:
-        key = f"decoder.layers.{m.group(2)}"
-        lead.append(int(m.group(1)))
-        sizes.append(num_layers)
+    if m and stacked and m.group(1) in stacks:
+        key = f"{m.group(1)}.{m.group(3)}"
+        lead.append(int(m.group(2)))
+        sizes.append(stacks[m.group(1)])
     if EXPERT in key:
         pre, rest = key.split(EXPERT)
         j, w = rest.split(".", 1)
@@ -66,9 +68,7 @@ def extra_state_modules(names: list[str], spec: str) -> list[str]:
     """The decoder modules whose `_extra_state` megatron saves (as a ShardedObject): every linear (TE or local), and
     with the TE spec its norms too. Found from the tensor names, so they follow the architecture table."""
     modules = []
-    for name in names:
-        if not name.startswith("decoder."):
-            continue  # embedding and output layer: megatron's LanguageModule saves no extra state for them
+    for name in names:  # embedding and output layer (neither `linear_*` nor a norm) save none
         module, param = name.rsplit(".", 1)
         last = module.rsplit(".", 1)[-1]
         # a module's own weight, not a norm folded into its name (local MoE: `mlp.linear_fc1.layer_norm_weight`)

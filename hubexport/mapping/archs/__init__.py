@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from hubexport.errors import ConfigError
-from hubexport.mapping.archs import deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from hubexport.mapping.archs import (
+    deepseek_v3,
+    llama,
+    mixtral,
+    qwen2,
+    qwen2_5_vl,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    qwen3_vl,
+)
 from hubexport.mapping.registry import Arch
 
-ARCHS: dict[str, Arch] = {
-    t: m.ARCH for m in (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, deepseek_v3) for t in m.ARCH.model_types
-}
+MODULES = (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, deepseek_v3, qwen2_5_vl, qwen3_vl)
+ARCHS: dict[str, Arch] = {t: m.ARCH for m in MODULES for t in m.ARCH.model_types}
 
 
 def arch_for(config) -> Arch:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hubexport.mapping.registry import R
+from dataclasses import replace
+
+from hubexport.mapping.registry import R, Rule
 
 M, H = "decoder.layers.{L}.", "model.layers.{L}."
 
@@ -75,3 +77,36 @@ def qwen_moe_layers(cfg) -> list[str]:
 def qwen_num_experts(cfg) -> int:
     # transformers 5 writes num_local_experts for Qwen3-MoE (cpu-lab.md)
     return getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+
+
+def prefixed(rules: tuple[Rule, ...], mcore: str, hf: str) -> tuple[Rule, ...]:
+    """A text model's rows inside a multimodal model: every mcore name (all spellings) under `mcore`, the HF `model.`
+    prefix replaced by `hf` (e.g. `language_model.` / `model.language_model.`)."""
+    def m(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(mcore + n for n in names)
+
+    def h(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(hf + n.removeprefix("model.") for n in names)
+
+    return tuple(replace(r, mcore=m(r.mcore), hf=h(r.hf), alt=tuple(m(a) for a in r.alt),
+                         local=m(r.local) if r.local else None) for r in rules)
+
+
+def text_of(cfg):
+    """A multimodal config's language-model part (transformers keeps it in `text_config`)."""
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def vision_block(v: str, hv: str, rest: tuple) -> tuple:
+    """A ViT block of mbridge's vision models (`{V}` = block): TE names fold the norms into linear_qkv / linear_fc1;
+    the local ViT spec has no key map, so its norms keep mcore's own names. Norm biases only where HF has them."""
+    a = "self_attention."
+    return (
+        R(v + a + "linear_qkv.layer_norm_weight", hv + "norm1.weight", local=v + "input_layernorm.weight"),
+        R(v + a + "linear_qkv.weight", hv + "attn.qkv.weight", "vision_qkv"),
+        R(v + a + "linear_qkv.bias", hv + "attn.qkv.bias", "vision_qkv"),
+        R(v + a + "linear_proj.weight", hv + "attn.proj.weight"),
+        R(v + a + "linear_proj.bias", hv + "attn.proj.bias"),
+        R(v + "mlp.linear_fc1.layer_norm_weight", hv + "norm2.weight", local=v + "pre_mlp_layernorm.weight"),
+        *rest,
+    )
