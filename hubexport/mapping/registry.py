@@ -184,7 +184,7 @@ def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
     text, counts = arch.text_config(cfg), arch.counts(cfg)
     kinds = arch.layer_kinds(text)
     n_exp = arch.num_experts(text)
-    for rule in (*arch.rules, *extra):
+    for rule in arch.rules:
         if not config_flag(text, rule.if_config):
             continue
         if not rule.per_layer:
