@@ -71,7 +71,7 @@ class EvalResults:
         main metric (the selection metric, else mean@K, else the first val-core one)."""
         from huggingface_hub import EvalResultEntry
 
-        from hubexport.card import REPO_ID_RE
+        from hubexport.card_metadata import REPO_ID_RE
 
         by_source: dict[str, list[tuple[ValKey, float]]] = {}
         for k, value in self.reported():
@@ -181,7 +181,7 @@ def eval_results_for(run_root_or_checkpoint: Path, step: int | None = None, metr
         ran = metrics.validation_steps()
         results._note(f"{Path(path).name} has no validation values at step {step}"
                       + (f" (validation ran at steps {', '.join(map(str, ran))})" if ran else " (none at any step)"))
-    from hubexport.card import REPO_ID_RE
+    from hubexport.card_metadata import REPO_ID_RE
 
     for source in sorted({k.data_source for k, _ in results.reported()}):
         if not REPO_ID_RE.fullmatch(source):

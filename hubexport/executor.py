@@ -79,16 +79,21 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     return result
 
 
-def to_megatron(hf_model_path: Path, out: Output, options: MegatronOptions = MegatronOptions(), *,
+def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = MegatronOptions(), *,
                 log: Log = print) -> Result:
-    """Convert a Hugging Face folder into a megatron-core torch_dist checkpoint at `out.target`."""
+    """Convert a Hugging Face folder, or a Hub id `ORG/NAME[@REVISION]` (downloaded once), into a megatron-core
+    torch_dist checkpoint at `out.target`."""
+    from hubexport.resolve import resolve_model
     from hubexport.to_mcore import McoreJob
 
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
-    check_disjoint(out.target, [hf_model_path], option="--output-path")
+    if Path(hf_model).exists():
+        check_disjoint(out.target, [hf_model], option="--output-path")
     check_target(out.target, overwrite=out.overwrite)
-    job = dist.run(lambda: McoreJob(Path(hf_model_path), options, dist))
+    model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
+    check_disjoint(out.target, [model.path], option="--output-path")
+    job = dist.run(lambda: McoreJob(model, options, dist))
     try:
         return execute(job, out, "to-megatron", dist, log)
     finally:

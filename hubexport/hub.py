@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hubexport.card import REPO_ID_RE, ModelFacts, sha256_file
+from hubexport.card_metadata import REPO_ID_RE
 from hubexport.errors import HubError, HubexportError
+from hubexport.model_facts import ModelFacts, sha256_file
 from hubexport.options import PushOptions
 
 if TYPE_CHECKING:

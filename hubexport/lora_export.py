@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from hubexport import lora
+from hubexport import lora, lora_views
 from hubexport.core import Group, TensorSpec, natural_key
 from hubexport.detect import Layout
 from hubexport.errors import ConfigError, MappingError
@@ -55,8 +55,8 @@ def prepare_lora(
         if base_model is not None:
             notes.append(f"--base-model {base_model} ignored: the checkpoint holds the base weights")
         base_specs = {n: TensorSpec(n, specs[k].shape, specs[k].dtype) for n, k in keys.base.items()}
-        recipes = lora.base_recipes(keys, keys.base, specs, settings, fuse=fuse)
-        groups = [lora.rebind(g, recipes) for g in saved_groups(model, base_specs)]
+        recipes = lora_views.base_recipes(keys, keys.base, specs, settings, fuse=fuse)
+        groups = [lora_views.rebind(g, recipes) for g in saved_groups(model, base_specs)]
     elif base_model is None:
         if fuse:
             raise ConfigError(
@@ -70,15 +70,15 @@ def prepare_lora(
         base_names = check_base_folder(model, base)
         source = CombinedSource(base, source)
         specs = source.metas()
-        recipes = lora.base_recipes(keys, {n: n for n in base_names}, specs, settings, fuse=fuse)
-        groups = [lora.rebind(lora.copy_group(specs[n]), recipes) for n in base_names]
+        recipes = lora_views.base_recipes(keys, {n: n for n in base_names}, specs, settings, fuse=fuse)
+        groups = [lora_views.rebind(lora_views.copy_group(specs[n]), recipes) for n in base_names]
     if fuse:
         check_fusable_ties(model, keys)
-    adapter = make_plan(lora.adapter_groups(keys, specs, settings.bias), max_shard_size=2**62, cast=cast,
+    adapter = make_plan(lora_views.adapter_groups(keys, specs, settings.bias), max_shard_size=2**62, cast=cast,
                         prefix="adapter_model")
     modules = [n for n, _ in model.named_modules()]
-    config = lora.adapter_config(
-        keys, settings, targets=lora.target_modules(keys.modules, modules),
+    config = lora_views.adapter_config(
+        keys, settings, targets=lora_views.target_modules(keys.modules, modules),
         task_type="TOKEN_CLS" if value_model else "CAUSAL_LM", base_model=str(base_model) if base_model else None)
     used = base_model if keys.lora_only else None
     return groups, source, LoraExport(mode, settings, keys, adapter, config, writes_base, used, notes)

@@ -59,6 +59,11 @@ class MegatronOptions:
     spec: str = "te"
     test: bool = False
     trust_remote_code: bool = False
+    dtype: str | None = None  # what FP8 block-quantized weights are dequantized into (default bf16)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not a dtype", hint=f"use one of {', '.join(DTYPE_NAMES)}")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hubexport import hub
-from hubexport.card import check_card_options, facts_from_merge, model_facts
+from hubexport.card import check_card_options
 from hubexport.hub import PushResult
+from hubexport.model_facts import facts_from_merge, model_facts
 from hubexport.options import PushOptions
 from hubexport.readme import render
 from hubexport.result import Result

@@ -12,7 +12,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hubexport.card import render_card, validate_card
+from hubexport.card import render_card
+from hubexport.card_metadata import validate_card
 from hubexport.options import CardOptions
 
 if TYPE_CHECKING:
@@ -61,11 +62,8 @@ def overlay(recorded: CardOptions, given: CardOptions) -> CardOptions:
 def render(folder: Path, options: CardOptions, *, repo_id: str | None, merge_result: Result | None,
            sha256: Mapping[str, str], log: Callable[[str], None]) -> str:
     """The generated card for `folder`, marked."""
-    variables = {**options.variables, **({"repo_id": repo_id} if repo_id else {})}
-    text = render_card(folder, merge_result=merge_result, base_model=options.base_model, license=options.license,
-                       variables=variables, card_data=options.card_data, template=options.template,
-                       training_config=options.training_config, sha256=sha256, log=log)
-    return mark(text, options)
+    rendered = replace(options, variables={**options.variables, "repo_id": repo_id}) if repo_id else options
+    return mark(render_card(folder, rendered, merge_result=merge_result, sha256=sha256, log=log), options)
 
 
 def readme_to_publish(folder: Path, options: CardOptions, *, repo_id: str, merge_result: Result | None,

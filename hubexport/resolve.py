@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubexport.card import REPO_ID_RE
+from hubexport.card_metadata import REPO_ID_RE
 from hubexport.dist import Dist
 from hubexport.errors import HubexportError, ResolveError
 

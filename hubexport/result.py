@@ -48,4 +48,5 @@ class Result:
     dry_run: bool = False
     lora: dict | None = None  # {"mode", "r", "lora_alpha", "modules", "adapter_dir", ...} for PEFT checkpoints
     megatron: MegatronFacts | None = None  # to-megatron only
+    resolved: dict | None = None  # an input given as a Hub id: {"repo_id", "revision", "sha", "path"}
     push: PushResult | None = None  # push and merge --hf-upload-path

@@ -15,24 +15,31 @@ from hubexport.errors import ConfigError, MappingError
 from hubexport.hfdir import load_config
 from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
-from hubexport.options import MegatronOptions
+from hubexport.options import DTYPE_NAMES, MegatronOptions
+from hubexport.resolve import ResolvedModel
 from hubexport.result import MegatronFacts, Result, WrittenFile
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
+from hubexport.sources.quantized import dequantized, without_quantization
 from hubexport.writers.mcore import Chunk, assign_ranks, extra_state_modules, placement, process_group, save_torch_dist
 
 
 class McoreJob:
     """The executor's job for the HF → Megatron direction."""
 
-    def __init__(self, hf_dir: Path, options: MegatronOptions, dist: Dist) -> None:
+    def __init__(self, model: ResolvedModel, options: MegatronOptions, dist: Dist) -> None:
+        hf_dir = model.path
         if not (hf_dir / "config.json").is_file():
             raise ConfigError(f"{hf_dir / 'config.json'} does not exist",
                               hint="--hf-model-path must be a Hugging Face model folder (config.json + *.safetensors)")
-        self.options, self.dist = options, dist
+        self.model, self.options, self.dist = model, options, dist
         self.inputs = (hf_dir,)
-        self.config = load_config(hf_dir, hf_dir, trust_remote_code=options.trust_remote_code)
-        self.source = SafetensorsSource(hf_dir)
+        config = load_config(hf_dir, hf_dir, trust_remote_code=options.trust_remote_code)
+        self.files = SafetensorsSource(hf_dir)
+        # FP8 block-quantized weights (DeepSeek-V3 as published) are dequantized as they are read; scales never leave
+        self.source = dequantized(self.files, config, dtype=DTYPE_NAMES[options.dtype or "bf16"],
+                                  where=str(hf_dir / "config.json"))
+        self.config = without_quantization(config)
         self.hf = self.source.metas()
         self.plan: McorePlan = hf_to_megatron_plan(self.hf, self.config, spec=options.spec)
         where = {"num_layers": self.plan.stacks, "num_experts": self.plan.num_experts, "stacked": self.plan.stacked}
@@ -57,8 +64,8 @@ class McoreJob:
             dtype=str(max(dtypes, key=dtypes.__getitem__)).removeprefix("torch."),
             num_parameters=sum(math.prod(s.shape) for s in hf.values()), tied_embeddings=plan.tied,
             value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak,
-            notes=[*self.source.notes, *plan.notes],
-            megatron=facts,
+            notes=[*self.files.notes, *plan.notes],
+            megatron=facts, resolved=self.model.as_json() if self.model.repo_id else None,
         )
 
     def describe(self, result: Result) -> list[str]:

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from hubexport import card as card_module
-from hubexport.card import redact, render_card, validate_card, validate_metadata
+from hubexport.card import redact, render_card
+from hubexport.card_metadata import validate_card, validate_metadata
 from hubexport.cli import cli
 from hubexport.errors import CardError
 from hubexport.options import CardOptions
@@ -103,9 +104,9 @@ def assert_golden(name: str, text: str) -> None:
 
 def test_default_card_from_a_merge_with_training_config(folder: Path, training_config: Path) -> None:
     logs: list[str] = []
-    text = render_card(folder, merge_result=merge_result(folder), license="apache-2.0", training_config=training_config,
-                       variables={"reward": "exact match on the final answer", "wandb_run": "qwen-grpo/7x2k"},
-                       log=logs.append)
+    options = CardOptions(license="apache-2.0", training_config=training_config,
+                          variables={"reward": "exact match on the final answer", "wandb_run": "qwen-grpo/7x2k"})
+    text = render_card(folder, options, merge_result=merge_result(folder), log=logs.append)
     assert_golden("card_default_merge.md", text)
     assert any(f"base model {BASE} taken from the training config" in line for line in logs)
     assert not any(secret in text for secret in SECRETS)
@@ -113,14 +114,14 @@ def test_default_card_from_a_merge_with_training_config(folder: Path, training_c
 
 
 def test_minimal_card_from_a_folder_alone(folder: Path) -> None:
-    text = render_card(folder, base_model=BASE, license="mit", template="minimal", log=lambda _: None)
+    text = render_card(folder, CardOptions(base_model=BASE, license="mit", template="minimal"), log=lambda _: None)
     assert_golden("card_minimal_folder.md", text)
 
 
 def test_rendering_does_not_depend_on_where_the_folder_is(folder: Path, tmp_path: Path) -> None:
     elsewhere = Path(shutil.copytree(folder, tmp_path / "a" / "b" / folder.name))
-    assert render_card(folder, license="mit", log=lambda _: None) == render_card(elsewhere, license="mit",
-                                                                                 log=lambda _: None)
+    mit = CardOptions(license="mit")
+    assert render_card(folder, mit, log=lambda _: None) == render_card(elsewhere, mit, log=lambda _: None)
 
 
 def test_redaction_by_key_and_value_and_path_shortening() -> None:
@@ -144,7 +145,7 @@ def _cache_base_model_card(hf_home: Path, license_yaml: str) -> str:
 def test_license_and_revision_come_from_the_cached_base_model_card(folder: Path, hf_home: Path) -> None:
     sha = _cache_base_model_card(hf_home, "license: other\nlicense_name: qwen\nlicense_link: https://x.test/LICENSE")
     logs: list[str] = []
-    meta = validate_card(text := render_card(folder, base_model=BASE, log=logs.append))
+    meta = validate_card(text := render_card(folder, CardOptions(base_model=BASE), log=logs.append))
     assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "qwen", "https://x.test/LICENSE")
     assert f"`{sha}`" in text and any("inherited from the base model" in line for line in logs)
 
@@ -155,21 +156,21 @@ def test_license_from_a_local_base_model_dir(folder: Path, tmp_path: Path) -> No
     (base_dir / "README.md").write_text("---\nlicense: llama3.1\n---\n")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"actor_rollout_ref": {"model": {"path": str(base_dir)}}}))
-    meta = validate_card(render_card(folder, training_config=config, log=lambda _: None))
+    meta = validate_card(render_card(folder, CardOptions(training_config=config), log=lambda _: None))
     assert meta["license"] == "llama3.1" and "base_model" not in meta  # a local path is never a base_model
 
 
 def test_no_license_is_left_out_with_a_warning(folder: Path) -> None:
     logs: list[str] = []
-    meta = validate_card(render_card(folder, base_model=BASE, log=logs.append))
+    meta = validate_card(render_card(folder, CardOptions(base_model=BASE), log=logs.append))
     assert "license" not in meta and any(line.startswith("warning: no license") for line in logs)
 
 
 def test_precedence_flags_over_card_data_over_inference(folder: Path, tmp_path: Path) -> None:
     data = tmp_path / "card.yaml"
     data.write_text("license: mit\nlanguage: [en]\ndatasets: [openai/gsm8k]\ntags: [math]\n")
-    meta = validate_card(render_card(folder, license="apache-2.0", card_data=data, base_model=BASE,
-                                     log=lambda _: None))
+    options = CardOptions(license="apache-2.0", card_data=data, base_model=BASE)
+    meta = validate_card(render_card(folder, options, log=lambda _: None))
     assert meta["license"] == "apache-2.0" and meta["language"] == ["en"] and meta["datasets"] == ["openai/gsm8k"]
     assert meta["tags"] == ["hubexport", "math"] and meta["base_model_relation"] == "finetune"
 
@@ -196,12 +197,12 @@ def test_metadata_the_hub_accepts_passes() -> None:
 def test_templates_by_path_and_errors(folder: Path, tmp_path: Path) -> None:
     custom = tmp_path / "mine.md.j2"
     custom.write_text("---\n{{ card_data }}\n---\nstep {{ facts.global_step }} of {{ vars.run }}\n")
-    assert render_card(folder, license="mit", template=custom, variables={"run": "r1"},
-                       log=lambda _: None).endswith("step None of r1\n")
+    options = CardOptions(license="mit", template=custom, variables={"run": "r1"})
+    assert render_card(folder, options, log=lambda _: None).endswith("step None of r1\n")
     with pytest.raises(CardError, match="no bundled card template named 'fancy'"):
-        render_card(folder, template="fancy", log=lambda _: None)
+        render_card(folder, CardOptions(template="fancy"), log=lambda _: None)
     with pytest.raises(CardError, match=r"has no attribute 'run'"):
-        render_card(folder, template=custom, log=lambda _: None)  # vars.run missing: an error, not a blank
+        render_card(folder, CardOptions(template=custom), log=lambda _: None)  # vars.run missing: an error, not a blank
 
 
 def test_card_command_writes_readme_or_stdout(folder: Path) -> None:

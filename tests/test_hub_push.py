@@ -314,7 +314,7 @@ def test_dry_run_of_a_checkpoint_plans_the_merge_and_sends_nothing(fakehub: Fake
 
 def test_json_result_says_what_was_pushed_with_shard_digests(fakehub: FakeHub, model_dir: Path) -> None:
     """What CI (the action's summary) reads: the folder, the model facts, every shard with its size and sha256."""
-    from hubexport.card import sha256_file
+    from hubexport.model_facts import sha256_file
 
     out = push_json(model_dir)
     assert out["target_dir"] == str(model_dir) and out["dry_run"] is False

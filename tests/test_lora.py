@@ -18,7 +18,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hubexport import lora
+from hubexport import lora, lora_views
 from hubexport.cli import cli
 from hubexport.core import TensorSpec
 from hubexport.detect import detect
@@ -289,7 +289,7 @@ def test_adapter_names_are_peft_s(setup):
     model, cfg = peft_model(setup)
     sd = model.state_dict()
     keys = lora.split_keys(sd)
-    ours = {dst: sd[src] for src, dst in lora.adapter_names(keys, sd, cfg.bias).items()}
+    ours = {dst: sd[src] for src, dst in lora_views.adapter_names(keys, sd, cfg.bias).items()}
     theirs = get_peft_model_state_dict(model, save_embedding_layers=False)
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -303,7 +303,7 @@ def test_fusion_equals_peft_merge_and_unload(setup):
     specs = {k: TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()}
     settings = lora.LoraSettings(r=cfg.r, lora_alpha=cfg.lora_alpha, rank_pattern=cfg.rank_pattern,
                                  alpha_pattern=cfg.alpha_pattern, use_rslora=cfg.use_rslora)
-    recipes = lora.base_recipes(keys, keys.base, specs, settings, fuse=True)
+    recipes = lora_views.base_recipes(keys, keys.base, specs, settings, fuse=True)
     merged = model.merge_and_unload().state_dict()
     assert set(recipes) == set(merged)
     for name, recipe in recipes.items():
@@ -318,11 +318,11 @@ def test_dora_fusion_is_refused_with_a_way_out():
     keys = lora.split_keys(sd)
     specs = {k: TensorSpec(k, tuple(v.shape), v.dtype) for k, v in sd.items()}
     with pytest.raises(ConfigError, match="--lora adapter"):
-        lora.base_recipes(keys, keys.base, specs, lora.LoraSettings(r=4, lora_alpha=8), fuse=True)
+        lora_views.base_recipes(keys, keys.base, specs, lora.LoraSettings(r=4, lora_alpha=8), fuse=True)
 
 
 def test_target_modules_never_select_an_unadapted_module():
     modules = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj")]
-    assert lora.target_modules(modules, modules) == ["k_proj", "q_proj"]
+    assert lora_views.target_modules(modules, modules) == ["k_proj", "q_proj"]
     only_layer0 = [m for m in modules if ".0." in m]
-    assert lora.target_modules(only_layer0, modules) == sorted(only_layer0)
+    assert lora_views.target_modules(only_layer0, modules) == sorted(only_layer0)

@@ -16,11 +16,13 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub._eval_results import parse_eval_result_entries
 
-from hubexport.card import render_card, validate_card
+from hubexport.card import render_card
+from hubexport.card_metadata import validate_card
 from hubexport.errors import MetricsError
 from hubexport.evalresults import CURVE_PATH, eval_results_for
 from hubexport.examples import FsdpCase, build_model
 from hubexport.metrics import find_metrics_file, parse_val_key, pick_best, read_metrics, select_step
+from hubexport.options import CardOptions
 
 GSM = "val-core/openai/gsm8k/reward/mean@1"
 DAPO = "val-core/math_dapo/acc/mean@4"
@@ -190,7 +192,7 @@ def test_model_index_passes_the_card_renderer(run, tmp_path):
     model.save_pretrained(tmp_path / "model")
     meta = eval_results_for(run / "global_step_30", log=quiet, env={}).card_metadata("qwen-grpo")
     (tmp_path / "card.yaml").write_text(yaml.safe_dump(meta))
-    card = render_card(tmp_path / "model", card_data=tmp_path / "card.yaml", license="mit", log=quiet)
+    card = render_card(tmp_path / "model", CardOptions(card_data=tmp_path / "card.yaml", license="mit"), log=quiet)
     assert validate_card(card)["model-index"] == meta["model-index"]
 
 

@@ -15,8 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
+from hubexport.safetensors_format import CODE_DTYPES
 from hubexport.sources.dcp import DcpTensor, StoredChunk, read_region
-from hubexport.sources.hf import CODE_DTYPES
 
 SHARD_RE = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
