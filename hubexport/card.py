@@ -15,7 +15,7 @@ import yaml
 
 from hubexport import __version__
 from hubexport.card_metadata import REPO_ID_RE, validate_metadata
-from hubexport.errors import CardError
+from hubexport.errors import CardError, HubexportError
 from hubexport.model_facts import ModelFacts, model_config, model_facts
 from hubexport.options import CardOptions
 from hubexport.resources import templates_root
@@ -132,17 +132,28 @@ def _hub_id(value: Any) -> str | None:
     return value
 
 
-def _base_model_card(base_model: str | None, local_path: Any) -> tuple[Path | None, str | None]:
-    """The base model's README when it is on this machine (a local model dir, or the HF cache), and its revision."""
+def _base_model_card(base_model: str | None, local_path: Any,
+                     log: Callable[[str], None]) -> tuple[Path | None, str | None]:
+    """The base model's README (a local model dir, else its Hub repo: the cache, or a download of README.md and
+    config.json) and the commit it comes from. Not finding it is a warning, never an error: the card is still made."""
     if isinstance(local_path, str) and (Path(local_path).expanduser() / "README.md").is_file():
         return Path(local_path).expanduser() / "README.md", None
-    if base_model:
-        from huggingface_hub import try_to_load_from_cache
+    if not base_model:
+        return None, None
+    from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(base_model, "README.md")
-        if isinstance(cached, str):
-            return Path(cached), Path(cached).parent.name  # .../snapshots/<commit sha>/README.md
-    return None, None
+    from hubexport.resolve import CARD_FILES, resolve_model
+
+    cached = try_to_load_from_cache(base_model, "README.md")
+    if isinstance(cached, str):
+        return Path(cached), Path(cached).parent.name  # .../snapshots/<commit sha>/README.md
+    try:
+        model = resolve_model(base_model, purpose="--base-model", log=log, files=CARD_FILES)
+    except HubexportError as e:
+        log(f"warning: the base model's card was not read ({e.message})")
+        return None, None
+    readme = model.path / "README.md"
+    return (readme if readme.is_file() else None), model.sha
 
 
 def _license_from_card(readme: Path | None) -> dict[str, str]:
@@ -287,7 +298,7 @@ def render_card(folder: Path, options: CardOptions = CardOptions(), *, merge_res
     if base and not options.base_model and "base_model" not in user_meta:
         log(f"card: base model {base} taken from the training config (override with --base-model)")
     base_id = base if isinstance(base, str) else None
-    readme, base_revision = _base_model_card(base_id, model_path)
+    readme, base_revision = _base_model_card(base_id, model_path, log)
     licensing = _license(options, user_meta, readme, log)
     meta = _metadata(facts, base, licensing, user_meta, raw_training)
     training = redact(raw_training)

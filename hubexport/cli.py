@@ -256,8 +256,9 @@ def summary(result_json: Path, output: Path | None, github_output: Path | None, 
 
 @cli.command()
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--reference", required=True, type=click.Path(path_type=Path),
-              help="An HF folder (single-file or sharded), or a training checkpoint merged on the fly.")
+@click.option("--reference", required=True,
+              help="An HF folder (single-file or sharded), a Hub id ORG/NAME[@REVISION], or a training checkpoint "
+                   "merged on the fly.")
 @BACKEND
 @click.option("--logits", is_flag=True, help="Also load both with transformers on CPU and compare logits.")
 @JSON

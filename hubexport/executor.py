@@ -53,6 +53,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
           log: Log = print, command: str = "merge") -> Result:
     """Merge a training checkpoint into a save_pretrained-style folder at `out.target`; with `push`, card it into
     that folder and publish it (the token is checked before the merge)."""
+    from hubexport.resolve import resolve_model
     from hubexport.to_hf import HfJob, prepare
 
     dist = Dist.from_env()
@@ -60,6 +61,10 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     check_disjoint(out.target, [local_dir, options.lora_base_model])
     check_target(out.target, overwrite=out.overwrite)
     publisher = _connect(push, local_dir, dist, log) if push else None
+    base = None
+    if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
+        base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
+        options = replace(options, lora_base_model=base.path)
     job = dist.run(lambda: HfJob(prepare(local_dir, options), local_dir))
 
     card: list[str] = []
@@ -73,6 +78,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None)
     finally:
         job.close()
+    result.resolved = base.as_json() if base is not None and base.repo_id else None
     if publisher is not None:
         result.push = (publisher.planned(result) if out.dry_run
                        else publisher.publish(out.target, card=card[0], merge_result=result))

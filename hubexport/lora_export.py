@@ -17,7 +17,7 @@ from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.hf_native import check_keys, saved_groups
 from hubexport.plan import Plan, make_plan
 from hubexport.sources import CombinedSource, Source
-from hubexport.sources.hf import SafetensorsSource
+from hubexport.sources.quantized import open_hf_weights
 
 
 @dataclass
@@ -66,8 +66,8 @@ def prepare_lora(
         groups, writes_base = [], False
         notes.append("LoRA-only checkpoint: writing the adapter alone (pass --base-model to write the model too)")
     else:
-        base = SafetensorsSource(Path(base_model))
-        base_names = check_base_folder(model, base)
+        base = open_hf_weights(Path(base_model))
+        base_names = check_base_folder(model, base, Path(base_model))
         source = CombinedSource(base, source)
         specs = source.metas()
         recipes = lora_views.base_recipes(keys, {n: n for n in base_names}, specs, settings, fuse=fuse)
@@ -84,7 +84,7 @@ def prepare_lora(
     return groups, source, LoraExport(mode, settings, keys, adapter, config, writes_base, used, notes)
 
 
-def check_base_folder(model: PreTrainedModel, base: SafetensorsSource) -> list[str]:
+def check_base_folder(model: PreTrainedModel, base: Source, folder: Path) -> list[str]:
     """--base-model must hold exactly what save_pretrained writes for the checkpoint's architecture."""
     meta = {k: TensorSpec(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     expected = {o.name: o.shape for g in saved_groups(model, meta) for o in g.outputs}
@@ -92,7 +92,7 @@ def check_base_folder(model: PreTrainedModel, base: SafetensorsSource) -> list[s
     try:
         check_keys(expected, found, type(model).__name__)
     except MappingError as e:
-        raise MappingError(f"--base-model {base.folder}: {e.message}",
+        raise MappingError(f"--base-model {folder}: {e.message}",
                            hint="pass the base model the LoRA run started from (same architecture and sizes)") from None
     return sorted(found, key=natural_key)
 

@@ -12,7 +12,9 @@ import torch
 from hubexport.core import TensorSpec
 from hubexport.detect import is_hf_folder
 from hubexport.errors import CheckpointError
+from hubexport.resolve import resolve_model
 from hubexport.sources.hf import SafetensorsSource
+from hubexport.sources.quantized import open_hf_weights
 
 PROMPT = [[1, 3, 17, 42, 5, 99, 12, 7, 64, 2]]
 # Logits tolerance by the lower precision of the two models (exact tensors give exact logits; this absorbs kernels).
@@ -61,7 +63,7 @@ def compare_tensors(name: str, got: torch.Tensor, want: torch.Tensor) -> Differe
 def _reference_tensors(reference: Path, backend: str) -> tuple[dict[str, TensorSpec], Callable[[], Iterator]]:
     """Names, specs and a stream of (name, tensor) of the reference, whatever it is."""
     if is_hf_folder(reference):
-        src = SafetensorsSource(reference)
+        src = open_hf_weights(reference)
 
         def read_all() -> Iterator[tuple[str, torch.Tensor]]:
             try:
@@ -89,7 +91,10 @@ def _reference_tensors(reference: Path, backend: str) -> tuple[dict[str, TensorS
 
 def verify(candidate: Path, reference: Path, *, logits: bool = False, backend: str = "auto",
            log: Callable[[str], None] = print) -> VerifyReport:
-    candidate, reference = Path(candidate), Path(reference)
+    candidate = Path(candidate)
+    if not Path(reference).exists():  # a Hub id: the reference model as published
+        reference = resolve_model(reference, purpose="--reference", log=log).path
+    reference = Path(reference)
     if not is_hf_folder(candidate):
         raise CheckpointError(f"{candidate} is not a Hugging Face folder (config.json + *.safetensors)",
                               hint="pass the merged model folder first, then --reference")

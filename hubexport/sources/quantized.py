@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,3 +128,13 @@ def without_quantization(config: Any) -> Any:
     if hasattr(out, "quantization_config"):
         delattr(out, "quantization_config")
     return out
+
+
+def open_hf_weights(folder: Path, *, dtype: torch.dtype = torch.bfloat16) -> Source:
+    """An HF folder's weights as the commands read them: FP8 block-quantized ones dequantized into `dtype`."""
+    from hubexport.jsonfile import read_json_object
+    from hubexport.sources.hf import SafetensorsSource
+
+    config = folder / "config.json"
+    source = SafetensorsSource(folder)
+    return dequantized(source, read_json_object(config) if config.is_file() else {}, dtype=dtype, where=str(config))
