@@ -398,3 +398,16 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="hubexport")
+
+
+# ---- hidden helpers of the GitHub Action (action.yml) ----------------------------------------------------------------
+@cli.command("oidc-token", hidden=True)
+@click.option("--repo-id", required=True, help="The repo that trusts this workflow (namespace/name).")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Write the token here (mode 600).")
+@friendly
+def oidc_token(repo_id: str, output: Path) -> None:
+    """Exchange this job's OIDC id token for a short-lived Hub token limited to REPO_ID (Trusted Publishers) and
+    write it to OUTPUT. Prints no token."""
+    from hubexport.oidc import exchange, write_private
+
+    write_private(output, exchange(repo_id, log=say))
