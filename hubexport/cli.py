@@ -360,6 +360,40 @@ def diff(candidate: Path, base: Path, check: bool, allow_unchanged: bool, allow_
             say(f"warning: {note}")
 
 
+# ---- hidden helpers of the GitHub Action (action.yml) ----------------------------------------------------------------
+@cli.command("oidc-token", hidden=True)
+@click.option("--repo-id", required=True, help="The repo that trusts this workflow (namespace/name).")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Write the token here (mode 600).")
+@friendly
+def oidc_token(repo_id: str, output: Path) -> None:
+    """Exchange this job's OIDC id token for a short-lived Hub token limited to REPO_ID (Trusted Publishers) and
+    write it to OUTPUT. Prints no token."""
+    from hubexport.oidc import exchange, write_private
+
+    write_private(output, exchange(repo_id, log=say))
+
+
+@cli.command("failure-summary", hidden=True)
+@click.option("--stage", required=True, help="The action step that failed, e.g. 'merging and pushing'.")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None, help="That step's captured stderr.")
+@click.option("--repo-id", default="")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--target-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--since", type=click.Path(path_type=Path), default=None,
+              help="A file touched when the step started: a target-dir counts as merged only if written after it.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Append the markdown here.")
+@friendly
+def failure_summary(stage: str, log_path: Path | None, repo_id: str, checkpoint: Path | None,
+                    target_dir: Path | None, since: Path | None, output: Path) -> None:
+    """Append the job summary of a failed action run to OUTPUT, and print the error as a GitHub annotation."""
+    from hubexport.failure import annotation, read_failure, render_failure
+
+    failure = read_failure(stage, log_path, repo_id=repo_id, checkpoint=checkpoint, target_dir=target_dir, since=since)
+    with open(output, "a") as f:
+        f.write(render_failure(failure))
+    click.echo(annotation(failure))
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the staging folder is removed on the way out
 

@@ -1,5 +1,6 @@
-"""Where the bundled Jinja templates are: the installed `hubexport.templates` package (pyproject maps templates/
-onto it), or templates/ beside the package in a source checkout that is imported without being installed."""
+"""Where the bundled Jinja templates are: templates/ beside the package when the running code is a source checkout
+(on PYTHONPATH, or installed editable: its own templates, not another checkout's), else the installed
+`hubexport.templates` package (pyproject maps templates/ onto it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def templates_root() -> Traversable:
-    try:
-        return importlib.resources.files("hubexport.templates")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "templates"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates").is_dir():
+        return checkout / "templates"
+    return importlib.resources.files("hubexport.templates")

@@ -85,32 +85,38 @@ def _human_bytes(n: Any) -> str:
     return str(n)
 
 
-def _template_text(template: str | Path | None) -> str:
+def _template_text(template: str | Path | None, default: str) -> str:
     if template is None or str(template) == "default":
-        return templates_root().joinpath(SUMMARY_TEMPLATE).read_text()
+        return templates_root().joinpath(default).read_text()
     path = Path(template)
     if not path.is_file():
         raise CardError(f"summary template {path} not found", hint="pass a .md.j2 file, or leave --template out")
     return path.read_text()
 
 
-def render_summary(result: Mapping[str, Any], template: str | Path | None = None) -> str:
-    """Markdown for `$GITHUB_STEP_SUMMARY`: the repo and commit, what was merged from what, and the shard table."""
+def render_markdown(template: str | Path | None, default: str, **context: Any) -> str:
+    """A job summary from a bundled template (`default`) or a user's .md.j2, with the table-safe filters, capped at
+    the size GitHub accepts."""
     import jinja2
 
-    model = result.get("model") or {}
-    shards = list(model.get("shards") or [])
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined, autoescape=False)
     env.filters.update(cell=_cell, code=_code, human_bytes=_human_bytes)
     try:
-        text = env.from_string(_template_text(template)).render(
-            r=result, model=model, shards=shards[:MAX_SHARD_ROWS], hidden_shards=max(0, len(shards) - MAX_SHARD_ROWS),
-            visibility="private" if result.get("private") else "public",
-            dry_run=bool(result.get("dry_run")),
-        )
+        text = env.from_string(_template_text(template, default)).render(**context)
     except jinja2.TemplateError as e:
         raise CardError(f"summary template: {e}", hint="fix the template, or leave --template out") from None
     if len(text.encode()) > MAX_SUMMARY_BYTES:
         text = text.encode()[: MAX_SUMMARY_BYTES - 100].decode(errors="ignore") + "\n\n(summary truncated)\n"
     return text
+
+
+def render_summary(result: Mapping[str, Any], template: str | Path | None = None) -> str:
+    """Markdown for `$GITHUB_STEP_SUMMARY`: the repo and commit, what was merged from what, and the shard table."""
+    model = result.get("model") or {}
+    shards = list(model.get("shards") or [])
+    return render_markdown(
+        template, SUMMARY_TEMPLATE,
+        r=result, model=model, shards=shards[:MAX_SHARD_ROWS], hidden_shards=max(0, len(shards) - MAX_SHARD_ROWS),
+        visibility="private" if result.get("private") else "public", dry_run=bool(result.get("dry_run")),
+    )

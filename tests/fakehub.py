@@ -4,7 +4,9 @@ protocol that huggingface_hub's upload and download paths use (docs/hub-and-acti
 It is strict where the real client or the real Hub depend on it (sha256 of every stored LFS object, ETags on parts,
 stale parents, auth roles), keeps counters the tests assert on, and can inject faults: a status (429 + Retry-After,
 5xx), a dropped connection, an answer cut after its first bytes, or a stall that holds a request until the test
-releases it. Gated repos answer like the Hub's: metadata and tree for everyone, files only to granted users."""
+releases it. Gated repos answer like the Hub's: metadata and tree for everyone, files only to granted users. It also
+answers the Trusted Publishers exchange (`POST /oauth/token`, checked by tests/oidc_fakes.py) with tokens limited to
+one repo that expire."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import hashlib
 import json
 import math
 import re
+import secrets
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +29,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+
+from tests.oidc_fakes import HUB_TOKEN_TTL, OAuthError, TrustedPublishers
 
 GITATTRIBUTES = b"".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n".encode()
@@ -100,6 +106,8 @@ class FakeHub:
         self.chunk_size = chunk_size
         self.tokens: dict[str, tuple[str, str]] = {}  # token -> (user, role)
         self.orgs: dict[str, dict[str, str]] = {}  # user -> {org: roleInOrg}
+        self.trust = TrustedPublishers()  # POST /oauth/token: who may exchange an OIDC id token for which repo
+        self.scopes: dict[str, tuple[str, float]] = {}  # exchanged token -> (repo key it is limited to, expiry)
         self.repos: dict[str, Repo] = {}
         self.uploads: dict[str, Upload] = {}
         self.faults: list[Fault] = []
@@ -119,6 +127,18 @@ class FakeHub:
 
     def add_token(self, user: str, token: str, role: str) -> None:
         self.tokens[token] = (user, role)
+
+    def add_trusted_publisher(self, repo_id: str, **claims: str) -> None:
+        """Let GitHub Actions id tokens whose claims equal these (e.g. repository=, workflow_ref=) push to repo_id."""
+        self.trust.add(f"model:{repo_id}", **claims)
+
+    def mint_scoped_token(self, repo_key: str, ttl: float = HUB_TOKEN_TTL) -> str:
+        """A trusted-publisher token: writes to one repo only, pushes as the synthetic [OIDC] user, expires."""
+        token = f"hf_jwt_{secrets.token_hex(24)}"
+        with self.lock:
+            self.tokens[token] = ("[OIDC]", "fineGrained")
+            self.scopes[token] = (repo_key, time.time() + ttl)
+        return token
 
     def inject(self, method: str, pattern: str, *, status: int | None = None, headers: dict[str, str] | None = None,
                body: dict[str, Any] | None = None, drop: bool = False, stall: threading.Event | None = None,
@@ -255,9 +275,12 @@ class _Handler(BaseHTTPRequestHandler):
         for route_method, pattern, name in ROUTES:
             m = re.fullmatch(pattern, path)
             if route_method == method and m:
+                self.body_read = False
                 try:
                     getattr(self, name)(**{k: unquote(v) for k, v in m.groupdict().items() if v is not None})
                 except HttpError as e:
+                    if not self.body_read:  # refused before reading it: drain, so keep-alive stays in sync
+                        self._body()
                     self._error(e)
                 return
         self._error(HttpError(404, f"no route for {method} {path}"))
@@ -282,6 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _body(self) -> bytes:
+        self.body_read = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
@@ -335,12 +359,21 @@ class _Handler(BaseHTTPRequestHandler):
         return f"http://{self.headers['Host']}"
 
     # ---- auth -----------------------------------------------------------------------------------------------------
-    def _user(self) -> tuple[str | None, str | None]:
+    def _token(self) -> str | None:
         auth = self.headers.get("Authorization")
-        if not auth:
+        return auth.removeprefix("Bearer ").strip() if auth else None
+
+    def _scope(self) -> str | None:
+        """The repo key an exchanged (trusted-publisher) token is limited to; None for a user token."""
+        scope = self.hub.scopes.get(self._token() or "")
+        return scope[0] if scope else None
+
+    def _user(self) -> tuple[str | None, str | None]:
+        token = self._token()
+        if token is None:
             return None, None
-        token = auth.removeprefix("Bearer ").strip()
-        if token not in self.hub.tokens:
+        scope = self.hub.scopes.get(token)
+        if token not in self.hub.tokens or (scope is not None and time.time() >= scope[1]):
             raise HttpError(401, "Invalid credentials in Authorization header")
         return self.hub.tokens[token]
 
@@ -354,12 +387,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo(self, type: str, ns: str, name: str, *, write: bool = False) -> Repo:
         user, role = self._user()
-        repo = self.hub.repos.get(f"{type}:{ns}/{name}")
-        visible = repo is not None and (not repo.private or (user is not None and (
+        key, scope = f"{type}:{ns}/{name}", self._scope()
+        repo = self.hub.repos.get(key)
+        visible = repo is not None and (not repo.private or scope == key or (scope is None and user is not None and (
             ns == user or ns in self.hub.orgs.get(user, {}))))
         if not visible:
             raise HttpError(401 if user is None else 404, "Repository not found", code="RepoNotFound")
-        if write:
+        if write and scope is not None and scope != key:
+            raise HttpError(403, f"This token can only write to {scope.split(':', 1)[1]}")
+        if write and scope is None:
             self._can_write_ns(user, role, ns)
         assert repo is not None
         return repo
@@ -388,13 +424,31 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             raise HttpError(401, "Invalid credentials in Authorization header")
         orgs = [{"type": "org", "name": o, "roleInOrg": r} for o, r in sorted(self.hub.orgs.get(user, {}).items())]
-        self._json({"type": "user", "name": user, "orgs": orgs,
-                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
+        token: dict[str, Any] = {"displayName": "test", "role": role}
+        if (scope := self._scope()) is not None:  # described like a fine-grained token limited to one repo
+            repo_type, repo_id = scope.split(":", 1)
+            token = {"displayName": "trusted publisher", "role": "fineGrained", "fineGrained": {"scoped": [
+                {"entity": {"type": repo_type, "name": repo_id}, "permissions": ["repo.content.read", "repo.write"]}]}}
+        self._json({"type": "user", "name": user, "orgs": orgs, "auth": {"type": "access_token", "accessToken": token}})
+
+    def oauth_token(self) -> None:
+        """Trusted Publishers (RFC 8693): an OIDC id token the repo trusts, for a short-lived token scoped to it."""
+        try:
+            key = self.hub.trust.resolve(self._json_body(), audience=self.base)
+            if key not in self.hub.repos:
+                raise OAuthError("invalid_grant", "The subject token does not match any trusted publisher for this resource")
+        except OAuthError as e:
+            self._json({"error": e.code, "error_description": e.description}, 400)
+            return
+        self._json({"access_token": self.hub.mint_scoped_token(key), "token_type": "bearer",
+                    "expires_in": HUB_TOKEN_TTL, "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"})
 
     def create(self) -> None:
         body = self._json_body()
         user, role = self._user()
         ns = body.get("organization") or user or ""
+        if self._scope() is not None:
+            raise HttpError(403, "A trusted-publisher token cannot create repositories")
         self._can_write_ns(user, role, ns)
         repo_type = body.get("type") or "model"
         repo_id = f"{ns}/{body['name']}"
@@ -633,6 +687,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/api/whoami-v2", "whoami"),
+    ("POST", r"/oauth/token", "oauth_token"),
     ("POST", r"/api/repos/create", "create"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", REPO_ROUTE, "info"),

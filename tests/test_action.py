@@ -27,6 +27,7 @@ from tests.hub_fixtures import TOKEN, USER, hub_env
 ROOT = Path(__file__).resolve().parent.parent
 ACTION = ROOT / "action.yml"
 ACT_WORKFLOW = ROOT / "tests" / "action" / "act-workflow.yml"
+ACT_WORKFLOWS = sorted((ROOT / "tests" / "action").glob("*.yml"))  # this one and test_action_oidc.py's
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 TOKEN2 = "hf_SecondWriteToken0123456789abcdef"
 BIN = Path(sys.executable).parent  # the test extra's console scripts live next to the interpreter
@@ -59,7 +60,8 @@ def test_action_metadata_matches_the_github_actions_schema(tmp_path: Path) -> No
 
 def test_workflows_pass_actionlint_which_checks_the_inputs_against_action_yml(tmp_path: Path) -> None:
     assert {p.name for p in WORKFLOWS} >= {"ci.yml", "publish-after-training.yml"}
-    ok = run(tool("actionlint"), *WORKFLOWS, ACT_WORKFLOW)
+    assert ACT_WORKFLOW in ACT_WORKFLOWS and len(ACT_WORKFLOWS) == 2
+    ok = run(tool("actionlint"), *WORKFLOWS, *ACT_WORKFLOWS)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # actionlint resolves `uses: ./` against the project's action.yml: an input the action lacks is an error.
     (tmp_path / ".git").mkdir()  # marks the project root
@@ -72,7 +74,7 @@ def test_workflows_pass_actionlint_which_checks_the_inputs_against_action_yml(tm
 
 
 def test_zizmor_has_no_findings() -> None:
-    proc = run(tool("zizmor"), "--offline", "--no-progress", ACTION, *WORKFLOWS, ACT_WORKFLOW)
+    proc = run(tool("zizmor"), "--offline", "--no-progress", ACTION, *WORKFLOWS, *ACT_WORKFLOWS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -90,22 +92,51 @@ def test_action_scripts_pass_shellcheck(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "SC2086" in bad.stdout
 
 
-def test_first_step_names_every_bad_input() -> None:
-    """The validation step's own script, run by bash with the env GitHub would give it (act's log of a step that
-    fails within milliseconds can lose its lines, so the message is checked here, deterministically)."""
+def run_first_step(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
+    """The validation step's own script, run by bash with the env GitHub would give it: (exit code, the messages of
+    its ::error lines, the job summary it wrote)."""
     step = action()["runs"]["steps"][0]
-    env = {k: "" for k in step["env"]} | {"PATH": os.environ["PATH"], "HX_PRIVATE": "maybe", "HX_CREATE_PR": "false",
-                                          "HX_DRY_RUN": "false", "HX_OVERWRITE": "false", "HX_NPROC": "0"}
-    for key in ("HX_IS_VALUE_MODEL", "HX_TRUST_REMOTE_CODE", "HX_INSTALL_TORCH", "HX_INSTALL_DEPS"):
-        env[key] = "true"
-    proc = subprocess.run(["bash", "-c", step["run"]], env=env, capture_output=True, text=True)
-    assert proc.returncode == 1
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("::error title=hubexport::")]
-    assert [e.split("::", 2)[2].split(":")[0] for e in errors] == [
+    summary = tmp_path / "summary.md"
+    summary.write_text("")
+    full = {k: "" for k in step["env"]} | {"PATH": os.environ["PATH"], "GITHUB_STEP_SUMMARY": str(summary)} | env
+    proc = subprocess.run(["bash", "-c", step["run"]], env=full, capture_output=True, text=True)
+    errors = [line.split("::", 2)[2] for line in proc.stdout.splitlines() if line.startswith("::error title=hubexport::")]
+    return proc.returncode, errors, summary.read_text()
+
+
+GOOD_INPUTS = {"HX_CHECKPOINT_DIR": "ckpt", "HX_REPO_ID": "me/model", "HX_PRIVATE": "true", "HX_NPROC": "2",
+               "HX_AUTH": "token", **{k: "false" for k in ("HX_CREATE_PR", "HX_DRY_RUN", "HX_OVERWRITE",
+                                                              "HX_IS_VALUE_MODEL", "HX_TRUST_REMOTE_CODE")},
+               "HX_INSTALL_TORCH": "true", "HX_INSTALL_DEPS": "true"}
+
+
+def test_first_step_names_every_bad_input(tmp_path: Path) -> None:
+    """Checked here, deterministically: act's log of a step that fails within milliseconds can lose its lines. The
+    step also writes the job summary of its failure (no later step knows these errors)."""
+    rc, errors, summary = run_first_step(tmp_path, **GOOD_INPUTS | {"HX_CHECKPOINT_DIR": "", "HX_REPO_ID": "",
+                                                                    "HX_PRIVATE": "maybe", "HX_NPROC": "0"})
+    assert rc == 1
+    assert [e.split(":")[0] for e in errors] == [
         "input checkpoint-dir is required", "input repo-id is required", "input private must be true or false",
         "input nproc must be a positive number, or auto, gpu or cpu"]
-    env |= {"HX_CHECKPOINT_DIR": "ckpt", "HX_REPO_ID": "me/model", "HX_PRIVATE": "true", "HX_NPROC": "2"}
-    assert subprocess.run(["bash", "-c", step["run"]], env=env, capture_output=True).returncode == 0
+    assert summary.splitlines() == ["### hubexport stopped: the inputs are wrong", "", *(f"- {e}" for e in errors)]
+    assert run_first_step(tmp_path, **GOOD_INPUTS) == (0, [], "")
+    assert run_first_step(tmp_path, **GOOD_INPUTS | {"HX_AUTH": "keyless"})[1] == ["input auth must be token or oidc"]
+
+
+def test_first_step_checks_oidc_mode_before_anything_is_installed(tmp_path: Path) -> None:
+    oidc = GOOD_INPUTS | {"HX_AUTH": "oidc"}
+    rc, errors, _ = run_first_step(tmp_path, **oidc | {"HX_HF_TOKEN": TOKEN, "HX_REPO_ID": "model"})
+    assert rc == 1 and [e.split(":")[0] for e in errors] == [
+        "input hf-token must be empty with auth oidc", "with auth oidc, input repo-id must be namespace/name",
+        "auth oidc needs this job's OIDC id token, but ACTIONS_ID_TOKEN_REQUEST_URL and ACTIONS_ID_TOKEN_REQUEST_TOKEN "
+        "are not set"]
+    assert errors[-1].endswith("give the job `permissions: id-token: write`")
+    github = {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:9/idtoken?api-version=2.0",
+              "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "ghs_x"}
+    assert run_first_step(tmp_path, **oidc | github) == (0, [], "")
+    assert run_first_step(tmp_path, **oidc | {"HF_OIDC_ID_TOKEN": "eyJ.an-id-token-from-another-ci.x"})[0] == 0
+    assert run_first_step(tmp_path, **oidc | github | {"ACTIONS_ID_TOKEN_REQUEST_TOKEN": ""})[0] == 1
 
 
 def test_inputs_reach_scripts_only_through_env() -> None:
@@ -127,6 +158,16 @@ def test_inputs_reach_scripts_only_through_env() -> None:
         step_id, key = re.fullmatch(r"\$\{\{ steps\.([\w-]+)\.outputs\.([\w-]+) \}\}", out["value"]).groups()
         assert step_id in ids and key == name
     assert set(meta["outputs"]) == set(action_outputs({"repo_id": "a/b"}))
+
+
+def test_readme_documents_every_output_with_an_example() -> None:
+    """The README's outputs table: one row per output of action.yml, each with an example value in code."""
+    section = (ROOT / "README.md").read_text().split("| output | example | |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    examples = {row[0].strip("| `"): row[1] for row in rows}
+    assert list(examples) == list(action()["outputs"])
+    assert all(re.fullmatch(r"`[^`]+`", value) for value in examples.values()), examples
+    assert examples["commit-url"].strip("`").endswith(examples["commit-sha"].strip("`"))
 
 
 # ---- summary and outputs ------------------------------------------------------------------------------------------
@@ -236,6 +277,26 @@ def visible(log: str) -> str:
     return "\n".join(kept)
 
 
+def run_act(workflow: Path, env_args: dict[str, object], hub: FakeHub, tmp_path: Path) -> str:
+    """`act` runs the workflow on this machine (host mode) with these job env values; its JSON log, once it passed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cmd = [tool("act"), "workflow_dispatch", "-W", workflow, "-P", "self-hosted=-self-hosted",
+           "--action-offline-mode", "--no-cache-server", "--json"]
+    for key, value in env_args.items():
+        cmd += ["--env", f"{key}={value}"]
+    workdir = tmp_path / "repo"  # act reads git facts (sha, ref) from its working directory
+    workdir.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main", str(workdir)], check=True)
+    subprocess.run(["git", "-C", str(workdir), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "init"], check=True)
+    proc = run(*cmd, cwd=workdir, env=act_env(hub, home), timeout=600)
+    log = proc.stdout + proc.stderr
+    (tmp_path / "act.log").write_text(readable(log))
+    assert proc.returncode == 0, readable(log)[-8000:]
+    return log
+
+
 def safetensors_params(folder: Path) -> int:
     from hubexport.safetensors_format import read_header
 
@@ -248,28 +309,15 @@ def test_action_runs_under_act_and_pushes_a_merged_checkpoint(fakehub: FakeHub, 
     """A real FSDP2 checkpoint written by two processes (the suite's shared one: read only), and the run's verl config
     holding a secret, through the training-config input."""
     fakehub.add_token(USER, TOKEN2, "write")
-    results, target, home = tmp_path / "results", tmp_path / "merged", tmp_path / "home"
+    results, target = tmp_path / "results", tmp_path / "merged"
     results.mkdir()
-    home.mkdir()
     training_config = tmp_path / "config.yaml"
     training_config.write_text("algorithm: {adv_estimator: grpo}\nactor_rollout_ref: {actor: {strategy: fsdp2}}\n"
                                f"trainer: {{wandb_api_key: {TOKEN}}}\n")
     env_args = {"HXT_SRC": ROOT, "HXT_PYTHON": sys.executable, "HXT_CKPT": actor_dir(fsdp_root, "qwen2_fsdp2_w2_dim1"),
                 "HXT_TARGET": target, "HXT_TRAINING_CONFIG": training_config, "HXT_HUB": fakehub.url,
                 "HXT_RESULTS": results, "HF_TOKEN": TOKEN, "HXT_TOKEN2": TOKEN2}
-    cmd = [tool("act"), "workflow_dispatch", "-W", ACT_WORKFLOW, "-P", "self-hosted=-self-hosted",
-           "--action-offline-mode", "--no-cache-server", "--json"]
-    for key, value in env_args.items():
-        cmd += ["--env", f"{key}={value}"]
-    workdir = tmp_path / "repo"  # act reads git facts (sha, ref) from its working directory
-    workdir.mkdir()
-    subprocess.run(["git", "init", "-q", "-b", "main", str(workdir)], check=True)
-    subprocess.run(["git", "-C", str(workdir), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                    "--allow-empty", "-m", "init"], check=True)
-    proc = run(*cmd, cwd=workdir, env=act_env(fakehub, home), timeout=600)
-    log = proc.stdout + proc.stderr
-    (tmp_path / "act.log").write_text(readable(log))
-    assert proc.returncode == 0, readable(log)[-8000:]
+    log = run_act(ACT_WORKFLOW, env_args, fakehub, tmp_path)
 
     # The token never appears unmasked: nowhere in the log but in the ::add-mask:: commands themselves (which the
     # runner consumes; act's JSON log keeps their argument); the control line after the action shows it masked.
