@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -289,15 +291,25 @@ def _barrier(case: FsdpCase) -> None:
         torch.distributed.barrier()
 
 
-def _worker(rank: int, world_size: int, init_file: str, cases: list[FsdpCase], out: str) -> None:
+def _worker(rank: int, world_size: int, init_file: str, make: Callable[[Any, Path, int], None], cases: list,
+            out: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for case in cases:
-            make_case(case, Path(out), rank)
+            make(case, Path(out), rank)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(make: Callable[[Any, Path, int], None], cases: list, world_size: int, out: Path) -> None:
+    """`make(case, out, rank)` for every case in `world_size` real processes (gloo, a file rendezvous)."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.multiprocessing.start_processes(
+            _worker, args=(world_size, os.path.join(d, "rendezvous"), make, cases, str(out)), nprocs=world_size,
+            start_method="spawn",
+        )
 
 
 def make_checkpoints(cases: list[FsdpCase], out: Path) -> None:
@@ -310,8 +322,4 @@ def make_checkpoints(cases: list[FsdpCase], out: Path) -> None:
         if case.fsdp:
             by_world.setdefault(case.world_size, []).append(case)
     for world_size, group in sorted(by_world.items()):
-        with tempfile.TemporaryDirectory() as d:
-            torch.multiprocessing.start_processes(
-                _worker, args=(world_size, os.path.join(d, "rendezvous"), group, str(out)), nprocs=world_size,
-                start_method="spawn",
-            )
+        spawn_ranks(make_case, group, world_size, out)

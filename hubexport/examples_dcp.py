@@ -6,14 +6,21 @@ consolidating layout (`sharded/` beside the full files). Used by the tests."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hubexport.examples import FsdpCase, _full_state_and_logits, _save_hf_dir, _save_reference, _train_step, _wrap, build_model
+from hubexport.examples import (
+    FsdpCase,
+    _full_state_and_logits,
+    _save_hf_dir,
+    _save_reference,
+    _train_step,
+    _wrap,
+    build_model,
+    spawn_ranks,
+)
 
 WRITERS = ("plain", "accelerate", "nemo_rl", "automodel", "torch_hf")
 _LOCAL = {"plain": "global_step_1/actor", "accelerate": "checkpoint-1", "nemo_rl": "step_1", "automodel": "epoch_0_step_1",
@@ -103,23 +110,8 @@ def make_dcp_case(case: DcpCase, out: Path, rank: int) -> None:
     torch.distributed.barrier()
 
 
-def _worker(rank: int, world_size: int, init_file: str, cases: list[DcpCase], out: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        for case in cases:
-            make_dcp_case(case, Path(out), rank)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def make_dcp_checkpoints(cases: list[DcpCase], out: Path, world_size: int = 2) -> None:
     """Every case in one spawn of `world_size` real processes."""
     assert all(c.model.fsdp == 2 and c.model.world_size == world_size for c in cases)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
-        torch.multiprocessing.start_processes(
-            _worker, args=(world_size, os.path.join(d, "rendezvous"), cases, str(out)), nprocs=world_size,
-            start_method="spawn",
-        )
+    spawn_ranks(make_dcp_case, cases, world_size, out)

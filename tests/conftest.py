@@ -17,6 +17,7 @@ from tests.fixtures_vl import vl_checkpoints  # noqa: F401  (Qwen-VL torch_dist 
 from tests.fsdp_cases import CASES, actor_dir, build_all
 from tests.hub_fixtures import *  # noqa: F403  (Hub emulator and card fixtures)
 from tests.lora_cases import lora_root  # noqa: F401  (session fixture for tests/test_lora.py)
+from tests.oidc_fakes import github  # noqa: F401  (GitHub's OIDC endpoint, for the keyless-publishing tests)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from tests.localserver import serve, shutdown
 from tests.oidc_fakes import HUB_TOKEN_TTL, OAuthError, TrustedPublishers
 
 GITATTRIBUTES = b"".join(
@@ -164,15 +165,11 @@ class FakeHub:
         return len(self.repos[f"{repo_type}:{repo_id}"].commits)
 
     def start(self) -> str:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = serve(_handler_for(self))
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shutdown(self._server)
 
     @property
     def url(self) -> str:

@@ -18,12 +18,16 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests.localserver import serve, shutdown
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 TEST_KEY = b"hubexport-test-oidc-signing-key"
@@ -86,15 +90,11 @@ class FakeGitHubOIDC:
     _server: ThreadingHTTPServer | None = None
 
     def start(self) -> FakeGitHubOIDC:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _github_handler(self))
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = serve(_github_handler(self))
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shutdown(self._server)
 
     @property
     def url(self) -> str:
@@ -198,3 +198,14 @@ def _repo_key(resource: Any) -> str:
     if len(parts) == 1:
         raise OAuthError("invalid_grant", "user publishers are not served by this emulator")
     raise OAuthError("invalid_request", f"invalid resource {resource!r}")
+
+
+WORKFLOW_REF = "rl-org/trainer/.github/workflows/publish.yml@refs/heads/main"  # the job the tests' publishers trust
+
+
+@pytest.fixture
+def github() -> Iterator[FakeGitHubOIDC]:
+    """GitHub's id token endpoint for one test."""
+    fake = FakeGitHubOIDC().start()
+    yield fake
+    fake.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,11 @@ import pytest
 from tests.fakehub import FakeHub
 from tests.fsdp_cases import actor_dir
 from tests.hub_fixtures import ORG, READ_TOKEN, TOKEN, USER
-from tests.oidc_fakes import FakeGitHubOIDC
+from tests.oidc_fakes import WORKFLOW_REF, FakeGitHubOIDC
 from tests.test_action import ROOT, readable, run_act, safetensors_params, summaries, visible
 
 WORKFLOW = ROOT / "tests" / "action" / "act-oidc-workflow.yml"
 TRUSTED, UNTRUSTED = f"{ORG}/act-oidc", f"{ORG}/act-untrusted"
-WORKFLOW_REF = "rl-org/trainer/.github/workflows/publish.yml@refs/heads/main"
-
-
-@pytest.fixture
-def github() -> Iterator[FakeGitHubOIDC]:
-    fake = FakeGitHubOIDC().start()
-    yield fake
-    fake.stop()
 
 
 def summary_of(log: str, step: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,9 @@ from hubexport.oidc import exchange
 from hubexport.redaction import redact
 from tests.fakehub import FakeHub
 from tests.hub_fixtures import ORG, TOKEN, hub_env
-from tests.oidc_fakes import FakeGitHubOIDC, github_claims
+from tests.oidc_fakes import WORKFLOW_REF, FakeGitHubOIDC, github_claims
 
 REPO = f"{ORG}/oidc-model"
-WORKFLOW_REF = "rl-org/trainer/.github/workflows/publish.yml@refs/heads/main"
-
-
-@pytest.fixture
-def github() -> Iterator[FakeGitHubOIDC]:
-    fake = FakeGitHubOIDC().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
