@@ -205,7 +205,7 @@ def test_torchrun_ranks_download_once_per_cache(source: Path, fakehub: FakeHub, 
         assert result["shared"] == str(tmp_path / "shared" / "models--rl-org--dist" / "snapshots" / sha)
         assert result["own"] == str(tmp_path / f"own-{rank}" / "models--rl-org--dist" / "snapshots" / sha)
     assert results[0]["missing"].startswith(f"error: --hf-model-path {ORG}/missing: no such repo")
-    assert results[1]["missing"].startswith(f"error: another rank failed: --hf-model-path {ORG}/missing")
+    assert results[1]["missing"].startswith(f"error: rank 0 failed: --hf-model-path {ORG}/missing")
     for shard in source.glob("*.safetensors"):
         gets = [p for m, p, _ in fakehub.requests if m == "GET" and p.endswith("/" + shard.name)]
         assert len(gets) == 3, shard.name  # once into the shared cache, then once into each rank's own

@@ -116,7 +116,7 @@ def test_two_writer_ranks_share_the_work_and_match_one(loads) -> None:
     assert min(sizes) > 0.3 * max(sizes)  # balanced by bytes: each rank wrote its own share
     a, b = stored(two), stored(one)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert loads["json"]["world_size"] == 2 and loads["json"]["tested"] is True
+    assert loads["json"]["megatron"]["world_size"] == 2 and loads["json"]["megatron"]["tested"] is True
     # both ranks' chunks are described in one .metadata, as megatron-core's own multi-rank save does
     md = FileSystemReader(str(two)).read_metadata()
     assert {info.relative_path for info in md.storage_data.values()} == set(files)
