@@ -226,11 +226,7 @@ def detect_megatron(root: Path) -> Layout | None:
     v2 = (root / "model" / "dist_ckpt").is_dir() or (root / "ckpt_contents.json").is_file()
     dist = root / "model" / "dist_ckpt" if v2 else root / "dist_ckpt"
     adapter = megatron_adapter(root)
-    if adapter is not None:
-        version = "v2" if v2 else "v1" if dist.is_dir() else "v0"
-        return Layout(format="megatron", version=version, root=root, hf_dir=_megatron_hf_dir(root),
-                      parallel=_parallel_from_config(root), adapter=adapter)
-    if not dist.is_dir() and not v2:
+    if not dist.is_dir() and not v2 and adapter is None:
         return _detect_v0(root)
     hf_dir = _megatron_hf_dir(root)
     parallel = _parallel_from_config(root)
@@ -245,7 +241,14 @@ def detect_megatron(root: Path) -> Layout | None:
         if _has_hf_weights(hf_dir):
             notes.append(f"{hf_dir} also holds safetensors; converting from {dist} (the training state)")
         return Layout(format="megatron", version=version, root=root, hf_dir=hf_dir, files=[dist],
-                      parallel=parallel, notes=notes)
+                      parallel=parallel, notes=notes, adapter=adapter)
+    if adapter is not None:
+        raise CheckpointError(
+            f"{root} is a Megatron LoRA checkpoint ({adapter.name}) whose {dist.relative_to(root)}/ holds no "
+            "adapter tensors; hubexport cannot read adapter_checkpoint/ rank files yet",
+            hint="exporting only its base weights would drop the training; re-save the step with verl >= 0.9, which "
+                 "writes the adapters to model/dist_ckpt/, or with checkpoint.use_dist_checkpointing=True",
+        )
     if _has_hf_weights(hf_dir):
         why = "holds no model tensors" if complete else "is absent or incomplete"
         notes.append(f"mbridge checkpoint: model weights are already HF safetensors in {hf_dir} ({dist.name} {why}); "

@@ -26,6 +26,7 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_DIR = "lora_adapter"
 ADAPTER = "default"  # verl trains one adapter, PEFT's default name
 MODES = ("adapter", "fuse", "both")
+MCORE_ADAPTER_CONFIG = "model/huggingface/adapter/adapter_config.json"  # verl >= 0.9 Megatron LoRA (Megatron-Bridge)
 
 # <module>.<part>.<adapter>[.weight|.bias]: lora_A/B are Linear submodules, lora_embedding_A/B bare Parameters,
 # lora_magnitude_vector (DoRA) a module holding `.weight`.
@@ -166,10 +167,11 @@ class LoraSettings:
 
 def find_settings(root: Path, *, alpha: float | None, rank: int | None) -> LoraSettings:
     """r/alpha from the flags, else verl's `lora_train_meta.json` (actor dir; the SFT trainer writes it one level up),
-    else a training `adapter_config.json` (legacy verl's `lora_adapter/`), which also carries the patterns."""
+    else a training `adapter_config.json` (legacy verl's `lora_adapter/`, or the one Megatron-Bridge exports for
+    verl's Megatron LoRA), which also carries the patterns."""
     s = LoraSettings()
     origins = []
-    for path in (root / ADAPTER_DIR / "adapter_config.json", root / "adapter_config.json"):
+    for path in (root / ADAPTER_DIR / "adapter_config.json", root / "adapter_config.json", root / MCORE_ADAPTER_CONFIG):
         if path.is_file():
             cfg = read_json_object(path)
             s.training_config = cfg
@@ -203,10 +205,10 @@ def check_settings(s: LoraSettings, root: Path) -> None:
     """Refuse to write an adapter whose alpha is unknown or zero (verl's merger wrote lora_alpha 0 for a year)."""
     if s.lora_alpha is None:
         raise ConfigError(
-            f"{root} holds LoRA tensors but neither lora_train_meta.json nor lora_adapter/adapter_config.json says "
-            "their lora_alpha",
+            f"{root} holds LoRA tensors but neither lora_train_meta.json nor an adapter_config.json says their "
+            "lora_alpha",
             hint="pass --lora-alpha and --lora-rank with the values the run trained with "
-                 "(verl: actor_rollout_ref.model.lora_alpha and lora_rank)",
+                 "(verl: actor_rollout_ref.model.lora_alpha and lora_rank; Megatron: model.lora.alpha and rank)",
         )
     if not isinstance(s.lora_alpha, (int, float)) or s.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha {s.lora_alpha!r} (from {s.origin}) would make an adapter with no effect",
@@ -257,13 +259,13 @@ def module_scale(name: str, r: int, s: LoraSettings) -> float:
     return scaling(alpha, r, use_rslora=s.use_rslora)
 
 
-def check_megatron_adapter(layout: Layout) -> None:
-    """Refuse a Megatron PEFT checkpoint (detect reports it in `layout.adapter`): its base weights alone would drop
-    the training."""
-    if layout.adapter is not None:
+def check_megatron_adapter(layout: Layout, *, has_lora: bool) -> None:
+    """Refuse a Megatron PEFT checkpoint (detect reports it in `layout.adapter`) whose weights hubexport reads hold no
+    LoRA tensor: its base weights alone would drop the training."""
+    if layout.adapter is not None and not has_lora:
         raise CheckpointError(
-            f"{layout.root} is a Megatron checkpoint with LoRA adapters (adapter_checkpoint/ or backend.peft), which "
-            "hubexport cannot export yet",
-            hint="exporting only its base weights would drop the training; merge the adapter with Megatron-Bridge "
-                 "for now (Megatron LoRA support is a planned follow-up)",
+            f"{layout.root} is a Megatron LoRA checkpoint ({layout.adapter.name}) but {layout.files[0]} holds no "
+            "adapter tensors",
+            hint="exporting only its base weights would drop the training; point --local-dir at a checkpoint whose "
+                 "dist_ckpt holds the adapters (verl >= 0.9 saves them in model/dist_ckpt/)",
         )

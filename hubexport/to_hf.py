@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from hubexport import lora, lora_export
+from hubexport import lora, lora_export, mcore_lora
 from hubexport.core import TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
@@ -68,15 +68,20 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
     o = options
     max_bytes = shard_bytes(o.max_shard_size)
     layout = detect(Path(local_dir), o.backend)
-    lora.check_megatron_adapter(layout)  # a Megatron PEFT run: never export its base alone
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=o.trust_remote_code)
     source = open_source(layout)
+    mcore_peft = layout.format == "megatron" and layout.version != "mbridge" and mcore_lora.is_mcore_lora(source.metas())
+    lora.check_megatron_adapter(layout, has_lora=mcore_peft)  # a Megatron PEFT run: never export its base alone
+    if mcore_peft:  # Megatron LoRA under PEFT's names: the FSDP LoRA path below exports it
+        source, updates = mcore_lora.peft_view(source, config, tie_word_embedding=o.tie_word_embedding,
+                                               value_model=o.is_value_model, notes=layout.notes)
+        config.update(updates)
     specs = source.metas()
     keys = lora.split_keys(specs) if lora.is_peft_checkpoint(specs) else None
     if keys is None and (o.lora_mode or o.lora_base_model or o.lora_alpha or o.lora_rank):
         raise ConfigError(f"{layout.root} holds no LoRA tensors, so --lora/--lora-alpha/--lora-rank/--base-model "
                           "do not apply", hint="drop those options for a full fine-tuning checkpoint")
-    if layout.format == "megatron" and layout.version != "mbridge":  # mbridge weights are HF-native already
+    if layout.format == "megatron" and layout.version != "mbridge" and not mcore_peft:  # mbridge: HF-native already
         return _prepare_megatron(layout, source, config, specs, o, max_bytes)
     base_specs = specs if keys is None else {n: TensorSpec(n, specs[k].shape, specs[k].dtype) for n, k in keys.base.items()}
     value_model = o.is_value_model or is_value_checkpoint(base_specs, base_specs)

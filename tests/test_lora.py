@@ -1,5 +1,5 @@
 """LoRA export from real PEFT + FSDP checkpoints: the adapter PEFT loads, the fused model, LoRA-only checkpoints with a
-base model, and the refusals (unknown or zero alpha, wrong rank, tied fusion, Megatron adapters). Expected values come
+base model, and the refusals (unknown or zero alpha, wrong rank, tied fusion). Expected values come
 from PEFT and transformers themselves, or from the formula with the numbers the cases trained with."""
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from hubexport import lora, lora_views
 from hubexport.cli import cli
 from hubexport.core import TensorSpec
-from hubexport.detect import detect
-from hubexport.errors import CheckpointError, ConfigError, HubexportError
+from hubexport.errors import ConfigError, HubexportError
 from hubexport.examples import PROMPT, FsdpCase, LoraSpec, lora_config, tiny_config
 from hubexport.executor import merge as run_merge
 from hubexport.options import MergeOptions, Output
@@ -225,25 +224,6 @@ def test_cli_fuse_json_and_dry_run(lora_root, tmp_path):
     summary = json.loads(r.stdout)["lora"]
     assert summary["mode"] == "both" and summary["r"] == 4 and summary["lora_alpha"] == 16 and summary["modules"] == 14
     assert "LoRA: 14 module(s), r=4, lora_alpha=16" in r.stderr
-
-
-@pytest.mark.parametrize("layout", ["v1", "v2"])
-def test_megatron_lora_adapters_are_named_as_a_follow_up(tmp_path, layout):
-    actor = tmp_path / "actor"
-    (actor / "huggingface").mkdir(parents=True)
-    tiny_config(FsdpCase("x")).save_pretrained(actor / "huggingface")
-    if layout == "v1":
-        (actor / "dist_ckpt").mkdir()
-        (actor / "adapter_checkpoint").mkdir()
-        torch.save({"adapter_state_dict": {}}, actor / "adapter_checkpoint" / "mp_rank_00_adapter.pt")
-    else:
-        (actor / "model" / "dist_ckpt").mkdir(parents=True)
-        (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "backend": {"peft": True}}))
-    found = detect(actor, backend="megatron")  # detect reports the adapter; opening the checkpoint refuses it
-    assert found.adapter == actor / ("adapter_checkpoint" if layout == "v1" else "ckpt_contents.json")
-    assert found.version == layout
-    with pytest.raises(CheckpointError, match="Megatron checkpoint with LoRA adapters"):
-        merge(actor, tmp_path / "o", log=quiet)
 
 
 def test_detect_does_not_import_lora() -> None:
