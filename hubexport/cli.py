@@ -156,7 +156,7 @@ def to_megatron(hf_model_path: str, output_path: Path, dtype: str | None, spec: 
 
     if pp_size or ep_size:
         say_once("--pp_size/--ep_size ignored: the checkpoint holds global tensors that load at any TP/PP/EP")
-    result = executor.to_megatron(hf_model_path, Output(output_path, overwrite),
+    result = executor.to_megatron(hf_model_path, Output(output_path, overwrite, option="--output-path"),
                                   MegatronOptions(spec, test, trust_remote_code, dtype), log=say)
     if as_json:
         emit_json(result)

@@ -58,8 +58,8 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
 
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
-    check_disjoint(out.target, [local_dir, options.lora_base_model])
-    check_target(out.target, overwrite=out.overwrite)
+    check_disjoint(out.target, [local_dir, options.lora_base_model], option=out.option)
+    check_target(out.target, overwrite=out.overwrite, option=out.option)
     publisher = _connect(push, local_dir, dist, log) if push else None
     base = None
     if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
@@ -74,7 +74,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         (tmp / "README.md").write_text(card[0])
 
     try:
-        check_disjoint(out.target, job.inputs)
+        check_disjoint(out.target, job.inputs, option=out.option)
         result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None)
     finally:
         job.close()
@@ -95,10 +95,10 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
     if Path(hf_model).exists():
-        check_disjoint(out.target, [hf_model], option="--output-path")
-    check_target(out.target, overwrite=out.overwrite)
+        check_disjoint(out.target, [hf_model], option=out.option)
+    check_target(out.target, overwrite=out.overwrite, option=out.option)
     model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
-    check_disjoint(out.target, [model.path], option="--output-path")
+    check_disjoint(out.target, [model.path], option=out.option)
     job = dist.run(lambda: McoreJob(model, options, dist))
     try:
         return execute(job, out, "to-megatron", dist, log)
@@ -176,27 +176,27 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
         return result
     dist.run(job.precheck, main_only=True)
     with _claimed(out, dist) as (tmp, commit):
-        mine = dist.run(_writing(out.target, lambda: job.write(tmp, dist)))
+        mine = dist.run(_writing(out, lambda: job.write(tmp, dist)))
         result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: ("/" in f.name, f.name))
-        dist.run(_writing(out.target, lambda: job.finish(tmp, result.files)), main_only=True)
+        dist.run(_writing(out, lambda: job.finish(tmp, result.files)), main_only=True)
         dist.run(lambda: job.check(tmp, dist))
         # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.
-        dist.run(_writing(out.target, lambda: before_swap and before_swap(tmp, result)), main_only=True)
+        dist.run(_writing(out, lambda: before_swap and before_swap(tmp, result)), main_only=True)
         commit()
     log(job.done(result))
     return result
 
 
-def _writing(target: Path, fn: Callable[[], object]) -> Callable[[], object]:
+def _writing(out: Output, fn: Callable[[], object]) -> Callable[[], object]:
     """Disk full, file too large, read-only filesystem...: one line naming the file; the target is left as it was."""
 
     def run() -> object:
         try:
             return fn()
         except OSError as e:
-            where = Path(e.filename).name if e.filename else target
-            raise TargetError(f"writing {where} for {target} failed: {e.strerror or e}",
-                              hint="free space (or quota) on that filesystem, or choose another --target-dir") from None
+            where = Path(e.filename).name if e.filename else out.target
+            raise TargetError(f"writing {where} for {out.target} failed: {e.strerror or e}",
+                              hint=f"free space (or quota) on that filesystem, or choose another {out.option}") from None
 
     return run
 
@@ -205,19 +205,19 @@ def _writing(target: Path, fn: Callable[[], object]) -> Callable[[], object]:
 def _claimed(out: Output, dist: Dist) -> Iterator[tuple[Path, Callable[[], None]]]:
     """Rank 0 locks the target and makes this run's staging folder; every rank gets its path. `commit` swaps it
     into place; leaving without committing (an error, Ctrl-C) removes it. The lock is released either way."""
-    lock = TargetLock(out.target)
+    lock = TargetLock(out.target, out.option)
     tmp: Path | None = None
 
     def claim() -> str:
         nonlocal tmp
         lock.acquire()
-        check_target(out.target, overwrite=out.overwrite)  # again, now that no other run can change it
-        tmp = new_staging(out.target)
+        check_target(out.target, overwrite=out.overwrite, option=out.option)  # again, now no other run can change it
+        tmp = new_staging(out.target, out.option)
         return str(tmp)
 
     def commit() -> None:
         nonlocal tmp
-        dist.run(_writing(out.target, lambda: swap_into_place(tmp, out.target)), main_only=True)
+        dist.run(_writing(out, lambda: swap_into_place(tmp, out.target)), main_only=True)
         tmp = None
 
     try:

@@ -24,6 +24,7 @@ class Output:
     target: Path
     overwrite: bool = False
     dry_run: bool = False
+    option: str = "--target-dir"  # the flag that named the target, for messages
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,13 @@ def check_disjoint(target: Path, inputs: Iterable[Path | None], *, option: str =
                           "deletes its input", hint=f"choose a {option} outside {given}")
 
 
-def check_target(target: Path, *, overwrite: bool) -> None:
+def check_target(target: Path, *, overwrite: bool, option: str = "--target-dir") -> None:
     """Refuse, before any work, a target that cannot be (re)placed safely."""
     if target.is_symlink():
         raise TargetError(f"target {target} is a symbolic link",
                           hint="pass the real directory path; hubexport does not write through links")
     if target.exists() and not target.is_dir():
-        raise TargetError(f"target {target} is a file", hint="pass a directory path for --target-dir")
+        raise TargetError(f"target {target} is a file", hint=f"pass a directory path for {option}")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise TargetError(f"target {target} is not empty", hint="pass --overwrite to replace it, or choose another path")
     parent = target.absolute().parent
@@ -61,17 +61,17 @@ def check_target(target: Path, *, overwrite: bool) -> None:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise TargetError(f"cannot create {parent}: {e.strerror}", hint="choose a writable --target-dir") from None
+            raise TargetError(f"cannot create {parent}: {e.strerror}", hint=f"choose a writable {option}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise TargetError(f"{parent} is not writable", hint="choose a writable --target-dir")
+        raise TargetError(f"{parent} is not writable", hint=f"choose a writable {option}")
 
 
 class TargetLock:
     """Exclusive ownership of one target path for one run. flock is released by the kernel when its holder dies, so
     holding it proves every earlier owner gone: their staging folders are then safe to delete."""
 
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target).absolute()
+    def __init__(self, target: Path, option: str = "--target-dir") -> None:
+        self.target, self.option = Path(target).absolute(), option
         self.path = _hidden(self.target, LOCK)
         self._fd: int | None = None
 
@@ -80,14 +80,14 @@ class TargetLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise TargetError(f"cannot create {self.path}: {e.strerror}", hint="choose a writable --target-dir") from None
+                raise TargetError(f"cannot create {self.path}: {e.strerror}", hint=f"choose a writable {self.option}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise TargetError(f"another hubexport run ({owner}) is writing {self.target}",
-                                  hint="wait for it to finish, or choose another --target-dir") from None
+                                  hint=f"wait for it to finish, or choose another {self.option}") from None
             # The file may have been unlinked by its previous holder between our open and our flock: retry on the new one.
             if _same_file(fd, self.path):
                 break
@@ -131,13 +131,13 @@ def _read_owner(fd: int) -> str:
         return "starting up"
 
 
-def new_staging(target: Path) -> Path:
+def new_staging(target: Path, option: str = "--target-dir") -> Path:
     """A fresh hidden sibling of the target, unique to this run (mkdir is exclusive)."""
     tmp = _hidden(Path(target), f"{PARTIAL}-{secrets.token_hex(4)}")
     try:
         tmp.mkdir()
     except OSError as e:
-        raise TargetError(f"cannot create {tmp}: {e.strerror}", hint="choose a writable --target-dir") from None
+        raise TargetError(f"cannot create {tmp}: {e.strerror}", hint=f"choose a writable {option}") from None
     return tmp
 
 
