@@ -168,16 +168,20 @@ def to_megatron(hf_model_path: str, output_path: Path, dtype: str | None, spec: 
 @card_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Where to write the card; - for stdout. Default: FOLDER/README.md.")
+@click.option("--overwrite", is_flag=True, help="Replace a README.md you wrote (one hubexport generated is always "
+                                                "replaced).")
 @friendly
-def card(folder: Path, output: Path | None, **kw: Any) -> None:
+def card(folder: Path, output: Path | None, overwrite: bool, **kw: Any) -> None:
     """Render the model card (README.md) of a Hugging Face model folder; its metadata is validated."""
-    from hubexport.readme import render
+    from hubexport.readme import check_replaceable, render
 
+    path = None if output == Path("-") else output or folder / "README.md"
+    if path is not None and not overwrite:
+        check_replaceable(path)
     text = render(folder, take_card_options(kw), repo_id=None, merge_result=None, sha256={}, log=say)
-    if output == Path("-"):
+    if path is None:
         click.echo(text, nl=False)
         return
-    path = output or folder / "README.md"
     path.write_text(text)
     say(f"wrote {path}")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from hubexport.card import render_card
 from hubexport.card_metadata import validate_card
+from hubexport.errors import CardError
 from hubexport.options import CardOptions
 
 if TYPE_CHECKING:
@@ -48,6 +49,13 @@ def generated_options(text: str) -> CardOptions | None:
     template = opts.template if opts.template in ("default", "minimal") or Path(opts.template).is_file() else "default"
     return replace(opts, card_data=paths.get("card_data"), training_config=paths.get("training_config"),
                    template=template)
+
+
+def check_replaceable(readme: Path) -> None:
+    """A README.md the user wrote (or edited) is theirs: `hubexport card` does not replace it unasked."""
+    if readme.is_file() and generated_options(readme.read_text()) is None:
+        raise CardError(f"{readme} is your own README (hubexport did not generate it, or it was edited since)",
+                        hint="pass --overwrite to replace it, or -o PATH to write the card elsewhere")
 
 
 def overlay(recorded: CardOptions, given: CardOptions) -> CardOptions:

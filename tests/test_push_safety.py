@@ -124,3 +124,14 @@ def test_torchrun_bad_token_stops_every_rank_before_the_merge(fakehub: FakeHub, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "HTTP 401" in errors[0], proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == [] and not fakehub.repos
+
+
+def test_card_never_replaces_a_users_readme_unasked(model_dir: Path) -> None:
+    readme = model_dir / "README.md"
+    readme.write_text("# My notes\n")
+    r = run_cli("card", model_dir, "--license", "mit")
+    assert r.exit_code == 2 and "is your own README" in r.stderr and readme.read_text() == "# My notes\n"
+    assert run_cli("card", model_dir, "--license", "mit", "--overwrite").exit_code == 0
+    assert "license: mit" in readme.read_text()
+    r = run_cli("card", model_dir, "--license", "apache-2.0")  # a card hubexport made is replaced freely
+    assert r.exit_code == 0 and "license: apache-2.0" in readme.read_text()
