@@ -202,12 +202,12 @@ def _refuse(delta: Delta, name: Path, options: GateOptions) -> None:
     if adapter is not None and adapter.nonfinite and not options.allow_nonfinite:
         raise UnpublishableModel(f"{name}/{ADAPTER_DIR} holds {adapter.nonfinite:,} NaN/Inf values",
                                  hint="the run likely diverged: publish an earlier step, or pass --allow-nonfinite")
-    adapter_counts = adapter is not None and not adapter.no_effect  # the adapter is the change
-    if report is not None:
-        delta.notes = check_publishable(report, allow_unchanged=options.allow_unchanged or adapter_counts,
-                                        allow_nonfinite=options.allow_nonfinite)
     if adapter is not None and adapter.no_effect and (report is None or report.identical) \
             and not options.allow_unchanged:
         raise UnpublishableModel(
             f"{name}/{ADAPTER_DIR} changes nothing: every lora_B is zero, so the model is its base",
             hint="the adapter was never trained (or not saved): publish a trained step, or pass --allow-unchanged")
+    adapter_counts = adapter is not None and not adapter.no_effect  # the adapter is the change
+    if report is not None:
+        delta.notes = check_publishable(report, allow_unchanged=options.allow_unchanged or adapter_counts,
+                                        allow_nonfinite=options.allow_nonfinite)
