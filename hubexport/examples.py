@@ -300,8 +300,11 @@ def _barrier(case: FsdpCase) -> None:
 
 
 def _worker(rank: int, world_size: int, init_file: str, cases: list[FsdpCase], out: str) -> None:
+    import transformers
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained of a base model, in a worker
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for case in cases:
