@@ -39,3 +39,18 @@ def test_demo_shows_card_delta_eval_results_and_an_offline_dry_run(tmp_path: Pat
     [result] = validate_card(card)["model-index"][0]["results"]
     assert result["metrics"][0]["value"] == logged.steps[1][METRIC]
     assert "## Evaluation results" in card and "publish gate: compared with base_model" in r.stderr
+
+
+def test_offline_dry_run_needs_no_token_and_offline_alone_is_refused(model_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["push", str(model_dir), "--repo-id", "me/tiny", "--license", "mit"]
+    r = CliRunner().invoke(cli, [*args, "--dry-run", "--offline", "--json"])
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in model_dir.iterdir())
+    assert sorted(line.split()[1] for line in r.stderr.splitlines() if line.startswith("  + ")) == \
+        sorted([*files, "README.md"])
+    assert '"dry_run": true' in r.stdout and "authenticated" not in r.stderr
+    r = CliRunner().invoke(cli, [*args, "--offline"])
+    assert r.exit_code == 2 and "error: --offline only applies to --dry-run" in r.stderr
