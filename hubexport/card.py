@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from hubexport.options import CardOptions
 from hubexport.resources import templates_root
 
 if TYPE_CHECKING:
+    from hubexport.evalresults import EvalResults
     from hubexport.result import Result as MergeResult
 
 SECRET_KEY_RE = re.compile(r"token|secret|key|password|api|wandb", re.IGNORECASE)
@@ -64,6 +66,14 @@ ALGORITHM_PAPERS = {
     "rloo": "RLOO, [arXiv:2402.14740](https://arxiv.org/abs/2402.14740)",
     "reinforce_plus_plus": "REINFORCE++, [arXiv:2501.03262](https://arxiv.org/abs/2501.03262)",
 }
+
+
+@dataclass(frozen=True)
+class CardEvidence:
+    """What push measured, for the card: the weight-delta section and the run's evaluation results."""
+
+    delta_markdown: str | None = None
+    evaluation: EvalResults | None = None
 
 
 # ---- training config ------------------------------------------------------------------------------------------------
@@ -125,6 +135,11 @@ def _fmt(value: Any) -> str:
 
 
 # ---- base model and license ---------------------------------------------------------------------------------------
+def _local_dir(value: Any) -> str | None:
+    """--base-model given as a local model folder: read for the license and the publish gate, never in metadata."""
+    return value if isinstance(value, str) and Path(value).expanduser().is_dir() else None
+
+
 def _hub_id(value: Any) -> str | None:
     """A value that names a Hub repo (not a local path) or None."""
     if not isinstance(value, str) or not REPO_ID_RE.fullmatch(value) or Path(value).expanduser().exists():
@@ -175,7 +190,8 @@ def check_card_options(options: CardOptions) -> None:
     if options.training_config:
         _load_yaml(options.training_config, "training config")
     meta = _load_yaml(options.card_data, "card data") if options.card_data else {}
-    meta.update({k: v for k, v in (("license", options.license), ("base_model", options.base_model)) if v})
+    base_model = None if _local_dir(options.base_model) else options.base_model
+    meta.update({k: v for k, v in (("license", options.license), ("base_model", base_model)) if v})
     if "base_model" not in meta:
         meta.pop("base_model_relation", None)  # the base model may still be inferred
     validate_metadata(meta)
@@ -255,8 +271,8 @@ def _license(options: CardOptions, user_meta: Mapping[str, Any], readme: Path | 
 
 
 def _metadata(facts: ModelFacts, base: Any, licensing: Mapping[str, str], user_meta: Mapping[str, Any],
-              training: Mapping[str, Any]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"library_name": "transformers", **user_meta, **licensing,
+              training: Mapping[str, Any], measured: Mapping[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"library_name": "transformers", **measured, **user_meta, **licensing,
                             "tags": _tags(facts, training, user_meta.get("tags"))}
     if base:
         meta.update(base_model=base, base_model_relation=user_meta.get("base_model_relation", "finetune"))
@@ -282,9 +298,11 @@ def _render(template: str | Path, context: Mapping[str, Any]) -> str:
 
 
 def render_card(folder: Path, options: CardOptions = CardOptions(), *, merge_result: MergeResult | None = None,
-                sha256: Mapping[str, str] | None = None, log: Callable[[str], None] = print) -> str:
+                sha256: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+                evidence: CardEvidence = CardEvidence()) -> str:
     """The README.md text for `folder`. Precedence: explicit options > --card-data file > what hubexport infers.
-    `sha256` maps file names to known digests so a caller that already hashed the shards does not hash twice."""
+    `sha256` maps file names to known digests so a caller that already hashed the shards does not hash twice;
+    `evidence` adds push's weight delta and evaluation results (model-index, unless --card-data has one)."""
     from huggingface_hub import ModelCardData
 
     folder = Path(folder)
@@ -293,19 +311,23 @@ def render_card(folder: Path, options: CardOptions = CardOptions(), *, merge_res
     raw_training = _load_yaml(options.training_config, "training config") if options.training_config else {}
     user_meta = _load_yaml(options.card_data, "card data") if options.card_data else {}
     model_path = _dig(raw_training, "actor_rollout_ref.model.path")
-    base = (options.base_model or user_meta.get("base_model") or _hub_id(model_path)
-            or _hub_id(config.get("_name_or_path")))
-    if base and not options.base_model and "base_model" not in user_meta:
+    local_base = _local_dir(options.base_model)
+    explicit = None if local_base else options.base_model
+    base = (explicit or user_meta.get("base_model") or _hub_id(model_path) or _hub_id(config.get("_name_or_path")))
+    if base and not explicit and "base_model" not in user_meta:
         log(f"card: base model {base} taken from the training config (override with --base-model)")
     base_id = base if isinstance(base, str) else None
-    readme, base_revision = _base_model_card(base_id, model_path, log)
+    readme, base_revision = _base_model_card(base_id, local_base or model_path, log)
     licensing = _license(options, user_meta, readme, log)
-    meta = _metadata(facts, base, licensing, user_meta, raw_training)
+    model_name = options.variables.get("repo_id") or folder.name
+    evaluation = evidence.evaluation
+    measured = evaluation.card_metadata(model_name) if evaluation else {}
+    meta = _metadata(facts, base, licensing, user_meta, raw_training, measured)
     training = redact(raw_training)
     estimator = _dig(raw_training, "algorithm.adv_estimator")
     return _render(options.template, {
         "card_data": ModelCardData(**meta).to_yaml(),
-        "model_name": options.variables.get("repo_id") or folder.name,
+        "model_name": model_name,
         "base_model": base_id,
         "license": licensing.get("license"),
         "facts": facts,
@@ -315,6 +337,8 @@ def render_card(folder: Path, options: CardOptions = CardOptions(), *, merge_res
         "algorithm_paper": ALGORITHM_PAPERS.get(str(estimator).lower()),
         "training_config_yaml": yaml.safe_dump(training, sort_keys=True, allow_unicode=True).rstrip() if training else "",
         "verl": "verl" in meta["tags"],
+        "delta_section": evidence.delta_markdown or "",
+        "eval_section": evaluation.markdown() if evaluation else "",
         "vars": dict(options.variables),
         "hubexport_version": __version__,
     })

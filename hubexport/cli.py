@@ -27,8 +27,10 @@ from hubexport.cli_options import (
     card_options,
     lora_base_option,
     merge_options,
+    publish_options,
     take_card_options,
     take_merge_options,
+    take_publish_options,
 )
 from hubexport.errors import HubexportError
 from hubexport.options import MegatronOptions, Output, PushOptions
@@ -109,6 +111,7 @@ def cli(debug: bool) -> None:
                    "is written into --target-dir).")
 @VISIBILITY
 @card_options
+@publish_options
 @click.option("--dry-run", is_flag=True, help="Print the plan; read no tensor and write nothing.")
 @JSON
 @friendly
@@ -119,7 +122,8 @@ def merge(local_dir: Path, target_dir: Path, hf_upload_path: str | None, private
 
     options = take_merge_options(kw)
     card = take_card_options(kw)
-    push = PushOptions(hf_upload_path, private=private, dry_run=dry_run, card=card) if hf_upload_path else None
+    publish = take_publish_options(kw)
+    push = PushOptions(hf_upload_path, private=private, dry_run=dry_run, card=card, **publish) if hf_upload_path else None
     result = executor.merge(local_dir, Output(target_dir, overwrite, dry_run), options, push=push, log=say)
     if as_json:
         emit_json(result)
@@ -200,11 +204,18 @@ def card(folder: Path, output: Path | None, overwrite: bool, **kw: Any) -> None:
 @card_options
 @merge_options
 @lora_base_option("--lora-base-model")
+@publish_options
+@click.option("--select", default="latest", show_default=True, metavar="latest|best:METRIC",
+              help="For a run root: the global_step_N to publish; best:<metric> takes the step with the highest "
+                   "logged value of that validation metric (ties: the latest), named in the card and the commit.")
 @click.option("--dry-run", is_flag=True, help="Show what would be uploaded; create and send nothing.")
+@click.option("--offline", is_flag=True, help="With --dry-run: make no request at all (no token needed) and list "
+                                              "every file that would be sent.")
 @JSON
 @friendly
 def push(source: Path, repo_id: str, private: bool | None, revision: str | None, commit_message: str | None,
-         create_pr: bool, target_dir: Path | None, dry_run: bool, as_json: bool, overwrite: bool, **kw: Any) -> None:
+         create_pr: bool, target_dir: Path | None, select: str, dry_run: bool, offline: bool, as_json: bool,
+         overwrite: bool, **kw: Any) -> None:
     """Push a model folder to the Hub, or merge a training checkpoint, render its card and push it.
 
     The folder is never written to: a generated card is uploaded from memory (your own README.md is kept). Token
@@ -214,7 +225,8 @@ def push(source: Path, repo_id: str, private: bool | None, revision: str | None,
 
     card = take_card_options(kw)
     options = PushOptions(repo_id, private=private, revision=revision, commit_message=commit_message,
-                          create_pr=create_pr, dry_run=dry_run, card=card)
+                          create_pr=create_pr, dry_run=dry_run, card=card, offline=offline, select=select,
+                          **take_publish_options(kw))
     target = Output(target_dir, overwrite) if target_dir is not None else None
     result = executor.push(source, options, take_merge_options(kw), target=target, log=say)
     if result is None:  # a torchrun rank other than 0: it merged its share, rank 0 pushed and reports

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from hubexport.options import DTYPE_NAMES, CardOptions, MergeOptions
+from hubexport.options import DTYPE_NAMES, CardOptions, GateOptions, MergeOptions
 
 DTYPES = click.Choice(list(DTYPE_NAMES))
 
@@ -108,3 +108,22 @@ def take_card_options(kw: dict[str, Any]) -> CardOptions:
     template = out["template"] or "default"
     out["template"] = Path(template) if template.endswith(".j2") or Path(template).is_file() else template
     return CardOptions(**out)
+
+
+publish_options = _options(
+    click.option("--diff-base", default=None, metavar="PATH|ORG/NAME",
+                 help="The base model the publish gate compares the weights with (a Hub id is downloaded). Default: "
+                      "the LoRA base, --base-model when it is a local folder or fully in the HF cache, or the "
+                      "checkpoint config's _name_or_path when that is a local folder."),
+    click.option("--allow-unchanged", is_flag=True, help="Publish a model identical to its base (refused by default)."),
+    click.option("--allow-nonfinite", is_flag=True, help="Publish weights holding NaN/Inf (refused by default)."),
+    click.option("--metrics", type=click.Path(path_type=Path), default=None,
+                 help="verl's metrics JSONL (trainer.logger=file), for evaluation results on the Hub. Default: "
+                      "found next to the run."),
+)
+PUBLISH_KEYS = ("diff_base", "allow_unchanged", "allow_nonfinite")
+
+
+def take_publish_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """PushOptions' gate and metrics, removed from a command's keyword arguments."""
+    return {"gate": GateOptions(**{k: kw.pop(k) for k in PUBLISH_KEYS}), "metrics": kw.pop("metrics")}

@@ -63,6 +63,7 @@ class FsdpCase:
     intermediate_size: int | None = None  # default 2 × hidden
     reference: bool = True  # train one step and save the full state dict and logits (off for big benchmarks)
     lora: LoraSpec | None = None
+    save_base: bool = False  # keep the initial model as <name>/base_model, named by huggingface/config.json
 
 
 def tiny_config(case: FsdpCase):  # -> transformers.PretrainedConfig
@@ -214,6 +215,11 @@ def _save_hf_dir(hf_dir: Path, cfg, case: FsdpCase) -> None:
             hf_dir)
 
 
+def _name_model(hf_dir: Path, base: Path) -> None:
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "_name_or_path": str(base.resolve())}, indent=2) + "\n")
+
+
 def _full_state_and_logits(model, case: FsdpCase) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     if case.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -234,6 +240,8 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
     actor = step_dir / "actor"
     if case.lora:
         model = _peft_wrap(model, case, out / case.name / "base_model", rank)
+    elif case.save_base and rank == 0:
+        model.save_pretrained(out / case.name / "base_model")
     if case.fsdp:
         model = _wrap(model, case)
     if case.reference:
@@ -251,6 +259,8 @@ def make_case(case: FsdpCase, out: Path, rank: int = 0) -> None:
                actor / f"extra_state_world_size_{case.world_size}_rank_{rank}.pt")
     if rank == 0:
         _save_hf_dir(actor if case.legacy else actor / "huggingface", cfg, case)
+        if case.save_base:  # what verl's saved config says under transformers 4.x: the model the run loaded
+            _name_model(actor if case.legacy else actor / "huggingface", out / case.name / "base_model")
         if not case.legacy:
             (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": case.fsdp or 2,
                                                                  "world_size": case.world_size}))
@@ -293,8 +303,11 @@ def _barrier(case: FsdpCase) -> None:
 
 def _worker(rank: int, world_size: int, init_file: str, make: Callable[[Any, Path, int], None], cases: list,
             out: str) -> None:
+    import transformers
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained of a base model, in a worker
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for case in cases:

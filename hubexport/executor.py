@@ -50,9 +50,10 @@ def _silent(_: str) -> None:
 
 
 def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), *, push: PushOptions | None = None,
-          log: Log = print, command: str = "merge") -> Result:
-    """Merge a training checkpoint into a save_pretrained-style folder at `out.target`; with `push`, card it into
-    that folder and publish it (the token is checked before the merge)."""
+          log: Log = print, command: str = "merge", selection: str | None = None, kept: bool = True) -> Result:
+    """Merge a training checkpoint into a save_pretrained-style folder at `out.target`; with `push`, gate it against
+    its base model, card it into that folder and publish it (the token is checked before the merge). `selection`:
+    why this step of the run (--select); `kept`: whether `out.target` outlives this call (not push's temporary)."""
     from hubexport.resolve import resolve_model
     from hubexport.to_hf import HfJob, prepare
 
@@ -66,11 +67,14 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
         options = replace(options, lora_base_model=base.path)
     job = dist.run(lambda: HfJob(prepare(local_dir, options), local_dir))
+    proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
 
     card: list[str] = []
 
     def write_card(tmp: Path, result: Result) -> None:  # into the folder this run made, before it is published
-        card.append(publisher.render_card(tmp, result))
+        proof.check(tmp, push, name=out.target, log=log)
+        proof.write_into(tmp)
+        card.append(publisher.render_card(tmp, result, proof.card()))
         (tmp / "README.md").write_text(card[0])
 
     try:
@@ -79,10 +83,23 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     finally:
         job.close()
     result.resolved = base.as_json() if base is not None and base.repo_id else None
+    if proof is not None and not out.dry_run:  # the merged folder stays as it is; nothing is uploaded
+        dist.run(lambda: proof.raise_refusal(out.target if kept else None), main_only=True)
     if publisher is not None:
-        result.push = (publisher.planned(result) if out.dry_run
-                       else publisher.publish(out.target, card=card[0], merge_result=result))
+        result.push = proof.annotate(publisher.planned(result) if out.dry_run else publisher.publish(
+            out.target, card=card[0], merge_result=result, selection=selection))
     return result
+
+
+def _evidence(job, local_dir: Path, lora_base, push: PushOptions, selection: str | None, log: Log, dist: Dist):
+    """The base the gate will diff against and the run's evaluation results, before the merge."""
+    from hubexport import evidence, gate
+
+    layout = job.prep.layout
+    named = gate.Base(lora_base.path, lora_base.repo_id or lora_base.path.name, "--lora-base-model") \
+        if lora_base is not None else None
+    return evidence.for_checkpoint(local_dir, step=layout.global_step, config_dir=layout.hf_dir, lora_base=named,
+                                   options=push, selection=selection, log=log, dist=dist)
 
 
 def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = MegatronOptions(), *,
@@ -109,8 +126,10 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
 def push(source: Path, options: PushOptions, merge_options: MergeOptions = MergeOptions(), *,
          target: Output | None = None, log: Log = print) -> Result | None:
     """`hubexport push`: an HF folder is published as it is (its card from memory); a training checkpoint is merged
-    first (into `target`, kept, or a temporary folder, removed), carded and published. Returns None on torchrun
-    ranks other than 0."""
+    first (into `target`, kept, or a temporary folder, removed), carded and published; a run root publishes the
+    step --select picks. Returns None on torchrun ranks other than 0."""
+    from hubexport import evidence
+
     source = Path(source)
     if not source.is_dir():
         raise TargetError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
@@ -120,12 +139,17 @@ def push(source: Path, options: PushOptions, merge_options: MergeOptions = Merge
             return None
         if target is not None:
             log(f"--target-dir ignored: {source} is already a Hugging Face folder")
+        proof = evidence.for_folder(source, options, log)  # the gate runs before any request
         # The card is decided (and a user's README validated) before any request.
-        card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log)
-        pushed = Publisher.connect(options, log).publish(source, card=card)
-        return _folder_result(source, pushed)
+        card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log,
+                                 evidence=proof.card())
+        pushed = Publisher.connect(options, log).publish(source, card=card, extra=proof.files())
+        return _folder_result(source, proof.annotate(pushed))
+    source, selection = dist.run(lambda: evidence.select(source, options, log), main_only=True) or (None, None)
+    source, selection = dist.broadcast((source, selection))
     with _merge_target(target, options.dry_run, dist) as out:
-        result = merge(source, out, merge_options, push=options, log=log, command="push")
+        result = merge(source, out, merge_options, push=options, log=log, command="push", selection=selection,
+                       kept=target is not None)
     if target is None:
         result.target_dir = None
         if result.push is not None:

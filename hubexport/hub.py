@@ -48,6 +48,8 @@ class PushResult:
     target_dir: str | None = None  # the folder that was uploaded, unless it was a temporary merge (removed)
     model: ModelFacts | None = None  # what was merged from what, and the shards with sizes and sha256
     dry_run: bool = False
+    delta: dict | None = None  # the publish gate's findings vs the base model (gate.Delta.summary)
+    evaluation: dict | None = None  # the step published and its validation values (evidence.Evidence.summary)
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def upload(s: _Session, folder: Path, opts: PushOptions, *, repo_id: str, extra:
 def _report_dry_run(s: _Session, result: PushResult, changed: list[LocalFile], stale: list[str],
                     n_local: int) -> PushResult:
     for f in changed:
-        s.log(f"  + {f.path} ({f.size:,} bytes{', generated card' if isinstance(f.file, bytes) else ''})")
+        s.log(f"  + {f.path} ({f.size:,} bytes{', generated' if isinstance(f.file, bytes) else ''})")
     for p in stale:
         s.log(f"  - {p} (stale weight file)")
     s.log(f"dry run: would upload {result.files_uploaded} files ({result.bytes_uploaded:,} bytes) to "

@@ -80,6 +80,15 @@ class CardOptions:
 
 
 @dataclass(frozen=True)
+class GateOptions:
+    """The publish gate: what the candidate is compared with, and what it may be despite that."""
+
+    diff_base: str | None = None  # a folder or a Hub id (downloaded: the user asked for it)
+    allow_unchanged: bool = False
+    allow_nonfinite: bool = False
+
+
+@dataclass(frozen=True)
 class PushOptions:
     """Where and how to publish (`push`, `merge --hf-upload-path`)."""
 
@@ -92,3 +101,12 @@ class PushOptions:
     endpoint: str | None = None  # default HF_ENDPOINT, else huggingface.co
     token: str | None = field(default=None, repr=False)  # default HF_TOKEN or the saved login; never printed
     card: CardOptions = field(default_factory=CardOptions)
+    offline: bool = False  # with dry_run: no request at all (no preflight), list every file that would be sent
+    gate: GateOptions = field(default_factory=GateOptions)
+    metrics: Path | None = None  # verl's file-logger JSONL (default: found next to the run)
+    select: str = "latest"  # which step of a run root: latest | best:<metric>
+
+    def __post_init__(self) -> None:
+        if self.offline and not self.dry_run:
+            raise ConfigError("--offline only applies to --dry-run", hint="add --dry-run, or drop --offline to push")
+

@@ -93,6 +93,18 @@ def resolve_model(ref: str | Path, *, purpose: str, log: Callable[[str], None], 
     return resolved
 
 
+def resolve_cached(ref: str, *, purpose: str) -> ResolvedModel | None:
+    """A Hub id whose snapshot is in the cache, found without any request (never a download); None when it is not
+    there. The caller checks that the files it needs are complete."""
+    try:
+        repo_id, revision = parse_hub_ref(str(ref), purpose)
+    except ResolveError:
+        return None
+    hub = _Hub(repo_id, revision, purpose, MODEL_FILES, *hub_environment())
+    folder, _ = _attempt(lambda: hub.fetch(local=True, revision=revision))
+    return ResolvedModel(folder, repo_id, revision, folder.name) if folder is not None else None
+
+
 @dataclass(frozen=True)
 class _Hub:
     repo_id: str

@@ -76,6 +76,7 @@ class Repo:
     prs: int = 0
     gated: bool = False  # files need a token of a user in `granted`, like a gated repo whose terms were accepted
     granted: set[str] = field(default_factory=set)
+    titles: dict[str, str] = field(default_factory=dict)  # commit oid -> its title (the commit header's summary)
 
 
 @dataclass
@@ -550,6 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             new_tree = self._apply(repo, dict(repo.commits[parent] if parent and create_pr else tree), lines[1:])
             oid = self.hub._new_commit(repo, new_tree)
+            repo.titles[oid] = header.get("summary", "")
             pr_url = None
             if create_pr:
                 repo.prs += 1

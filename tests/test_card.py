@@ -15,11 +15,13 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from hubexport import card as card_module
-from hubexport.card import redact, render_card
+from hubexport import gate
+from hubexport.card import CardEvidence, redact, render_card
 from hubexport.card_metadata import validate_card, validate_metadata
 from hubexport.cli import cli
 from hubexport.errors import CardError
-from hubexport.options import CardOptions
+from hubexport.evalresults import eval_results_for
+from hubexport.options import CardOptions, GateOptions
 from hubexport.result import Result, WrittenFile
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -77,6 +79,26 @@ def folder(tmp_path: Path) -> Path:
     return out
 
 
+def delta_vs_base(folder: Path, tmp_path: Path) -> str:
+    """The gate's card section for `folder` against a base whose embeddings were one less everywhere."""
+    base = tmp_path / "base"
+    shutil.copytree(folder, base)
+    save_file({"model.embed_tokens.weight": torch.arange(128, dtype=torch.bfloat16).reshape(16, 8) - 1},
+              base / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    found = gate.check(folder, gate.Base(base, BASE, "--diff-base"), GateOptions(), name=folder, log=lambda _: None)
+    assert found is not None and found.refusal is None
+    return found.markdown()
+
+
+def eval_results(tmp_path: Path):
+    """verl's file logger at steps 100 and 200 (validation each time), read for step 200."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "data": {"val-core/openai/gsm8k/reward/mean@1": v, "val-aux/openai/gsm8k/reward/std@1": 0.2,
+                                 "actor/pg_loss": 0.01}} for s, v in ((100, 0.41), (200, 0.55))]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return eval_results_for(tmp_path / "global_step_200", 200, path, log=lambda _: None)
+
+
 @pytest.fixture
 def training_config(tmp_path: Path) -> Path:
     path = tmp_path / "run" / "config.yaml"
@@ -102,19 +124,22 @@ def assert_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} changed; HUBEXPORT_UPDATE_GOLDEN=1 rewrites it if that is wanted"
 
 
-def test_default_card_from_a_merge_with_training_config(folder: Path, training_config: Path) -> None:
+def test_default_card_from_a_merge_with_training_config(folder: Path, training_config: Path, tmp_path: Path) -> None:
     logs: list[str] = []
     options = CardOptions(license="apache-2.0", training_config=training_config,
                           variables={"reward": "exact match on the final answer", "wandb_run": "qwen-grpo/7x2k"})
-    text = render_card(folder, options, merge_result=merge_result(folder), log=logs.append)
+    evidence = CardEvidence(delta_vs_base(folder, tmp_path), eval_results(tmp_path))
+    text = render_card(folder, options, merge_result=merge_result(folder), log=logs.append, evidence=evidence)
     assert_golden("card_default_merge.md", text)
+    assert validate_card(text)["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.55
     assert any(f"base model {BASE} taken from the training config" in line for line in logs)
     assert not any(secret in text for secret in SECRETS)
     assert "…/gsm8k/train.parquet" in text and "<redacted>" in text
 
 
-def test_minimal_card_from_a_folder_alone(folder: Path) -> None:
-    text = render_card(folder, CardOptions(base_model=BASE, license="mit", template="minimal"), log=lambda _: None)
+def test_minimal_card_from_a_folder_alone(folder: Path, tmp_path: Path) -> None:
+    text = render_card(folder, CardOptions(base_model=BASE, license="mit", template="minimal"), log=lambda _: None,
+                       evidence=CardEvidence(delta_vs_base(folder, tmp_path)))
     assert_golden("card_minimal_folder.md", text)
 
 
