@@ -109,3 +109,21 @@ def test_base_in_dist_ckpt_is_combined_with_the_rank_files(mcore_lora, tmp_path)
     assert outs["v1_base"].keys() == outs["v1_full"].keys()
     for name, value in outs["v1_full"].items():
         assert torch.equal(outs["v1_base"][name], value), name
+
+
+@pytest.mark.parametrize("layers, pp, first, last", [(8, 2, None, None), (10, 3, 2, None), (7, 3, None, 1),
+                                                     (10, 4, 2, 2)])
+def test_stage_offsets_are_megatron_cores(layers, pp, first, last, tmp_path):
+    """Each stage's first global layer, as megatron-core's own get_transformer_layer_offset places it."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from hubexport.sources.mcore_adapter import stage_sizes
+
+    config = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+                               pipeline_dtype=torch.float32, num_layers_in_first_pipeline_stage=first,
+                               num_layers_in_last_pipeline_stage=last)
+    tc = {"num_layers": layers, "num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+    sizes = stage_sizes(tc, pp, tmp_path / "transformer_config.json")
+    assert sum(sizes) == layers
+    assert [sum(sizes[:p]) for p in range(pp)] == [get_transformer_layer_offset(config, pp_rank=p) for p in range(pp)]
