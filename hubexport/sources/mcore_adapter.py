@@ -59,10 +59,9 @@ def adapter_files(adapter_dir: Path, parallel: dict[str, int]) -> list[Path]:
     if not found:
         raise CheckpointError(f"{adapter_dir} holds no mp_rank_*_adapter.pt file", hint="re-copy adapter_checkpoint/")
     for i, key in enumerate(("tp", "pp", "ep")):
-        seen = max(c[i] for c in found) + 1
-        if key in parallel and seen > parallel[key]:
-            stray = next(p for c, p in found.items() if c[i] >= parallel[key])
-            raise CheckpointError(f"{stray} is {key} rank {seen - 1} but transformer_config.json says "
+        stray = next(((c, p) for c, p in found.items() if key in parallel and c[i] >= parallel[key]), None)
+        if stray is not None:
+            raise CheckpointError(f"{stray[1]} is {key} rank {stray[0][i]} but transformer_config.json says "
                                   f"{SIZE_KEYS[key]}={parallel[key]}",
                                   hint="the folder mixes rank files of runs with different parallel sizes; keep one")
     sizes = [max(parallel.get(k, 1), max(c[i] for c in found) + 1) for i, k in enumerate(("tp", "pp", "ep"))]
