@@ -47,6 +47,7 @@ def _is_checkpoint_dir(d: Path) -> bool:
         or (d / "dist_ckpt").is_dir()
         or (d / "model" / "dist_ckpt").is_dir()
         or (d / "ckpt_contents.json").is_file()
+        or (d / "adapter_checkpoint").is_dir()
         or any(p.name.startswith("mp_rank_") for p in (d / "model").glob("mp_rank_*"))
         or find_dcp(d) is not None
     )
@@ -219,6 +220,20 @@ def megatron_adapter(root: Path) -> Path | None:
     return None
 
 
+def _adapter_layout(root: Path, adapter: Path, hf_dir: Path | None, parallel: dict[str, int]) -> Layout:
+    """verl <= 0.8 without use_dist_checkpointing: the adapters exist only in adapter_checkpoint/'s rank files and
+    the base weights only in the model the run started from (--base-model)."""
+    from hubexport.sources.mcore_adapter import adapter_files
+
+    files = adapter_files(adapter, parallel)
+    notes = [f"Megatron LoRA adapters from {len(files)} rank file(s) in {adapter}; the torch_dist holds no base weights"]
+    if _has_hf_weights(hf_dir):
+        notes.append(f"the safetensors in {hf_dir} are not used as the base (mbridge may have merged the LoRA into "
+                     "them): pass --base-model")
+    return Layout(format="megatron", version="v1-adapter", root=root, hf_dir=hf_dir, files=files,
+                  parallel=parallel, notes=notes, adapter=adapter)
+
+
 def detect_megatron(root: Path) -> Layout | None:
     """Megatron layouts: v0 `model/mp_rank_*`, v1 `dist_ckpt/`, v2 `model/dist_ckpt/` (+ ckpt_contents.json), and
     mbridge (model weights as HF safetensors in huggingface/, dist_ckpt without model tensors). A PEFT checkpoint is
@@ -242,12 +257,14 @@ def detect_megatron(root: Path) -> Layout | None:
             notes.append(f"{hf_dir} also holds safetensors; converting from {dist} (the training state)")
         return Layout(format="megatron", version=version, root=root, hf_dir=hf_dir, files=[dist],
                       parallel=parallel, notes=notes, adapter=adapter)
+    if adapter is not None and adapter.is_dir():
+        return _adapter_layout(root, adapter, hf_dir, parallel)
     if adapter is not None:
         raise CheckpointError(
             f"{root} is a Megatron LoRA checkpoint ({adapter.name}) whose {dist.relative_to(root)}/ holds no "
-            "adapter tensors; hubexport cannot read adapter_checkpoint/ rank files yet",
-            hint="exporting only its base weights would drop the training; re-save the step with verl >= 0.9, which "
-                 "writes the adapters to model/dist_ckpt/, or with checkpoint.use_dist_checkpointing=True",
+            "adapter tensors",
+            hint="exporting only its base weights would drop the training; re-copy the whole step folder "
+                 "(verl >= 0.9 saves the adapters in model/dist_ckpt/)",
         )
     if _has_hf_weights(hf_dir):
         why = "holds no model tensors" if complete else "is absent or incomplete"

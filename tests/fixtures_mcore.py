@@ -359,6 +359,12 @@ def _fill(model, global_sd: dict, job: dict) -> None:
     assert not missing, f"fixture has no value for {missing[:5]}"
 
 
+def transformer_config_json(tcfg) -> str:
+    """What verl writes next to a Megatron checkpoint: asdict(TransformerConfig), JSON-able fields only."""
+    return json.dumps({k: v for k, v in vars(tcfg).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                      indent=1)
+
+
 def _save_layouts(model, job: dict, tcfg) -> None:
     import torch
     import torch.distributed as dist
@@ -395,8 +401,7 @@ def _save_layouts(model, job: dict, tcfg) -> None:
     }
     dist_checkpointing.save(state, str(dist_dir))
     if rank == 0:
-        cfg = {k: v for k, v in vars(tcfg).items() if isinstance(v, (int, float, str, bool, type(None)))}
-        (root / "transformer_config.json").write_text(json.dumps(cfg, indent=1))
+        (root / "transformer_config.json").write_text(transformer_config_json(tcfg))
         if layout == "v2":
             (root / "ckpt_contents.json").write_text(json.dumps({
                 "schema_version": 2, "framework": "megatron", "world_size": dist.get_world_size(),

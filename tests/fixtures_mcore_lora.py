@@ -1,4 +1,4 @@
-"""verl's Megatron LoRA checkpoints, made at test time on CPU by megatron-core (TP=2, 2 processes).
+"""verl's Megatron LoRA checkpoints, made at test time on CPU by megatron-core (TP=2, then PP=2, 2 processes).
 
 verl trains Megatron LoRA through Megatron-Bridge (`megatron.bridge.peft.lora.LoRA`), which is not installable here
 (it needs Transformer Engine). So this file wraps megatron-core's own linears exactly as Megatron-Bridge's
@@ -12,6 +12,11 @@ Column-parallel; SwiGLU split of fc1's linear_out in the sharded state dict) and
 - `v1_full`: verl <= 0.8 with use_dist_checkpointing: `dist_ckpt/` holds the whole model (base + adapters),
   `adapter_checkpoint/mp_rank_XX_adapter.pt` the adapters again (`{"adapter_state_dict": named_parameters with
   ".adapter."}`), nothing records alpha;
+- `v1_adapter`: verl <= 0.8 under mbridge (use_dist_checkpointing=False): `dist_ckpt/` holds no model tensor (lr
+  scheduler and RNG state only), the adapters exist only in `adapter_checkpoint/`; `v1_base`: `dist_ckpt/` holds the
+  base weights but not the adapters, which are in `adapter_checkpoint/`; `pp2_adapter` and `tp1_adapter`: the same LoRA
+  trained with TP=1 PP=2 (each stage numbers its layers from 0) and TP=1, saved as adapter rank files only (same
+  torchrun, model parallelism re-initialised);
 - `v2_adapter`: verl 0.9 with Megatron-Bridge: `model/dist_ckpt/` holds only the adapter shards
   (`apply_peft_adapter_filter_to_state_dict`), `ckpt_contents.json` says `backend.peft`, and
   `model/huggingface/adapter/adapter_config.json` is Megatron-Bridge's `build_adapter_config_dict` (r, lora_alpha).
@@ -183,31 +188,56 @@ def _wrap(model, cfg, lora: dict) -> None:
             setattr(parent, name, LoRALinear(base, adapter))
 
 
-def _save(model, job: dict, cfg) -> None:
+def _save_rank_adapters(model, actors: list[Path]) -> None:
+    """verl <= 0.8's save_adapter_checkpoint: named_parameters() containing ".adapter.", one file per TP/PP rank."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    state = {n: p.data.clone() for n, p in model.named_parameters() if ".adapter." in n.lower()}
+    for actor in actors:
+        torch.save({"adapter_state_dict": state}, actor / "adapter_checkpoint" / f"{name}_adapter.pt")
+
+
+def _save(model, job: dict, cfg, tcfg) -> None:
     import torch
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from tests.fixtures_mcore import transformer_config_json
 
     root = Path(job["out"])
     rank = dist.get_rank()
     full, v2 = root / "v1_full", root / "v2_adapter"
+    v1_adapter, v1_base = root / "v1_adapter", root / "v1_base"
+    v1s = (full, v1_adapter, v1_base)
     adapter_only = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." in k and "_extra_state" not in k}
     if rank == 0:
-        for d in (full / "dist_ckpt", full / "adapter_checkpoint", full / "huggingface", v2 / "model" / "dist_ckpt",
-                  v2 / "model" / "huggingface" / "adapter"):
+        for d in (v2 / "model" / "dist_ckpt", v2 / "model" / "huggingface" / "adapter",
+                  *(a / sub for a in v1s for sub in ("dist_ckpt", "adapter_checkpoint", "huggingface"))):
             d.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(full / "dist_ckpt"))
     dist_checkpointing.save({"model": adapter_only}, str(v2 / "model" / "dist_ckpt"))
-    # verl's save_adapter_checkpoint: named_parameters() containing ".adapter.", per TP rank (PP = EP = 1)
-    if ps.get_data_parallel_rank() == 0:
-        state = {n: p.data.clone() for n, p in model.named_parameters() if ".adapter." in n.lower()}
-        torch.save({"adapter_state_dict": state},
-                   full / "adapter_checkpoint" / f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_adapter.pt")
+    # verl <= 0.8 under mbridge (use_dist_checkpointing=False): dist_ckpt holds no model tensor, the adapters live
+    # only in adapter_checkpoint/
+    dist_checkpointing.save({"lr_scheduler": {"num_steps": 3}, "rng_state": ShardedObject(
+        "rng_state", [torch.get_rng_state()], (1, ps.get_tensor_model_parallel_world_size()),
+        (0, ps.get_tensor_model_parallel_rank()), replica_id=ps.get_data_parallel_rank())}, str(v1_adapter / "dist_ckpt"))
+    base_only = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." not in k}
+    dist_checkpointing.save({"model": base_only}, str(v1_base / "dist_ckpt"))  # the base in torch_dist, LoRA aside
+    _save_rank_adapters(model, list(v1s))
     if rank == 0:
-        for hf in (full / "huggingface", v2 / "model" / "huggingface"):
-            cfg.save_pretrained(hf)
+        for actor in v1s:
+            cfg.save_pretrained(actor / "huggingface")
+            (actor / "transformer_config.json").write_text(transformer_config_json(tcfg))
+        cfg.save_pretrained(v2 / "model" / "huggingface")
         (v2 / "ckpt_contents.json").write_text(json.dumps({
             "schema_version": 2, "framework": "megatron", "role": "actor", "global_step": 3,
             "world_size": dist.get_world_size(),
@@ -225,29 +255,54 @@ def _save(model, job: dict, cfg) -> None:
     dist.barrier()
 
 
-def _run(job: dict) -> None:
+def _lora_model(job: dict):
+    """This rank's LoRA-wrapped megatron model: the HF base's weights, the LoRA matrices drawn in HF space."""
     import safetensors.torch
-    import torch.distributed as dist
     from transformers import AutoConfig
 
-    from tests.fixtures_mcore import _build_model, _fill, _forward, hf_to_mcore_global
+    from tests.fixtures_mcore import _build_model, _fill, hf_to_mcore_global
 
     cfg = AutoConfig.from_pretrained(job["hf"])
-    model, _ = _build_model(cfg, job)
+    model, tcfg = _build_model(cfg, job)
     sd = safetensors.torch.load_file(str(Path(job["hf"]) / "model.safetensors"))
     _fill(model, hf_to_mcore_global(sd, cfg, model.vocab_size, False), job)
     lora = hf_lora(cfg)
     _wrap(model, cfg, to_mcore_lora(lora, cfg))
-    model.eval()
+    return model.eval(), cfg, tcfg, lora
+
+
+def _run(job: dict) -> None:
+    import safetensors.torch
+    import torch.distributed as dist
+
+    from tests.fixtures_mcore import _forward
+
+    model, cfg, tcfg, lora = _lora_model(job)
     root = Path(job["out"])
     root.mkdir(parents=True, exist_ok=True)
     _forward(model, cfg, job, root / "mcore_logits.pt")
-    _save(model, job, cfg)
+    _save(model, job, cfg, tcfg)
     if dist.get_rank() == 0:
         state = peft_state(lora)
         safetensors.torch.save_file(state, str(root / "expected_adapter.safetensors"))
         # what Megatron-Bridge's save_hf_adapter writes next to its adapter_config.json
         safetensors.torch.save_file(state, str(root / "v2_adapter/model/huggingface/adapter/adapter_model.safetensors"))
+
+
+def _run_rank_adapters(job: dict, actor: Path) -> None:
+    """The same LoRA trained under another TP/PP layout, saved as verl <= 0.8's adapter rank files only."""
+    import torch.distributed as dist
+
+    from tests.fixtures_mcore import transformer_config_json
+
+    model, cfg, tcfg, _ = _lora_model(job)
+    if dist.get_rank() == 0:
+        (actor / "adapter_checkpoint").mkdir(parents=True)
+        cfg.save_pretrained(actor / "huggingface")
+        (actor / "transformer_config.json").write_text(transformer_config_json(tcfg))
+    dist.barrier()
+    _save_rank_adapters(model, [actor])
+    dist.barrier()
 
 
 def _main() -> None:
@@ -264,11 +319,15 @@ def _main() -> None:
     job = json.loads(sys.argv[sys.argv.index("--jobs") + 1])[0]
     _patch_cpu()
     dist.init_process_group("gloo")
-    ps.initialize_model_parallel(tensor_model_parallel_size=job["tp"])
-    tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-    _run(job)
-    dist.barrier()
-    ps.destroy_model_parallel()
+    for tp, pp, actor in ((job["tp"], 1, None), (1, 2, "pp2_adapter"), (1, 1, "tp1_adapter")):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+        if actor is None:
+            _run(job)
+        else:
+            _run_rank_adapters({**job, "tp": tp, "pp": pp}, Path(job["out"]) / actor)
+        dist.barrier()
+        ps.destroy_model_parallel()
     dist.destroy_process_group()
 
 
@@ -283,6 +342,10 @@ class McoreLoraCase:
     hf_ref: Path  # the base model training started from
     v1_full: Path  # actor dir: dist_ckpt/ (base + adapters) + adapter_checkpoint/
     v2_adapter: Path  # actor dir: model/dist_ckpt/ (adapters only) + model/huggingface/adapter/adapter_config.json
+    v1_adapter: Path  # actor dir: dist_ckpt/ without model tensors + adapter_checkpoint/ (TP=2)
+    v1_base: Path  # actor dir: dist_ckpt/ with the base only + adapter_checkpoint/ (TP=2)
+    pp2_adapter: Path  # actor dir: adapter_checkpoint/ of TP=1 PP=2 (local layer numbers per stage)
+    tp1_adapter: Path  # actor dir: adapter_checkpoint/ of TP=1 PP=1
     logits: Path  # the LoRA-wrapped mcore model's own forward
     expected_adapter: Path
 
@@ -296,7 +359,8 @@ def mcore_lora(tmp_path_factory) -> McoreLoraCase:
     job = dict(hf=str(hf), out=str(root), tp=2, pp=1, ep=1, layout="v1", value=False, forward=True,
                ids=json.dumps(IDS))
     run_torchrun(2, [job], script=HERE)
-    return McoreLoraCase(root, hf, root / "v1_full", root / "v2_adapter", root / "mcore_logits.pt",
+    return McoreLoraCase(root, hf, root / "v1_full", root / "v2_adapter", root / "v1_adapter", root / "v1_base",
+                         root / "pp2_adapter", root / "tp1_adapter", root / "mcore_logits.pt",
                          root / "expected_adapter.safetensors")
 
 

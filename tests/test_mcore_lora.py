@@ -1,6 +1,7 @@
 """verl's Megatron LoRA (Megatron-Bridge LoRALinear adapters, TP=2, saved by megatron-core): exported as a PEFT adapter
-PEFT loads onto the base model with the trained model's logits, or fused bit-exactly; and the refusals (alpha
-unknown, a LoRA with no mapping, adapters hubexport cannot read). Expected values come from the LoRA matrices the
+PEFT loads onto the base model with the trained model's logits, or fused bit-exactly — from torch_dist or from
+verl <= 0.8's adapter_checkpoint/ rank files (TP=2, and TP=1 PP=2) — and the refusals (alpha unknown, a LoRA with no
+mapping, a PEFT checkpoint without adapter tensors). Expected values come from the LoRA matrices the
 fixture drew in HF space and from the megatron model's own forward."""
 
 from __future__ import annotations
@@ -37,16 +38,23 @@ def logits_of(model) -> torch.Tensor:
         return model.eval()(input_ids=torch.tensor(IDS)).logits.float()
 
 
+# v1_full: base + adapters in dist_ckpt; v2_adapter: adapters in model/dist_ckpt; v1_base: the base in dist_ckpt, the
+# adapters in adapter_checkpoint/ rank files; v1_adapter, pp2_adapter: adapter rank files only (TP=2; TP=1 PP=2)
+LAYOUTS = ["v1_full", "v2_adapter", "v1_base", "v1_adapter", "pp2_adapter"]
+
+
 def options(case, layout: str) -> dict:
-    """v1 records no alpha (pass it); v2 holds adapters only (the base comes from --base-model)."""
-    return {"lora_alpha": ALPHA} if layout == "v1_full" else {"lora_base_model": case.hf_ref}
+    """verl <= 0.8 records no alpha (pass it); adapters-only layouts take the base from --base-model."""
+    alpha = {} if layout == "v2_adapter" else {"lora_alpha": ALPHA}
+    base = {"lora_base_model": case.hf_ref} if layout in ("v2_adapter", "v1_adapter", "pp2_adapter") else {}
+    return {**alpha, **base}
 
 
 @pytest.fixture(scope="module")
 def exported(mcore_lora, tmp_path_factory):
     out = tmp_path_factory.mktemp("mcore_lora_out")
     done = {}
-    for layout in ("v1_full", "v2_adapter"):
+    for layout in LAYOUTS:
         for mode in ("adapter", "fuse"):
             target = out / f"{layout}-{mode}"
             opts = MergeOptions(lora_mode=mode, **options(mcore_lora, layout))
@@ -54,7 +62,7 @@ def exported(mcore_lora, tmp_path_factory):
     return done
 
 
-@pytest.mark.parametrize("layout", ["v1_full", "v2_adapter"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_adapter_loads_with_peft_and_gives_the_trained_logits(layout, exported, mcore_lora):
     result, target = exported[layout, "adapter"]
     base_ref = load_file(mcore_lora.hf_ref / "model.safetensors")
@@ -70,7 +78,7 @@ def test_adapter_loads_with_peft_and_gives_the_trained_logits(layout, exported, 
     assert result.lora["r"] == R and result.lora["lora_alpha"] == ALPHA and result.lora["modules"] == 14
 
 
-@pytest.mark.parametrize("layout", ["v1_full", "v2_adapter"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_adapter_tensors_are_the_trained_matrices_under_peft_names(layout, exported, mcore_lora):
     _, target = exported[layout, "adapter"]
     adapter = load_file(target / lora.ADAPTER_DIR / "adapter_model.safetensors")
@@ -84,7 +92,7 @@ def test_adapter_tensors_are_the_trained_matrices_under_peft_names(layout, expor
                                              "v_proj"]
 
 
-@pytest.mark.parametrize("layout", ["v1_full", "v2_adapter"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_fused_weights_are_w_plus_scaled_ba(layout, exported, mcore_lora):
     _, target = exported[layout, "fuse"]
     assert not (target / lora.ADAPTER_DIR).exists()
@@ -108,9 +116,13 @@ def test_fused_weights_are_w_plus_scaled_ba(layout, exported, mcore_lora):
     torch.testing.assert_close(logits_of(model), torch.load(mcore_lora.logits), rtol=TOL, atol=TOL)
 
 
-def test_adapter_only_checkpoint_without_base_model_writes_the_adapter_alone(mcore_lora, tmp_path):
-    run_merge(mcore_lora.v2_adapter, Output(tmp_path / "o"), MergeOptions(), log=quiet)
+@pytest.mark.parametrize("layout", ["v2_adapter", "v1_adapter"])
+def test_adapter_only_checkpoint_without_base_model_writes_the_adapter_alone(layout, mcore_lora, tmp_path):
+    opts = MergeOptions(lora_alpha=None if layout == "v2_adapter" else ALPHA)
+    run_merge(getattr(mcore_lora, layout), Output(tmp_path / "o"), opts, log=quiet)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [lora.ADAPTER_DIR]
+    adapter = load_file(tmp_path / "o" / lora.ADAPTER_DIR / "adapter_model.safetensors")
+    assert adapter.keys() == load_file(mcore_lora.expected_adapter).keys()
 
 
 def test_unknown_alpha_is_a_one_line_error(mcore_lora, tmp_path):
@@ -138,20 +150,14 @@ def test_half_an_adapter_is_refused():
         mlora.split_adapter_keys(metas)
 
 
-@pytest.mark.parametrize("layout", ["v1", "v2"])
-def test_adapters_hubexport_cannot_read_are_refused(tmp_path, layout, mcore_lora):
-    """verl <= 0.8 with mbridge keeps the adapters only in adapter_checkpoint/ rank files: never export the base alone."""
+def test_peft_checkpoint_without_adapter_tensors_is_refused(tmp_path, mcore_lora):
+    """ckpt_contents.json says peft but model/dist_ckpt/ holds no adapter: never export the base alone."""
     actor = tmp_path / "actor"
-    hf = actor / ("huggingface" if layout == "v1" else "model/huggingface")
+    hf = actor / "model/huggingface"
     hf.mkdir(parents=True)
     (hf / "config.json").write_text((mcore_lora.hf_ref / "config.json").read_text())
-    if layout == "v1":
-        (actor / "dist_ckpt").mkdir()
-        (actor / "adapter_checkpoint").mkdir()
-        torch.save({"adapter_state_dict": {}}, actor / "adapter_checkpoint" / "mp_rank_00_adapter.pt")
-    else:
-        (actor / "model" / "dist_ckpt").mkdir(parents=True)
-        (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "backend": {"peft": True}}))
+    (actor / "model" / "dist_ckpt").mkdir(parents=True)
+    (actor / "ckpt_contents.json").write_text(json.dumps({"schema_version": 2, "backend": {"peft": True}}))
     with pytest.raises(CheckpointError, match="Megatron LoRA checkpoint"):
         run_merge(actor, Output(tmp_path / "o"), MergeOptions(), log=quiet)
     assert not (tmp_path / "o").exists()

@@ -138,9 +138,16 @@ def check_complete(dist_dir: Path) -> None:
 
 
 def open_megatron_source(layout) -> Source:
-    """The Source for a detected Megatron Layout (v1/v2 torch_dist, v0 mp_rank files, mbridge HF safetensors)."""
+    """The Source for a detected Megatron Layout (v1/v2 torch_dist, v0 mp_rank files, verl <= 0.8's adapter rank files,
+    mbridge HF safetensors)."""
     if layout.version in ("v1", "v2"):
-        return TorchDistSource(layout.files[0])
+        from hubexport.sources.mcore_adapter import with_rank_adapters
+
+        return with_rank_adapters(layout, TorchDistSource(layout.files[0]))
+    if layout.version == "v1-adapter":
+        from hubexport.sources.mcore_adapter import AdapterSource
+
+        return AdapterSource(layout.root, layout.files, layout.parallel)
     if layout.version == "v0":
         from hubexport.sources.mcore_legacy import LegacySource
 

@@ -3,12 +3,14 @@ chunk in vpp_chunks])` with local layer and expert numbers and TP-local shards (
 
 Files are opened with mmap and weights_only, so metas() reads no tensor bytes; read() merges one tensor's TP shards.
 Names are presented like the torch_dist source: global `decoder.layers.<i>.` and `...local_experts.<j>.`.
+RankSource is the part every per-rank torch.save layout shares (verl's `adapter_checkpoint/` rank files too).
 """
 
 from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ REPLICATED = ("layer_norm", "layernorm", "norm.weight", "router", "expert_bias",
               "linear_q_down_proj", "linear_kv_down_proj", "enorm", "hnorm")
 ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 ROW_PARALLEL_BIAS = ("linear_proj.bias", "linear_fc2.bias")
+Coord = tuple[int, int, int]  # (tp, pp, ep) rank
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,18 @@ class _Piece:
     key: str
 
 
-def _load(path: Path) -> list[dict]:
+def load_rank_file(path: Path) -> object:
+    """torch.load without code: mmap'd tensors, and the BytesIO TE writes for _extra_state."""
     try:
-        with torch.serialization.safe_globals([io.BytesIO]):  # TE _extra_state is a BytesIO
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals([io.BytesIO]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle, zip and weights_only errors have no common base
         raise CheckpointError(f"cannot load {path}: {e}",
                               hint="the file is corrupt or holds non-tensor objects; re-copy it") from e
+
+
+def _load(path: Path) -> list[dict]:
+    obj = load_rank_file(path)
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) or v is None or isinstance(v, io.BytesIO)
                                      for v in obj.values()):
         return [obj]
@@ -51,6 +59,19 @@ def _load(path: Path) -> list[dict]:
     if isinstance(obj, list):
         return obj
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a list of state dicts", hint="re-copy it")
+
+
+def rank_coord(label: str, parallel: dict[str, int]) -> Coord | None:
+    """(tp, pp, ep) of an `mp_rank_TT[_PPP][_EEE]` name; `_NNN` alone is EP when the run had PP == 1 and EP > 1."""
+    m = MP_RE.fullmatch(label)
+    if not m:
+        return None
+    t, a, b = int(m.group(1)), m.group(2), m.group(3)
+    if b is not None:
+        return t, int(a), int(b)
+    if a is not None and parallel.get("pp", 1) <= 1 and parallel.get("ep", 1) > 1:
+        return t, 0, int(a)
+    return t, int(a or 0), 0
 
 
 def gate_up_from_tp_shards(shards: list[torch.Tensor]) -> torch.Tensor:
@@ -72,55 +93,58 @@ def _tp_merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=0)  # column-parallel (qkv keeps whole groups per rank), vocab-parallel embedding
 
 
-class LegacySource(Source):
-    def __init__(self, files: list[Path], parallel: dict[str, int], *, tied: bool = False) -> None:
-        self.files = [Path(f) for f in files]
-        coords = []
-        for f in self.files:
-            m = MP_RE.fullmatch(f.parent.name)
-            if not m:
-                raise CheckpointError(f"{f.parent} is not an mp_rank_* directory", hint="remove the stray folder")
-            coords.append(m)
-        tp_n, pp_n, ep_n = (parallel.get(k, 1) for k in ("tp", "pp", "ep"))
-        self._coords: list[tuple[int, int, int]] = []
-        for m in coords:
-            t, a, b = int(m.group(1)), m.group(2), m.group(3)
-            if b is not None:
-                self._coords.append((t, int(a), int(b)))
-            elif a is not None and pp_n <= 1 and ep_n > 1:
-                self._coords.append((t, 0, int(a)))
-            else:
-                self._coords.append((t, int(a or 0), 0))
-        self._data = [_load(f) for f in self.files]
-        self._pieces: dict[str, list[_Piece]] = {}  # logical name → one piece per TP rank, in TP order
-        by = {c: i for i, c in enumerate(self._coords)}
-        chunks = len(self._data[0])
-        # global layer offset of (vpp chunk v, pp rank p): interleaved order, chunk v of rank p is block v*P + p
-        offsets: dict[tuple[int, int], int] = {}
-        total = 0
-        for v in range(chunks):
-            for p in range(pp_n):
-                offsets[(v, p)] = total
-                sd = self._data[by[(0, p, 0)]][v]
-                total += 1 + max((int(m.group(2)) for k in sd if (m := LAYER_RE.match(k))), default=-1)
-        for fi, (t, p, e) in enumerate(self._coords):
-            for v, sd in enumerate(self._data[fi]):
+def counted_offsets(coords: list[Coord], data: list[list[dict]], pp_n: int) -> dict[tuple[int, int], int]:
+    """Global layer offset of (vpp chunk v, pp rank p) from the layers each stage holds: interleaved order, chunk v of
+    rank p is block v*P + p."""
+    by = {c: i for i, c in enumerate(coords)}
+    offsets: dict[tuple[int, int], int] = {}
+    total = 0
+    for v in range(len(data[0])):
+        for p in range(pp_n):
+            offsets[(v, p)] = total
+            sd = data[by[(0, p, 0)]][v]
+            total += 1 + max((int(m.group(2)) for k in sd if (m := LAYER_RE.match(k))), default=-1)
+    return offsets
+
+
+class RankSource(Source):
+    """TP-local state dicts of every (tp, pp, ep) rank (each a list of VPP chunks, local layer and expert numbers) as
+    one Source of global tensors; `merge` joins one tensor's TP shards, `keep(key, pp_rank)` drops duplicates."""
+
+    def __init__(self, files: list[Path], coords: list[Coord], data: list[list[dict]],
+                 offsets: dict[tuple[int, int], int], tp_n: int, *,
+                 merge: Callable[[str, list[torch.Tensor]], torch.Tensor] = _tp_merge,
+                 keep: Callable[[str, int], bool] = lambda key, p: True) -> None:
+        self.files, self._data, self._merge = files, data, merge
+        by = {c: i for i, c in enumerate(coords)}
+        self._pieces: dict[str, list[_Piece | None]] = {}  # logical name → one piece per TP rank, in TP order
+        where: dict[str, Coord] = {}
+        for fi, (t, p, e) in enumerate(coords):
+            for v, sd in enumerate(data[fi]):
                 n_local = self._local_experts(sd)
                 for key, val in sd.items():
-                    if not isinstance(val, torch.Tensor) or "_extra_state" in key:
+                    if not isinstance(val, torch.Tensor) or "_extra_state" in key or not keep(key, p):
                         continue
-                    if tied and pp_n > 1 and key == "output_layer.weight" and p == pp_n - 1:
-                        continue  # the last stage's copy of a tied embedding (formats doc §2.8)
                     if e > 0 and "experts." not in key:
                         continue  # non-expert weights are identical on every EP rank
                     name = self._global_name(key, offsets[(v, p)], e * n_local)
                     self._pieces.setdefault(name, [None] * tp_n)[t] = _Piece(fi, v, key)
+                    where[name] = (t, p, e)
         self._specs = {}
         for name, pieces in self._pieces.items():
-            if any(pc is None for pc in pieces):
-                raise CheckpointError(f"{name} is missing on some TP ranks", hint="the v0 checkpoint is incomplete")
+            if None in pieces:
+                _, p, e = where[name]
+                lacking = files[by[(pieces.index(None), p, e)]]
+                raise CheckpointError(f"{name} is missing from {lacking}",
+                                      hint="the rank files do not come from one save; re-copy the checkpoint")
             shards = [self._tensor(pc) for pc in pieces]
-            meta = _tp_merge(name, [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards])
+            odd = next((pc for pc, s in zip(pieces, shards, strict=True) if s.shape != shards[0].shape), None)
+            if odd is not None:
+                raise CheckpointError(
+                    f"{name} is {list(shards[0].shape)} in {files[pieces[0].file]} but "
+                    f"{list(self._tensor(odd).shape)} in {files[odd.file]}",
+                    hint="the rank files come from runs with different tensor-parallel sizes; keep one run's files")
+            meta = merge(name, [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards])
             self._specs[name] = TensorSpec(name, tuple(meta.shape), meta.dtype)
 
     @staticmethod
@@ -150,7 +174,25 @@ class LegacySource(Source):
         return dict(self._specs)
 
     def read(self, name: str) -> torch.Tensor:
-        return _tp_merge(name, [self._tensor(pc) for pc in self._pieces[name]]).clone()
+        return self._merge(name, [self._tensor(pc) for pc in self._pieces[name]]).clone()
 
     def close(self) -> None:
         self._data = []
+
+
+class LegacySource(RankSource):
+    def __init__(self, files: list[Path], parallel: dict[str, int], *, tied: bool = False) -> None:
+        files = [Path(f) for f in files]
+        coords = []
+        for f in files:
+            c = rank_coord(f.parent.name, parallel)
+            if c is None:
+                raise CheckpointError(f"{f.parent} is not an mp_rank_* directory", hint="remove the stray folder")
+            coords.append(c)
+        tp_n, pp_n = parallel.get("tp", 1), parallel.get("pp", 1)
+        data = [_load(f) for f in files]
+
+        def keep(key: str, p: int) -> bool:  # the last stage's copy of a tied embedding (formats doc §2.8)
+            return not (tied and pp_n > 1 and key == "output_layer.weight" and p == pp_n - 1)
+
+        super().__init__(files, coords, data, counted_offsets(coords, data, pp_n), tp_n, keep=keep)
