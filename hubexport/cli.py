@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import signal
-import sys
-from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from hubexport import __version__
+from hubexport import __version__, cli_action
 from hubexport.cli_options import (
     BACKEND,
     CARD_BASE_MODEL,
@@ -32,64 +27,8 @@ from hubexport.cli_options import (
     take_merge_options,
     take_publish_options,
 )
-from hubexport.errors import HubexportError
+from hubexport.cli_output import emit_json, friendly, jsonable, say, say_once
 from hubexport.options import MegatronOptions, Output, PushOptions
-
-
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _is_main() -> bool:
-    from hubexport.dist import Dist
-
-    return Dist.from_env().is_main
-
-
-def emit_json(obj: Any) -> None:
-    if _is_main():  # under torchrun only rank 0 reports, so stdout holds one document
-        click.echo(json.dumps(_jsonable(obj), indent=2))
-
-
-def friendly(fn: Callable) -> Callable:
-    """Turn HubexportError into `error: …` + `hint: …` and its exit code; --debug re-raises for a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except HubexportError as e:
-            if debug:
-                raise
-            if _is_main():  # under torchrun rank 0 reports every rank's failure, once
-                click.echo(f"error: {e.message}", err=True)
-                if e.hint:
-                    click.echo(f"hint: {e.hint}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; the target was left as it was before this run", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def say(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-def say_once(msg: str) -> None:
-    """From rank 0 only, under torchrun."""
-    if _is_main():
-        say(msg)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -245,31 +184,6 @@ def push(source: Path, repo_id: str, private: bool | None, revision: str | None,
     click.echo(f"{verb}: {pushed.files_uploaded} files, {pushed.bytes_uploaded:,} bytes")
 
 
-# ---- summary: a push result rendered for CI (the GitHub Action's step summary and outputs) ---------------------------
-@cli.command()
-@click.argument("result_json", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Append the markdown here (e.g. $GITHUB_STEP_SUMMARY). Default: stdout.")
-@click.option("--github-output", type=click.Path(path_type=Path), default=None,
-              help="Append the step outputs here ($GITHUB_OUTPUT format): repo-id, repo-url, commit-sha, ...")
-@click.option("--template", default="default", show_default=True, help="Bundled summary template or a .md.j2 path.")
-@friendly
-def summary(result_json: Path, output: Path | None, github_output: Path | None, template: str) -> None:
-    """Render RESULT_JSON (what `hubexport push --json` printed) as a markdown job summary, and as step outputs."""
-    from hubexport.summary import action_outputs, github_output_lines, load_result, render_summary
-
-    result = load_result(result_json)
-    text = render_summary(result, template)
-    if github_output is not None:
-        with open(github_output, "a") as f:
-            f.write(github_output_lines(action_outputs(result)))
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        with open(output, "a") as f:
-            f.write(text)
-
-
 @cli.command()
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--reference", required=True,
@@ -304,7 +218,7 @@ def _verify(candidate: Path, reference: Path, *, backend: str, logits: bool, as_
 
     report = do_verify(candidate, reference, backend=backend, logits=logits, log=say)
     if as_json:
-        emit_json({"ok": report.ok, **_jsonable(report)})
+        emit_json({"ok": report.ok, **jsonable(report)})
     else:
         for d in report.differences[:50]:
             click.echo(f"{d.kind:8} {d.name}: {d.detail}")
@@ -376,38 +290,9 @@ def diff(candidate: Path, base: Path, check: bool, allow_unchanged: bool, allow_
             say(f"warning: {note}")
 
 
-# ---- hidden helpers of the GitHub Action (action.yml) ----------------------------------------------------------------
-@cli.command("oidc-token", hidden=True)
-@click.option("--repo-id", required=True, help="The repo that trusts this workflow (namespace/name).")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="Write the token here (mode 600).")
-@friendly
-def oidc_token(repo_id: str, output: Path) -> None:
-    """Exchange this job's OIDC id token for a short-lived Hub token limited to REPO_ID (Trusted Publishers) and
-    write it to OUTPUT. Prints no token."""
-    from hubexport.oidc import exchange, write_private
-
-    write_private(output, exchange(repo_id, log=say))
-
-
-@cli.command("failure-summary", hidden=True)
-@click.option("--stage", required=True, help="The action step that failed, e.g. 'merging and pushing'.")
-@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None, help="That step's captured stderr.")
-@click.option("--repo-id", default="")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
-@click.option("--target-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--since", type=click.Path(path_type=Path), default=None,
-              help="A file touched when the step started: a target-dir counts as merged only if written after it.")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="Append the markdown here.")
-@friendly
-def failure_summary(stage: str, log_path: Path | None, repo_id: str, checkpoint: Path | None,
-                    target_dir: Path | None, since: Path | None, output: Path) -> None:
-    """Append the job summary of a failed action run to OUTPUT, and print the error as a GitHub annotation."""
-    from hubexport.failure import annotation, read_failure, render_failure
-
-    failure = read_failure(stage, log_path, repo_id=repo_id, checkpoint=checkpoint, target_dir=target_dir, since=since)
-    with open(output, "a") as f:
-        f.write(render_failure(failure))
-    click.echo(annotation(failure))
+cli.add_command(cli_action.summary)
+cli.add_command(cli_action.oidc_token)
+cli.add_command(cli_action.failure_summary)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
