@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hubexport.cli import cli
+from hubexport.sources.hf import SafetensorsSource
 from tests.fixtures_vl import IMAGE, KINDS, run_vl_jobs
 from tests.mcore_check import assert_same_tensors
 from tests.test_to_megatron import stored
@@ -127,3 +128,14 @@ def test_published_expert_layout_converts_like_save_pretrained(vl_checkpoints, t
     (actor / "huggingface" / "config.json").write_text((hf / "config.json").read_text())
     run("merge", "--backend", "megatron", "--local-dir", str(actor), "--target-dir", str(tmp_path / "back"))
     assert_same_tensors(tmp_path / "back", hf)
+
+
+def test_to_megatron_reads_each_fused_expert_tensor_once(vl_checkpoints, tmp_path, monkeypatch) -> None:
+    """A fused tensor feeds E megatron tensors: the writer gets them from one read, not one read per expert."""
+    hf, _ = vl_checkpoints["qwen3_vl_moe"]
+    reads: list[str] = []
+    read = SafetensorsSource.read
+    monkeypatch.setattr(SafetensorsSource, "read", lambda self, name: reads.append(name) or read(self, name))
+    run("to-megatron", "--hf-model-path", str(hf), "--output-path", str(tmp_path / "dist_ckpt"))
+    fused = [n for n in reads if n.endswith(FUSED)]
+    assert len(fused) == 4 and sorted(fused) == sorted(set(fused)), fused  # 2 layers × (gate_up, down), once each
