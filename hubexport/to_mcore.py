@@ -91,11 +91,15 @@ class McoreJob:
         return []
 
     def _produce(self) -> Callable[[str], torch.Tensor]:
-        group_of: dict[str, Group] = {g.outputs[0].name: g for g in self.plan.groups if g.outputs}
+        group_of: dict[str, Group] = {o.name: g for g in self.plan.groups for o in g.outputs}
+        pending: dict[str, torch.Tensor] = {}  # the rest of the last group (a fused tensor's experts): read it once
 
         def produce(name: str) -> torch.Tensor:
-            g = group_of[name]
-            return g.convert({n: self.source.read(n) for n in g.inputs})[name]
+            if name not in pending:
+                g = group_of[name]
+                pending.clear()
+                pending.update(g.convert({n: self.source.read(n) for n in g.inputs}))
+            return pending.pop(name)
 
         return produce
 
@@ -108,7 +112,8 @@ class McoreJob:
         if not self.options.test:
             return
         written = TorchDistSource(tmp)
-        groups, _ = megatron_to_hf_groups(written.metas(), self.config, value_model=self.plan.value_model)
+        groups, _ = megatron_to_hf_groups(written.metas(), self.config, value_model=self.plan.value_model,
+                                          experts_transposed=self.plan.experts_transposed)
         expected = {n for g in self.plan.groups if g.outputs for n in g.inputs}
         missing = expected - {o.name for g in groups for o in g.outputs}
         if missing:

@@ -261,27 +261,33 @@ def _patch_cpu() -> None:
         pass
 
 
+def moe_fields(cfg) -> dict:
+    """TransformerConfig fields of an HF MoE text config (none for a dense one): CPU experts (SequentialMLP)."""
+    e = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if not e:
+        return {}
+    moe = dict(
+        num_moe_experts=e,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_load_balancing_type="none",
+        moe_token_dispatcher_type="allgather",
+        moe_router_pre_softmax=not getattr(cfg, "norm_topk_prob", True),
+        moe_grouped_gemm=False,
+        moe_aux_loss_coeff=0.0,
+    )
+    if getattr(cfg, "shared_expert_intermediate_size", 0):
+        moe.update(moe_shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                   moe_shared_expert_gate=True)
+    return moe
+
+
 def _transformer_config(cfg, job: dict):
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    moe = {}
-    if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
-        e = getattr(cfg, "num_experts", None) or cfg.num_local_experts
-        moe = dict(
-            num_moe_experts=e,
-            moe_ffn_hidden_size=cfg.moe_intermediate_size,
-            moe_router_topk=cfg.num_experts_per_tok,
-            moe_router_load_balancing_type="none",
-            moe_token_dispatcher_type="allgather",
-            moe_router_pre_softmax=not getattr(cfg, "norm_topk_prob", True),
-            moe_grouped_gemm=False,
-            moe_aux_loss_coeff=0.0,
-        )
-        if getattr(cfg, "shared_expert_intermediate_size", 0):
-            moe.update(moe_shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-                       moe_shared_expert_gate=True)
+    moe = moe_fields(cfg)
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,

@@ -1,10 +1,13 @@
-"""Qwen2.5-VL and Qwen3-VL torch_dist checkpoints made at test time on CPU, with verl's Megatron module tree.
+"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE torch_dist checkpoints made at test time on CPU, with verl's Megatron
+module tree.
 
 - Qwen2.5-VL: mbridge's own `Qwen2_5VLModel` (PyPI mbridge 0.15.1), built the way its bridge's model provider
   builds it, with megatron-core's local specs instead of Transformer Engine's and a tiny vision config.
 - Qwen3-VL: mbridge's Qwen3-VL model is not on PyPI (git only), so the same module tree is assembled from
   megatron-core's own modules under mbridge's names (`vision_model.{patch_embed,pos_embed,decoder,merger}`, the
-  deepstack mergers in the vision decoder, a `language_model` GPTModel).
+  deepstack mergers in the vision decoder, a `language_model` GPTModel). Qwen3-VL-MoE (mbridge `Qwen3VLMoEBridge`)
+  is the same tree with megatron-core's MoE layers (router + SequentialMLP experts; mbridge's TEGroupedMLP saves the
+  same torch_dist keys).
 
 Either is filled from a tiny HF model with this file's HF → mcore formulas (independent of hubexport) and saved with
 `dist_checkpointing.save` in verl's v1 layout; a load job loads a checkpoint into the same model with
@@ -40,12 +43,14 @@ def tiny_vl(kind: str, out: Path) -> Path:
                                   vision_config={**VISION, "patch_size": 14, "fullatt_block_indexes": [1],
                                                  "window_size": 112})
         cls = tf.Qwen2_5_VLForConditionalGeneration
-    elif kind == "qwen3_vl":
-        cfg = tf.Qwen3VLConfig(text_config={**TEXT, "head_dim": 16,
-                                            "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, **mrope}},
-                               vision_config={**VISION, "patch_size": 16, "num_position_embeddings": 16,
-                                              "deepstack_visual_indexes": [0, 1]})
-        cls = tf.Qwen3VLForConditionalGeneration
+    elif kind in ("qwen3_vl", "qwen3_vl_moe"):
+        text = {**TEXT, "head_dim": 16, "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, **mrope}}
+        vision = {**VISION, "patch_size": 16, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]}
+        moe = kind == "qwen3_vl_moe"
+        if moe:  # I = 24 ≠ H = 64 (and 2I ≠ H): a transposed expert cannot pass for the right one
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+        cfg = (tf.Qwen3VLMoeConfig if moe else tf.Qwen3VLConfig)(text_config=text, vision_config=vision)
+        cls = tf.Qwen3VLMoeForConditionalGeneration if moe else tf.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(kind)
     # special tokens inside the tiny vocabulary, so an image can go through the model
@@ -70,15 +75,32 @@ def _vision_qkv(t, heads: int):
     return t.view(3, heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+def _per_expert(sd: dict) -> dict:
+    """transformers 5's fused experts (`mlp.experts.gate_up_proj` [E, 2I, H] = [gate; up] per expert, `down_proj`
+    [E, H, I]) as the per-expert names fixtures_mcore's formulas read."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            for e, w in enumerate(v):
+                gate, up = w.chunk(2)
+                out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
+                out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
+        elif k.endswith(".mlp.experts.down_proj"):
+            out.update((k.replace("down_proj", f"{e}.down_proj.weight"), w) for e, w in enumerate(v))
+        else:
+            out[k] = v
+    return out
+
+
 def vl_to_mcore(sd: dict, cfg) -> dict:
     """mcore in-memory names (local specs) → tensors, for the whole VLM."""
     import torch
 
     from tests.fixtures_mcore import hf_to_mcore_global
 
-    q3 = cfg.model_type == "qwen3_vl"
+    q3 = cfg.model_type in ("qwen3_vl", "qwen3_vl_moe")
     lm, vis = ("model.language_model.", "model.visual.") if q3 else ("model.", "visual.")
-    text = {"model." + k[len(lm):]: v for k, v in sd.items() if k.startswith(lm)}
+    text = _per_expert({"model." + k[len(lm):]: v for k, v in sd.items() if k.startswith(lm)})
     text["lm_head.weight"] = sd["lm_head.weight"]
     out = {"language_model." + k: v for k, v in hf_to_mcore_global(text, cfg.text_config, PADDED, False).items()}
     v, heads = cfg.vision_config, cfg.vision_config.num_heads
@@ -178,7 +200,8 @@ def build_qwen2_5_vl(cfg):
 
 
 def build_qwen3_vl(cfg):
-    """Qwen3-VL's module tree as mbridge's Qwen3VLModel has it, from megatron-core modules."""
+    """Qwen3-VL's module tree as mbridge's Qwen3VLModel has it, from megatron-core modules; MoE layers (local spec:
+    router + SequentialMLP) when the text config has experts (Qwen3-VL-MoE)."""
     import torch
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -187,10 +210,13 @@ def build_qwen3_vl(cfg):
     from megatron.core.transformer import MegatronModule, TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlock
 
+    from tests.fixtures_mcore import moe_fields
+
     t, v = cfg.text_config, cfg.vision_config
-    tcfg = TransformerConfig(**_text_config(t, qk_layernorm=True))
+    tcfg = TransformerConfig(**_text_config(t, qk_layernorm=True, **moe_fields(t)))
     vcfg = deepcopy(tcfg)  # mbridge derives the vision config from the language one
     _vision_sizes(vcfg, v)
+    vcfg.num_moe_experts = None
     vcfg.normalization, vcfg.gated_linear_unit, vcfg.add_bias_linear, vcfg.add_qkv_bias = "LayerNorm", False, True, True
     vcfg.qk_layernorm = False
 
@@ -228,7 +254,9 @@ def build_qwen3_vl(cfg):
         def __init__(self):
             super().__init__(config=tcfg)
             self.vision_model = Vision()
-            self.language_model = GPTModel(tcfg, get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
+            spec = get_gpt_layer_local_spec(num_experts=tcfg.num_moe_experts, qk_layernorm=True,
+                                            normalization="RMSNorm")
+            self.language_model = GPTModel(tcfg, spec,
                                            vocab_size=PADDED, max_sequence_length=t.max_position_embeddings,
                                            position_embedding_type="rope",
                                            rotary_base=int(t.rope_parameters["rope_theta"]))
@@ -237,7 +265,7 @@ def build_qwen3_vl(cfg):
 
 
 def _build(cfg):
-    return build_qwen3_vl(cfg) if cfg.model_type == "qwen3_vl" else build_qwen2_5_vl(cfg)
+    return build_qwen2_5_vl(cfg) if cfg.model_type == "qwen2_5_vl" else build_qwen3_vl(cfg)
 
 
 def _state(model) -> dict:
@@ -309,7 +337,7 @@ def _main() -> None:
 # pytest side
 # --------------------------------------------------------------------------------------------------------------------
 
-KINDS = ("qwen2_5_vl", "qwen3_vl")
+KINDS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def run_vl_jobs(jobs: list[dict]) -> None:

@@ -56,6 +56,20 @@ def test_gate_up_round_trip_and_layout() -> None:
     assert torch.equal(back, fc1)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_experts_round_trip_and_layout(transposed: bool) -> None:
+    """transformers 5 holds [E, out, in]; the published Qwen3-VL-MoE checkpoints [E, in, out]."""
+    experts = [torch.randn(6, 4) for _ in range(3)]  # mcore [out, in] each
+    (fused,) = ops.experts_to_hf(*experts, transposed=transposed)
+    assert fused.shape == ((3, 4, 6) if transposed else (3, 6, 4))
+    for e, w in enumerate(experts):
+        assert torch.equal(fused[e].T if transposed else fused[e], w)
+    back = ops.experts_to_mcore(fused, transposed=transposed)
+    assert len(back) == 3 and all(torch.equal(a, b) for a, b in zip(back, experts, strict=True))
+    (again,) = ops.experts_to_hf(*back, transposed=transposed)
+    assert torch.equal(again, fused)
+
+
 def test_vocab_trim_and_pad_are_inverse() -> None:
     w = torch.randn(100, 4)
     assert ops.padded_vocab_size(100, 128, 1) == 128 and ops.padded_vocab_size(100, 128, 2) == 256

@@ -29,6 +29,7 @@ TOY = Arch(
         R(M + "fc1.weight", (H + "gate.weight", H + "up.weight"), "gate_up", when="dense"),
         R(M + "pre_mlp_layernorm.weight", H + "post_norm.weight", when="moe", local=M + "fc1.layer_norm_weight"),
         R(M + "experts.{E}.fc2.weight", H + "experts.{E}.down.weight", when="moe"),
+        R(M + "experts.{E}.fc1.weight", H + "experts.gate_up", "experts", when="moe"),  # fused: {E} on mcore only
     ),
     layer_kinds=lambda cfg: list(cfg.kinds),
     num_experts=lambda cfg: cfg.experts,
@@ -52,6 +53,8 @@ MOE1 = [  # layer 1 as an MoE layer with two experts, TE spelling
     (("decoder.layers.1.pre_mlp_layernorm.weight",), ("model.layers.1.post_norm.weight",), "copy"),
     (("decoder.layers.1.experts.0.fc2.weight",), ("model.layers.1.experts.0.down.weight",), "copy"),
     (("decoder.layers.1.experts.1.fc2.weight",), ("model.layers.1.experts.1.down.weight",), "copy"),
+    (("decoder.layers.1.experts.0.fc1.weight", "decoder.layers.1.experts.1.fc1.weight"),
+     ("model.layers.1.experts.gate_up",), "experts"),
 ]
 
 
@@ -93,8 +96,11 @@ EXPAND_ROWS = [
     ("absent tensor is missing under its first spelling", cfg("dense"),
      mcore_names(DENSE0) - {"decoder.layers.0.norm.weight"}, [EMB, QKV0, FC1_0], ["decoder.layers.0.norm.weight"]),
     ("missing expert", cfg("dense", "moe", experts=2),
-     mcore_names(DENSE0 + MOE1) - {"decoder.layers.1.experts.1.fc2.weight"}, DENSE0 + MOE1[:4],
+     mcore_names(DENSE0 + MOE1) - {"decoder.layers.1.experts.1.fc2.weight"}, DENSE0 + MOE1[:4] + MOE1[5:],
      ["decoder.layers.1.experts.1.fc2.weight"]),
+    ("a fused rule binds every expert at once, or nothing", cfg("dense", "moe", experts=2),
+     mcore_names(DENSE0 + MOE1) - {"decoder.layers.1.experts.1.fc1.weight"}, DENSE0 + MOE1[:5],
+     ["decoder.layers.1.experts.1.fc1.weight"]),
     ("if_config true requires the bias", cfg("dense", bias=True), mcore_names(DENSE0), DENSE0,
      ["decoder.layers.0.qkv.bias"]),
     ("if_config false ignores the bias rule", cfg("dense"), mcore_names(DENSE0) | {"decoder.layers.0.qkv.bias"},
@@ -213,3 +219,59 @@ def test_coverage(direction, make_specs, make_config, error) -> None:
         return
     with pytest.raises(MappingError, match=error):
         convert(specs, config)
+
+
+# ---- Qwen3-VL-MoE's fused experts: save_pretrained's [E, 2I, H] / [E, H, I] or the published [E, H, 2I] / [E, I, H]
+def vl_moe(hidden: int, inter: int) -> transformers.Qwen3VLMoeConfig:
+    text = dict(vocab_size=64, hidden_size=hidden, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, num_hidden_layers=2, num_experts=3, num_experts_per_tok=1, moe_intermediate_size=inter)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=hidden,
+                  deepstack_visual_indexes=[0])
+    return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+
+
+def vl_moe_specs(config, published: tuple[int, ...] = ()) -> dict[str, TensorSpec]:
+    """What save_pretrained writes (the in-memory names and shapes), the given layers' experts published instead."""
+    with torch.device("meta"):
+        model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    specs = {k: TensorSpec(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    for i in published:
+        for w in ("gate_up_proj", "down_proj"):
+            k = f"model.language_model.layers.{i}.mlp.experts.{w}"
+            e, a, b = specs[k].shape
+            specs[k] = TensorSpec(k, (e, b, a), specs[k].dtype)
+    return specs
+
+
+# (id, hidden, moe_intermediate_size of the weights / of the config, layers published, transposed or error)
+LAYOUT_ROWS = [
+    ("H = 2I, save_pretrained", 16, 8, 8, (), False),
+    ("H = 2I, published: down_proj tells", 16, 8, 8, (0, 1), True),
+    ("H = I, save_pretrained", 16, 16, 16, (), False),
+    ("H = I, published: gate_up_proj tells", 16, 16, 16, (0, 1), True),
+    ("layers disagree", 16, 8, 8, (1,), r"layers\.1\.mlp\.experts\.\* is in the published layout but .*layers\.0"),
+    ("neither layout", 16, 8, 12, (), r"gate_up_proj \[3, 16, 16\] and down_proj \[3, 16, 8\] are neither"),
+]
+
+
+@pytest.mark.parametrize(("hidden", "inter", "cfg_inter", "published", "want"), [r[1:] for r in LAYOUT_ROWS],
+                         ids=[r[0] for r in LAYOUT_ROWS])
+def test_qwen3_vl_moe_expert_layout(hidden, inter, cfg_inter, published, want) -> None:
+    specs, config = vl_moe_specs(vl_moe(hidden, inter), published), vl_moe(hidden, cfg_inter)
+    if isinstance(want, str):
+        with pytest.raises(MappingError, match=want):
+            hf_to_megatron_plan(specs, config)
+        return
+    plan = hf_to_megatron_plan(specs, config)
+    assert plan.experts_transposed is want
+    name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    (group,) = [g for g in plan.groups if g.inputs == (name,)]
+    fused = torch.randn(specs[name].shape)
+    out = group.convert({name: fused})
+    assert [o.name for o in group.outputs] == [
+        f"language_model.decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight" for e in range(3)]
+    for e, o in enumerate(group.outputs):  # mcore fc1 [2I, H] = [gate; up], whichever layout the folder had
+        assert out[o.name].shape == (2 * inter, hidden)
+        assert torch.equal(out[o.name], fused[e].T if want else fused[e])
+    groups, _ = megatron_to_hf_groups({o.name: o for o in plan.outputs}, config, experts_transposed=want)
+    assert {o.name: o.shape for g in groups for o in g.outputs} == {k: v.shape for k, v in specs.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
 from hubexport.mapping.ops import padded_vocab_size
-from hubexport.mapping.registry import Arch, Binding, Dims, apply_to_mcore, expand_to_mcore, output_shapes
+from hubexport.mapping.registry import Arch, Binding, apply_to_mcore, expand_to_mcore, output_shapes
 
 SPECS = ("te", "local")
 HF_HEAD, HF_SCORE = "lm_head.weight", "score.weight"
@@ -34,7 +34,7 @@ class McorePlan:
     """Everything the writer needs, known before the first tensor byte is read."""
 
     arch: Arch
-    groups: list[Group]  # each: HF inputs → exactly one megatron output (a check group has none)
+    groups: list[Group]  # each: HF inputs → megatron outputs (one, or a fused tensor's experts; a check has none)
     num_layers: int
     num_experts: int
     stacked: bool  # layers stacked under one key with a leading layer axis (else `decoder.layers.<i>.` keys)
@@ -44,6 +44,7 @@ class McorePlan:
     value_model: bool
     notes: list[str] = field(default_factory=list)
     architecture: str = ""  # the transformers class the HF folder holds (archnames.model_class)
+    experts_transposed: bool = False  # the folder's fused expert tensors are [E, in, out] (Dims.experts_transposed)
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -107,7 +108,8 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     # megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (× TP at load; the embedding and
     # output layer allow a shape mismatch there, so one padding serves every TP)
     padded = padded_vocab_size(text.vocab_size, vocab_divisible_by)
-    dims = Dims(base.num_query_groups, base.heads_per_group, base.head_dim, base.vocab_size, padded, base.vision_heads)
+    transposed = arch.experts_transposed({n: t.shape for n, t in hf.items()}, config)
+    dims = replace(base, padded_vocab=padded, experts_transposed=transposed)
     present = set(hf)
     exp = expand_to_mcore(arch, config, present, spec=spec)
     if exp.missing:
@@ -140,7 +142,7 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     groups = []
     for b in bindings:
         try:
-            (shape,) = output_shapes(b.op, dims, [hf[n].shape for n in b.hf], to_mcore=True)
+            shapes = output_shapes(b.op, dims, [hf[n].shape for n in b.hf], to_mcore=True)
         except (RuntimeError, ValueError) as e:
             raise MappingError(
                 f"{', '.join(b.hf)} {[list(hf[n].shape) for n in b.hf]} do not fit the config for {b.op}: {e}",
@@ -150,9 +152,10 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
         if len(dtypes) > 1:
             raise MappingError(f"{', '.join(b.hf)} have different dtypes {sorted(map(str, dtypes))}",
                                hint="megatron stores them as one tensor; re-save the HF model in one dtype")
-        (mcore_name,) = b.mcore
-        groups.append(Group(inputs=b.hf, outputs=(TensorSpec(mcore_name, shape, dtypes.pop()),),
+        dtype = dtypes.pop()
+        outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.mcore, shapes, strict=True))
+        groups.append(Group(inputs=b.hf, outputs=outputs,
                             convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
     assert arch.lm_prefix + EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
     return McorePlan(arch, groups + checks, n_layers, arch.num_experts(text), arch.stacked(config),
-                     arch.layer_stacks(config), padded, tied, value, notes, architecture)
+                     arch.layer_stacks(config), padded, tied, value, notes, architecture, transposed)

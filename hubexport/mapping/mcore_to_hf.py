@@ -4,6 +4,7 @@ critic), and strict coverage both ways."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 
@@ -99,13 +100,16 @@ def _first(names, n: int = SHOW) -> str:
 
 
 def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embedding: bool = False,
-                          value_model: bool = False, notes: list[str] | None = None) -> tuple[list[Group], dict]:
+                          value_model: bool = False, notes: list[str] | None = None,
+                          experts_transposed: bool = False) -> tuple[list[Group], dict]:
     """Plan groups turning megatron tensors (the Source's logical names) into HF tensors, plus config.json updates.
 
     Strict: every checkpoint tensor must be consumed and every tensor the config implies must be found. Decisions the
-    user should hear about (a head tied by the checkpoint against the config...) are appended to `notes`."""
+    user should hear about (a head tied by the checkpoint against the config...) are appended to `notes`. Fused
+    expert tensors are written as save_pretrained writes them, or [E, in, out] with `experts_transposed` (to compare
+    with a published folder)."""
     arch = arch_for(config)
-    dims = dims_from_config(config)
+    dims = replace(dims_from_config(config), experts_transposed=experts_transposed)
     present = set(metas)
     exp = expand(arch, config, present)
     if exp.missing:

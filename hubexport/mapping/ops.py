@@ -53,6 +53,18 @@ def gate_up_to_mcore(gate: torch.Tensor, up: torch.Tensor) -> TensorTuple:
     return (torch.cat([gate, up], dim=0),)
 
 
+def experts_to_hf(*experts: torch.Tensor, transposed: bool = False) -> TensorTuple:
+    """A layer's E expert weights [out, in] as one fused tensor: transformers 5 holds [E, out, in] (what
+    save_pretrained writes for Qwen3-VL-MoE); published Qwen3-VL-MoE checkpoints hold [E, in, out] (`transposed`).
+    mcore's fc1 [gate; up] is the fused gate_up_proj's row order, so fc1 and fc2 need nothing else."""
+    fused = torch.stack(experts)
+    return (fused.transpose(1, 2) if transposed else fused,)
+
+
+def experts_to_mcore(fused: torch.Tensor, *, transposed: bool = False) -> TensorTuple:
+    return tuple((fused.transpose(1, 2) if transposed else fused).unbind(0))
+
+
 def trim_vocab(w: torch.Tensor, *, vocab_size: int) -> TensorTuple:
     """megatron pads the vocabulary (make_vocab_size_divisible_by × TP); HF has exactly vocab_size rows."""
     if w.shape[0] < vocab_size:

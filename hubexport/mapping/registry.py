@@ -27,6 +27,7 @@ class Dims:
     vocab_size: int
     padded_vocab: int | None = None  # only the HF → mcore direction needs it
     vision_heads: int = 0  # a vision tower's attention heads (no GQA), for its fused qkv
+    experts_transposed: bool = False  # fused HF expert tensors stored [E, in, out] (published Qwen3-VL-MoE)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ OPS: dict[str, Op] = {
     "vision_qkv": Op(lambda xs, d: ops.fused_qkv_to_hf(xs[0], num_heads=d.vision_heads),
                      lambda xs, d: ops.fused_qkv_to_mcore(xs[0], num_heads=d.vision_heads)),
     "gate_up": Op(lambda xs, d: ops.gate_up_to_hf(xs[0]), lambda xs, d: ops.gate_up_to_mcore(*xs)),
+    "experts": Op(lambda xs, d: ops.experts_to_hf(*xs, transposed=d.experts_transposed),
+                  lambda xs, d: ops.experts_to_mcore(xs[0], transposed=d.experts_transposed)),
     "vocab": Op(
         lambda xs, d: ops.trim_vocab(xs[0], vocab_size=d.vocab_size),
         lambda xs, d: ops.pad_vocab(xs[0], padded_size=d.padded_vocab or xs[0].shape[0]),
@@ -72,6 +75,12 @@ class Rule:
     @property
     def per_expert(self) -> bool:
         return any("{E}" in n for n in (*self.mcore, *self.hf))
+
+    @property
+    def fuses_experts(self) -> bool:
+        """One HF tensor holds all of a layer's experts (transformers 5's fused `mlp.experts.gate_up_proj`): `{E}`
+        on the mcore side only, bound to every expert at once."""
+        return any("{E}" in n for n in self.mcore) and not any("{E}" in n for n in self.hf)
 
 
 def R(mcore: str | tuple[str, ...], hf: str | tuple[str, ...], op: str = "copy", *, when: str | None = None,
@@ -109,6 +118,9 @@ class Arch:
     hf_embed: str = "model.embed_tokens.weight"
     counts: Callable[[object], dict[str, int]] = lambda cfg: {}
     other_stacks: Callable[[object], dict[str, int]] = lambda cfg: {}
+    # HF → mcore: whether an HF folder holds its fused expert tensors [E, in, out] (Dims.experts_transposed),
+    # decided from its tensor shapes (name → shape) and the config
+    experts_transposed: Callable[[dict[str, tuple[int, ...]], object], bool] = lambda shapes, cfg: False
 
     def layer_stacks(self, cfg: object) -> dict[str, int]:
         """Stacked-key prefix → its layer count (the writer's leading axis), language model first."""
@@ -165,9 +177,21 @@ def _fill(names: tuple[str, ...], subs: dict[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _expert_subs(rule: Rule, n_exp: int) -> list[dict[str, str]]:
+    """One substitution per expert, or a single one for rules without experts and for fused rules."""
+    return [{"E": str(e)} for e in range(n_exp)] if rule.per_expert and not rule.fuses_experts else [{}]
+
+
+def _all_experts(rule: Rule, names: tuple[str, ...], n_exp: int) -> tuple[str, ...]:
+    """A fused rule's mcore side: every expert's tensor, in expert order; other rules' names unchanged."""
+    if not rule.fuses_experts:
+        return names
+    return tuple(n.replace("{E}", str(e)) for n in names for e in range(n_exp))
+
+
 def _bind(rule: Rule, subs: dict[str, str], present: set[str], exp: Expansion,
-          mcore_prefix: tuple[str, str] | None = None) -> None:
-    spellings = [rule.mcore, *([rule.local] if rule.local else []), *rule.alt]
+          mcore_prefix: tuple[str, str] | None = None, n_exp: int = 0) -> None:
+    spellings = [_all_experts(rule, s, n_exp) for s in [rule.mcore, *([rule.local] if rule.local else []), *rule.alt]]
     if mcore_prefix:  # MTP: the same layer rules under another mcore prefix
         spellings = [tuple(n.replace(*mcore_prefix) for n in s) for s in spellings]
     concrete = [_fill(s, subs) for s in spellings]
@@ -194,8 +218,8 @@ def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
         for i, kind in enumerate(kinds):
             if rule.when not in (None, kind):
                 continue
-            for e in range(n_exp) if rule.per_expert else [None]:
-                _bind(rule, {"L": str(i), **({"E": str(e)} if e is not None else {})}, present, exp)
+            for e in _expert_subs(rule, n_exp):
+                _bind(rule, {"L": str(i), **e}, present, exp, n_exp=n_exp)
     mtp = sorted({int(m.group(1)) for n in present if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
     for m in mtp:  # MTP block m is exported as HF layer L + m (DeepSeek-V3 layout)
         hf_layer = str(len(kinds) + m)
@@ -205,10 +229,9 @@ def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
         for rule in arch.rules:
             if not rule.per_layer or rule.when not in (None, arch.mtp_kind) or not config_flag(text, rule.if_config):
                 continue
-            for e in range(n_exp) if rule.per_expert else [None]:
-                subs = {"L": hf_layer, **({"E": str(e)} if e is not None else {})}
-                _bind(rule, subs, present, exp,
-                      mcore_prefix=("decoder.layers.{L}.", f"mtp.layers.{m}.transformer_layer."))
+            for e in _expert_subs(rule, n_exp):
+                _bind(rule, {"L": hf_layer, **e}, present, exp,
+                      mcore_prefix=("decoder.layers.{L}.", f"mtp.layers.{m}.transformer_layer."), n_exp=n_exp)
     return exp
 
 
@@ -223,9 +246,8 @@ def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "
         if not config_flag(text, rule.if_config):
             continue
         if rule.per_layer:
-            all_subs = [{"L": str(i), **({"E": str(e)} if e is not None else {})}
-                        for i, kind in enumerate(kinds) if rule.when in (None, kind)
-                        for e in (range(n_exp) if rule.per_expert else [None])]
+            all_subs = [{"L": str(i), **e} for i, kind in enumerate(kinds) if rule.when in (None, kind)
+                        for e in _expert_subs(rule, n_exp)]
         else:
             all_subs = index_subs(rule, counts)
         for subs in all_subs:
@@ -234,7 +256,7 @@ def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "
             if absent:
                 exp.missing.extend(absent)
             else:
-                exp.bindings.append(Binding(_fill(rule.spelled(spec), subs), hf, rule.op))
+                exp.bindings.append(Binding(_fill(_all_experts(rule, rule.spelled(spec), n_exp), subs), hf, rule.op))
     return exp
 
 

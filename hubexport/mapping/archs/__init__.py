@@ -13,10 +13,11 @@ from hubexport.mapping.archs import (
     qwen3,
     qwen3_moe,
     qwen3_vl,
+    qwen3_vl_moe,
 )
 from hubexport.mapping.registry import Arch
 
-MODULES = (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, deepseek_v3, qwen2_5_vl, qwen3_vl)
+MODULES = (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, deepseek_v3, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)
 ARCHS: dict[str, Arch] = {t: m.ARCH for m in MODULES for t in m.ARCH.model_types}
 
 

@@ -51,6 +51,12 @@ EXPERTS = (
     R(EXPERT_FC2, H + "mlp.experts.{E}.down_proj.weight", when="moe"),
 )
 
+# transformers 5's fused expert tensors, as Qwen3-VL-MoE saves them: one HF tensor per layer holds all E experts
+FUSED_EXPERTS = (
+    R(EXPERT_FC1, H + "mlp.experts.gate_up_proj", "experts", when="moe"),
+    R(EXPERT_FC2, H + "mlp.experts.down_proj", "experts", when="moe"),
+)
+
 
 def shared_experts(hf_prefix: str) -> tuple:
     """Shared-expert rows; Qwen2-MoE calls the module `shared_expert`, DeepSeek-V3 `shared_experts`."""

@@ -13,11 +13,13 @@ from hubexport.mapping.archs._parts import (
 )
 from hubexport.mapping.registry import Arch
 
+BUT_EXPERTS = (*EMBEDDING, *GQA_ATTENTION, *QK_NORM, *DENSE_MLP, MOE_NORM, ROUTER)  # Qwen3-VL-MoE fuses the experts
+
 ARCH = Arch(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     causal_lm="Qwen3MoeForCausalLM",
-    rules=(*EMBEDDING, *GQA_ATTENTION, *QK_NORM, *DENSE_MLP, MOE_NORM, ROUTER, *EXPERTS),
+    rules=(*BUT_EXPERTS, *EXPERTS),
     layer_kinds=qwen_moe_layers,
     num_experts=qwen_num_experts,
 )
