@@ -12,13 +12,13 @@ import torch
 from transformers import PretrainedConfig
 
 from hubexport import lora, lora_export
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
-from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
+from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, native_groups
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
@@ -26,8 +26,6 @@ from hubexport.result import Result, WrittenFile
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
-from hubexport.sources.mcore import open_megatron_source
-from hubexport.sources.torch_dcp import open_dcp_source
 from hubexport.writers.safetensors import write_file
 
 
@@ -48,9 +46,13 @@ class Prepared:
 def open_source(layout: Layout) -> Source:
     if layout.format == "fsdp":
         return FsdpSource(layout.files)
-    if layout.format == "megatron":
+    if layout.format == "megatron":  # torch.distributed.checkpoint takes ~1.5 s to import: only for these
+        from hubexport.sources.mcore import open_megatron_source
+
         return open_megatron_source(layout)
     if layout.format == "dcp":
+        from hubexport.sources.torch_dcp import open_dcp_source
+
         return open_dcp_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
@@ -94,11 +96,11 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
     if value_model:
         config.num_labels = 1
         tied = False
-    model = meta_model(config, architecture, trust_remote_code=o.trust_remote_code)
     exported = None
     if keys is None:
-        groups = saved_groups(model, specs)
+        groups = native_groups(config, architecture, specs, trust_remote_code=o.trust_remote_code)
     else:
+        model = meta_model(config, architecture, trust_remote_code=o.trust_remote_code)
         groups, source, exported = lora_export.prepare_lora(
             layout, model, source, keys, mode=o.lora_mode or "adapter", alpha=o.lora_alpha, rank=o.lora_rank,
             base_model=o.lora_base_model, cast=o.cast, value_model=value_model)
@@ -135,6 +137,7 @@ class GroupCache:
     def __init__(self, plan: Plan, source: Source) -> None:
         self.plan, self.source = plan, source
         self.group_of = plan.group_of()
+        self.specs = source.metas()
         self._index: int | None = None
         self._outputs: dict[str, torch.Tensor] = {}
 
@@ -142,12 +145,23 @@ class GroupCache:
         group = self.plan.groups[index]
         return group.convert({n: self.source.read(n) for n in group.inputs})
 
-    def fetch(self, spec: TensorSpec) -> torch.Tensor:
+    def fetch(self, spec: TensorSpec) -> torch.Tensor | FileSlices:
         index = self.group_of[spec.name]
+        if self.plan.groups[index].passthrough and (found := self._slices(spec)) is not None:
+            return found
         if index != self._index:
             self._outputs, self._index = self.run(index), index
         t = self._outputs.pop(spec.name)
         return t.to(spec.dtype) if t.dtype != spec.dtype else t
+
+
+    def _slices(self, spec: TensorSpec) -> FileSlices | None:
+        """An output that is a source tensor unchanged, in its own dtype, whose bytes the source can point at."""
+        slices = getattr(self.source, "slices", None)
+        source_spec = self.specs.get(spec.name)
+        if slices is None or source_spec is None or source_spec.dtype != spec.dtype:
+            return None
+        return slices(spec.name)
 
 
 class HfJob:
@@ -248,7 +262,7 @@ class HfJob:
 
     def done(self, result: Result) -> str:
         extra = f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else ""
-        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra})"
+        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra}; {result.throughput})"
 
 
 def _check_complete(path: Path, tensors: tuple[TensorSpec, ...]) -> None:
