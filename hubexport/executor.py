@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from hubexport.errors import TargetError
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
-from hubexport.result import Result, WrittenFile
+from hubexport.result import Result, Throughput, WrittenFile
 from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
 
 Log = Callable[[str], None]
@@ -174,6 +175,7 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
     if out.dry_run:
         result.files, result.dry_run = job.planned_files(), True
         return result
+    started = time.perf_counter()
     dist.run(job.precheck, main_only=True)
     with _claimed(out, dist) as (tmp, commit):
         mine = dist.run(_writing(out.target, lambda: job.write(tmp, dist)))
@@ -183,6 +185,7 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
         # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.
         dist.run(_writing(out.target, lambda: before_swap and before_swap(tmp, result)), main_only=True)
         commit()
+    result.throughput = Throughput.of(sum(f.size for f in result.files), time.perf_counter() - started)
     log(job.done(result))
     return result
 
