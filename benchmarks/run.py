@@ -51,7 +51,9 @@ Contender = tuple[list[str], dict[str, str] | None]
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True, env=env)
+    # `python -m` puts the working directory first on sys.path: run in the checkout being measured.
+    cwd = (env or {}).get("PYTHONPATH", str(REPO))
+    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     wall, rss = proc.stdout.strip().splitlines()[-1].split()
@@ -142,8 +144,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/hubexport-bench"))
     ap.add_argument("--verl-python", default=None, help="python of a venv with verl 0.9.1 (see benchmarks/README.md)")
-    ap.add_argument("--baseline-repo", type=Path, default=None,
-                    help="another hubexport checkout (e.g. main) to run beside this one, 1 process")
+    ap.add_argument("--baseline-repo", type=Path, action="append", default=[],
+                    help="another hubexport checkout (e.g. main) to run beside this one, 1 process (repeatable)")
     ap.add_argument("--suites", default="fsdp,megatron", help="comma-separated: fsdp, megatron")
     ap.add_argument("--no-torchrun", action="store_true", help="skip the torchrun and --dtype fp32 contenders")
     ap.add_argument("--repeat", type=int, default=3)
@@ -156,7 +158,7 @@ def main() -> None:
     # contenders; the "cold" one starts every run from an empty HF_HOME.
     env = hubexport_env(REPO, args.work / "hf-home")
     cold = hubexport_env(REPO, args.work / "cold-hf-home")
-    base = hubexport_env(args.baseline_repo, args.work / "hf-home") if args.baseline_repo else None
+    bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
     shards = ["--max-shard-size", "400MB"]
     started = time.time()
     results: dict = {"env": env_note}
@@ -172,8 +174,7 @@ def main() -> None:
             "hubexport, 1 process": (hub, env),
             "hubexport, 1 process, cold cache": (hub, cold),
         }
-        if base:
-            contenders[f"hubexport {args.baseline_repo.name}, 1 process"] = (hub, base)
+        contenders |= {label: (hub, e) for label, e in bases.items()}
         if not args.no_torchrun:
             contenders |= {"hubexport, torchrun 2 processes": (torchrun, env),
                            "hubexport --dtype fp32, 1 process": ([*hub, "--dtype", "fp32"], env),
@@ -196,8 +197,7 @@ def main() -> None:
             floor_label: ([sys.executable, "-c", FLOOR, str(mcore), "{out}"], None),
             "hubexport, 1 process": (mhub, env),
         }
-        if base:
-            mcontenders[f"hubexport {args.baseline_repo.name}, 1 process"] = (mhub, base)
+        mcontenders |= {label: (mhub, e) for label, e in bases.items()}
         if not args.no_torchrun:
             mcontenders["hubexport, torchrun 2 processes"] = ([*torchrun[:7], *mhub[3:]], env)
         megatron = run_suite("megatron", mcore, args.work, mcontenders, args.repeat)
