@@ -170,7 +170,7 @@ print(json.dumps({"modeling": "transformers.modeling_utils" in sys.modules,
 
 def test_a_cached_merge_imports_no_modeling_code(fsdp_root, tmp_path):
     """The first merge of a config builds the meta model; the next one reads the cache and leaves transformers'
-    modeling code (and torch.distributed.checkpoint) unimported; both write the same bytes."""
+    modeling code and torch.distributed.checkpoint unimported; both write the same bytes."""
     actor = actor_dir(fsdp_root, "qwen2_fsdp2_w4")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     seen = []
@@ -179,7 +179,7 @@ def test_a_cached_merge_imports_no_modeling_code(fsdp_root, tmp_path):
                              capture_output=True, text=True).stdout
         seen.append(json.loads(out.strip().splitlines()[-1]))
     assert [s["modeling"] for s in seen] == [True, False]
-    assert not any(s["dcp"] for s in seen)
+    assert not seen[1]["dcp"]  # (transformers' modeling code imports it on the cold run)
     assert all(s["bytes_per_s"] > 0 for s in seen)
     for f in (tmp_path / "cold").glob("*.safetensors"):
         assert f.read_bytes() == (tmp_path / "warm" / f.name).read_bytes()
