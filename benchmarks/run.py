@@ -5,7 +5,8 @@
 Writes benchmarks/results.json (machine-readable) and prints a Markdown table (pasted into benchmarks/README.md).
 Every measured command runs in its own process under a small probe that reports wall time and the peak RSS of the
 largest process it started (RUSAGE_CHILDREN); inputs are read once before each run, so every contender starts from the
-same warm page cache.
+same warm page cache. Repetitions are interleaved (round r runs every contender once), so a machine shared with
+others slows all contenders alike and the ratios hold even when the absolute times drift.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ with open(dst, "wb") as out:
 """
 
 
+Contender = tuple[list[str], dict[str, str] | None]
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True, env=env)
+    # `python -m` puts the working directory first on sys.path: run in the checkout being measured.
+    cwd = (env or {}).get("PYTHONPATH", str(REPO))
+    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     wall, rss = proc.stdout.strip().splitlines()[-1].split()
@@ -101,78 +107,104 @@ def input_bytes(actor: Path) -> int:
                or p.suffix == ".distcp")
 
 
-def run_suite(name: str, src: Path, work: Path, contenders: dict[str, list[str]], repeat: int) -> dict:
-    rows: dict[str, dict] = {}
-    for label, cmd in contenders.items():
-        walls, rsss = [], []
-        for _ in range(repeat):
-            out = work / "out"
+def run_suite(name: str, src: Path, work: Path, contenders: dict[str, Contender], repeat: int) -> dict:
+    runs: dict[str, tuple[list[float], list[int]]] = {label: ([], []) for label in contenders}
+    out = work / "out"
+    for r in range(repeat):
+        for label, (cmd, env) in contenders.items():
             clear(out)
+            cold = work / "cold-hf-home"  # a contender whose env names it starts with an empty HF cache
+            clear(cold)
             warm(src)
-            wall, rss = measure([a.replace("{out}", str(out)) for a in cmd])
-            walls.append(wall)
-            rsss.append(rss)
-        rows[label] = {"wall_s": statistics.median(walls), "peak_rss_bytes": statistics.median(rsss),
-                       "walls": walls, "rss": rsss}
-        print(f"{name:8} {label:34} wall {rows[label]['wall_s']:7.2f} s   peak RSS {rows[label]['peak_rss_bytes'] / 1e6:8.0f} MB",
-              flush=True)
-    clear(work / "out")
-    return rows
+            wall, rss = measure([a.replace("{out}", str(out)) for a in cmd], env)
+            runs[label][0].append(wall)
+            runs[label][1].append(rss)
+            print(f"{name:8} round {r + 1} {label:40} wall {wall:7.2f} s   peak RSS {rss / 1e6:8.0f} MB", flush=True)
+    clear(out)
+    return {label: {"wall_s": statistics.median(w), "peak_rss_bytes": statistics.median(m), "walls": w, "rss": m}
+            for label, (w, m) in runs.items()}
 
 
-def table(suite: dict, baseline: str, floor: str) -> str:
-    lines = [f"| run | wall (s) | ×{baseline} | ×{floor} | peak RSS (MB) | RSS ×{baseline} |", "|---|---|---|---|---|---|"]
+def table(suite: dict, baseline: str, floor: str, nbytes: int) -> str:
+    lines = [f"| run | wall (s) | GB/s | ×{baseline} | ×{floor} | peak RSS (MB) | RSS ×{baseline} |",
+             "|---|---|---|---|---|---|---|"]
     b, f = suite[baseline], suite[floor]
     for label, r in suite.items():
-        lines.append(f"| {label} | {r['wall_s']:.2f} | {r['wall_s'] / b['wall_s']:.2f} | {r['wall_s'] / f['wall_s']:.2f} "
-                     f"| {r['peak_rss_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / b['peak_rss_bytes']:.2f} |")
+        lines.append(f"| {label} | {r['wall_s']:.2f} | {nbytes / r['wall_s'] / 1e9:.2f} | {r['wall_s'] / b['wall_s']:.2f} "
+                     f"| {r['wall_s'] / f['wall_s']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} "
+                     f"| {r['peak_rss_bytes'] / b['peak_rss_bytes']:.2f} |")
     return "\n".join(lines)
+
+
+def hubexport_env(repo: Path, hf_home: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(repo), "HF_HOME": str(hf_home)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/hubexport-bench"))
     ap.add_argument("--verl-python", default=None, help="python of a venv with verl 0.9.1 (see benchmarks/README.md)")
+    ap.add_argument("--baseline-repo", type=Path, action="append", default=[],
+                    help="another hubexport checkout (e.g. main) to run beside this one, 1 process (repeatable)")
+    ap.add_argument("--suites", default="fsdp,megatron", help="comma-separated: fsdp, megatron")
+    ap.add_argument("--no-torchrun", action="store_true", help="skip the torchrun and --dtype fp32 contenders")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    suites = set(args.suites.split(","))
     env_note = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()}
+    floor_label = "disk floor (read + write + fsync)"
+    # hubexport's cache of save_pretrained names (hubexport/mapping/native_cache.py): primed once for the warm
+    # contenders; the "cold" one starts every run from an empty HF_HOME.
+    env = hubexport_env(REPO, args.work / "hf-home")
+    cold = hubexport_env(REPO, args.work / "cold-hf-home")
+    bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
+    shards = ["--max-shard-size", "400MB"]
+    started = time.time()
+    results: dict = {"env": env_note}
 
     actor = make_fsdp(args.work)
-    # 400 MB shards (4 files), so two ranks have files to share; the default 5 GB would make a single file here.
-    shards = ["--max-shard-size", "400MB"]
     hub = [sys.executable, "-m", "hubexport", "merge", *shards, "--local-dir", str(actor), "--target-dir", "{out}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hubexport",
                 "merge", *shards, "--local-dir", str(actor), "--target-dir", "{out}"]
-    contenders = {
-        "disk floor (read + write + fsync)": [sys.executable, "-c", FLOOR, str(actor), "{out}"],
-        "hubexport, 1 process": hub,
-        "hubexport, torchrun 2 processes": torchrun,
-        "hubexport --dtype fp32, 1 process": [*hub, "--dtype", "fp32"],
-        "hubexport --dtype fp32, torchrun 2": [*torchrun, "--dtype", "fp32"],
-    }
-    if args.verl_python:
-        contenders["verl.model_merger (0.9.1)"] = [args.verl_python, "-m", "verl.model_merger", "merge", "--backend",
-                                                   "fsdp", "--local_dir", str(actor), "--target_dir", "{out}"]
-    started = time.time()
-    fsdp = run_suite("fsdp", actor, args.work, contenders, args.repeat)
-    hf_model = args.work / "hf_model"
-    if not (hf_model / "config.json").is_file():
-        subprocess.run([*hub[:-1], str(hf_model)], check=True)
-    mcore = make_megatron(args.work, hf_model)
-    floor_label = "disk floor (read + write + fsync)"
-    mhub = [sys.executable, "-m", "hubexport", "merge", *shards, "--local-dir", str(mcore), "--target-dir", "{out}"]
-    megatron = run_suite("megatron", mcore, args.work, {
-        floor_label: [sys.executable, "-c", FLOOR, str(mcore), "{out}"],
-        "hubexport, 1 process": mhub,
-        "hubexport, torchrun 2 processes": [*torchrun[:7], *mhub[3:]],
-    }, args.repeat)
-    results = {"env": env_note, "fsdp": {"input_bytes": input_bytes(actor), "runs": fsdp},
-               "megatron": {"input_bytes": input_bytes(mcore), "runs": megatron}, "seconds": time.time() - started}
+    subprocess.run([*hub[:-1], str(args.work / "dry"), "--dry-run"], env=env, check=True, capture_output=True)
+    if "fsdp" in suites:
+        contenders: dict[str, Contender] = {
+            floor_label: ([sys.executable, "-c", FLOOR, str(actor), "{out}"], None),
+            "hubexport, 1 process": (hub, env),
+            "hubexport, 1 process, cold cache": (hub, cold),
+        }
+        contenders |= {label: (hub, e) for label, e in bases.items()}
+        if not args.no_torchrun:
+            contenders |= {"hubexport, torchrun 2 processes": (torchrun, env),
+                           "hubexport --dtype fp32, 1 process": ([*hub, "--dtype", "fp32"], env),
+                           "hubexport --dtype fp32, torchrun 2": ([*torchrun, "--dtype", "fp32"], env)}
+        if args.verl_python:
+            contenders["verl.model_merger (0.9.1)"] = ([args.verl_python, "-m", "verl.model_merger", "merge",
+                                                        "--backend", "fsdp", "--local_dir", str(actor), "--target_dir",
+                                                        "{out}"], None)
+        fsdp = run_suite("fsdp", actor, args.work, contenders, args.repeat)
+        results["fsdp"] = {"input_bytes": input_bytes(actor), "runs": fsdp}
+        baseline = "verl.model_merger (0.9.1)" if args.verl_python else "hubexport, 1 process"
+        print(table(fsdp, baseline, floor_label, input_bytes(actor)))
+    if "megatron" in suites:
+        hf_model = args.work / "hf_model"
+        if not (hf_model / "config.json").is_file():
+            subprocess.run([*hub[:-1], str(hf_model)], env=env, check=True)
+        mcore = make_megatron(args.work, hf_model)
+        mhub = [sys.executable, "-m", "hubexport", "merge", *shards, "--local-dir", str(mcore), "--target-dir", "{out}"]
+        mcontenders: dict[str, Contender] = {
+            floor_label: ([sys.executable, "-c", FLOOR, str(mcore), "{out}"], None),
+            "hubexport, 1 process": (mhub, env),
+        }
+        mcontenders |= {label: (mhub, e) for label, e in bases.items()}
+        if not args.no_torchrun:
+            mcontenders["hubexport, torchrun 2 processes"] = ([*torchrun[:7], *mhub[3:]], env)
+        megatron = run_suite("megatron", mcore, args.work, mcontenders, args.repeat)
+        results["megatron"] = {"input_bytes": input_bytes(mcore), "runs": megatron}
+        print(table(megatron, "hubexport, 1 process", floor_label, input_bytes(mcore)))
+    results["seconds"] = time.time() - started
     (REPO / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
-    baseline = "verl.model_merger (0.9.1)" if args.verl_python else "hubexport, 1 process"
-    print(table(fsdp, baseline, floor_label))
-    print(table(megatron, "hubexport, 1 process", floor_label))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,19 @@ class Group:
     inputs: tuple[str, ...]
     outputs: tuple[TensorSpec, ...]
     convert: Callable[[Tensors], Tensors]
+    passthrough: bool = False  # outputs are the inputs unchanged, so their bytes may be copied without being read
+
+
+@dataclass(frozen=True)
+class FileSlices:
+    """A tensor's bytes as they already lie in checkpoint files: (fd, offset, length) parts, back to back, so a
+    writer can copy them file to file (kernel-side) instead of through memory."""
+
+    parts: tuple[tuple[int, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.parts)
 
 
 def natural_key(name: str) -> tuple:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from hubexport.errors import TargetError
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
-from hubexport.result import Result, WrittenFile
+from hubexport.result import Result, Throughput, WrittenFile
 from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
 
 Log = Callable[[str], None]
@@ -85,9 +86,9 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     result.resolved = base.as_json() if base is not None and base.repo_id else None
     if proof is not None and not out.dry_run:  # the merged folder stays as it is; nothing is uploaded
         dist.run(lambda: proof.raise_refusal(out.target if kept else None), main_only=True)
-    if publisher is not None:
-        result.push = proof.annotate(publisher.planned(result) if out.dry_run else publisher.publish(
-            out.target, card=card[0], merge_result=result, selection=selection))
+    if push is not None:  # rank 0 uploads; the others wait, so every rank leaves (and tears gloo down) together
+        result.push = dist.run(lambda: proof.annotate(publisher.planned(result) if out.dry_run else publisher.publish(
+            out.target, card=card[0], merge_result=result, selection=selection)), main_only=True)
     return result
 
 
@@ -135,16 +136,10 @@ def push(source: Path, options: PushOptions, merge_options: MergeOptions = Merge
         raise TargetError(f"{source} is not a directory", hint="pass a model folder or a global_step_N/actor checkpoint")
     dist = Dist.from_env()
     if is_hf_folder(source):
-        if not dist.is_main:
-            return None
         if target is not None:
             log(f"--target-dir ignored: {source} is already a Hugging Face folder")
-        proof = evidence.for_folder(source, options, log)  # the gate runs before any request
-        # The card is decided (and a user's README validated) before any request.
-        card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log,
-                                 evidence=proof.card())
-        pushed = Publisher.connect(options, log).publish(source, card=card, extra=proof.files())
-        return _folder_result(source, proof.annotate(pushed))
+        # Rank 0 alone publishes; the others wait for it, so every rank leaves (and tears gloo down) together.
+        return dist.run(lambda: _push_folder(source, options, log), main_only=True)
     source, selection = dist.run(lambda: evidence.select(source, options, log), main_only=True) or (None, None)
     source, selection = dist.broadcast((source, selection))
     with _merge_target(target, options.dry_run, dist) as out:
@@ -155,6 +150,17 @@ def push(source: Path, options: PushOptions, merge_options: MergeOptions = Merge
         if result.push is not None:
             result.push = replace(result.push, target_dir=None)
     return result if dist.is_main else None
+
+
+def _push_folder(source: Path, options: PushOptions, log: Log) -> Result:
+    from hubexport import evidence
+
+    proof = evidence.for_folder(source, options, log)  # the gate runs before any request
+    # The card is decided (and a user's README validated) before any request.
+    card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log,
+                             evidence=proof.card())
+    pushed = Publisher.connect(options, log).publish(source, card=card, extra=proof.files())
+    return _folder_result(source, proof.annotate(pushed))
 
 
 def _connect(push: PushOptions, source: Path, dist: Dist, log: Log) -> Publisher | None:
@@ -198,6 +204,7 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
     if out.dry_run:
         result.files, result.dry_run = job.planned_files(), True
         return result
+    started = time.perf_counter()
     dist.run(job.precheck, main_only=True)
     with _claimed(out, dist) as (tmp, commit):
         mine = dist.run(_writing(out, lambda: job.write(tmp, dist)))
@@ -207,6 +214,7 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
         # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.
         dist.run(_writing(out, lambda: before_swap and before_swap(tmp, result)), main_only=True)
         commit()
+    result.throughput = Throughput.of(sum(f.size for f in result.files), time.perf_counter() - started)
     log(job.done(result))
     return result
 

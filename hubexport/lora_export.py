@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from hubexport import lora, lora_views
 from hubexport.core import Group, TensorSpec, natural_key
@@ -18,6 +18,9 @@ from hubexport.mapping.hf_native import check_keys, saved_groups
 from hubexport.plan import Plan, make_plan
 from hubexport.sources import CombinedSource, Source
 from hubexport.sources.quantized import open_hf_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass

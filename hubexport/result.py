@@ -18,6 +18,23 @@ class WrittenFile:
     sha256: str | None  # None in a dry run, and for files hubexport does not hash (torch_dist)
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """How fast the bytes moved: from the first write to the swap into place (fsync included; start-up, planning and
+    the Hub excluded). `benchmarks/run.py` compares it with the disk floor of the same machine."""
+
+    bytes: int  # what every rank wrote
+    seconds: float
+    bytes_per_s: float
+
+    @classmethod
+    def of(cls, nbytes: int, seconds: float) -> Throughput:
+        return cls(nbytes, round(seconds, 3), round(nbytes / seconds) if seconds > 0 else 0)
+
+    def __str__(self) -> str:
+        return f"{self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s, {self.bytes_per_s / 1e9:.2f} GB/s"
+
+
 @dataclass
 class MegatronFacts:
     spec: str  # "te" | "local"
@@ -50,3 +67,4 @@ class Result:
     megatron: MegatronFacts | None = None  # to-megatron only
     resolved: dict | None = None  # an input given as a Hub id: {"repo_id", "revision", "sha", "path"}
     push: PushResult | None = None  # push and merge --hf-upload-path
+    throughput: Throughput | None = None  # None in a dry run

@@ -12,13 +12,13 @@ import torch
 from transformers import PretrainedConfig
 
 from hubexport import lora, lora_export, mcore_lora
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
-from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, saved_groups
+from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, native_groups
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
@@ -26,8 +26,6 @@ from hubexport.result import Result, WrittenFile
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
-from hubexport.sources.mcore import open_megatron_source
-from hubexport.sources.torch_dcp import open_dcp_source
 from hubexport.writers.safetensors import write_file
 
 
@@ -48,9 +46,13 @@ class Prepared:
 def open_source(layout: Layout) -> Source:
     if layout.format == "fsdp":
         return FsdpSource(layout.files)
-    if layout.format == "megatron":
+    if layout.format == "megatron":  # torch.distributed.checkpoint takes ~1.5 s to import: only for these
+        from hubexport.sources.mcore import open_megatron_source
+
         return open_megatron_source(layout)
     if layout.format == "dcp":
+        from hubexport.sources.torch_dcp import open_dcp_source
+
         return open_dcp_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
@@ -69,13 +71,7 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
     max_bytes = shard_bytes(o.max_shard_size)
     layout = detect(Path(local_dir), o.backend)
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=o.trust_remote_code)
-    source = open_source(layout)
-    mcore_peft = layout.format == "megatron" and layout.version != "mbridge" and mcore_lora.is_mcore_lora(source.metas())
-    lora.check_megatron_adapter(layout, has_lora=mcore_peft)  # a Megatron PEFT run: never export its base alone
-    if mcore_peft:  # Megatron LoRA under PEFT's names: the FSDP LoRA path below exports it
-        source, updates = mcore_lora.peft_view(source, config, tie_word_embedding=o.tie_word_embedding,
-                                               value_model=o.is_value_model, notes=layout.notes)
-        config.update(updates)
+    source, mcore_peft = _open(layout, config, o)
     specs = source.metas()
     keys = lora.split_keys(specs) if lora.is_peft_checkpoint(specs) else None
     if keys is None and (o.lora_mode or o.lora_base_model or o.lora_alpha or o.lora_rank):
@@ -83,6 +79,41 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
                           "do not apply", hint="drop those options for a full fine-tuning checkpoint")
     if layout.format == "megatron" and layout.version != "mbridge" and not mcore_peft:  # mbridge: HF-native already
         return _prepare_megatron(layout, source, config, specs, o, max_bytes)
+    value_model, tied = _heads(layout, config, specs, keys, o)
+    architecture, arch_notes = architecture_for(config, value_model=value_model)
+    layout.notes.extend(arch_notes)
+    if value_model:
+        config.num_labels = 1
+        tied = False
+    exported = None
+    if keys is None:
+        groups = native_groups(config, architecture, specs, trust_remote_code=o.trust_remote_code)
+    else:
+        model = meta_model(config, architecture, trust_remote_code=o.trust_remote_code)
+        groups, source, exported = lora_export.prepare_lora(
+            layout, model, source, keys, mode=o.lora_mode or "adapter", alpha=o.lora_alpha, rank=o.lora_rank,
+            base_model=o.lora_base_model, cast=o.cast, value_model=value_model)
+    plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
+    config.architectures = [architecture]
+    return Prepared(layout, source, config, plan, architecture, value_model, tied, exported)
+
+
+def _open(layout: Layout, config: PretrainedConfig, o: MergeOptions) -> tuple[Source, bool]:
+    """The checkpoint's source; a Megatron LoRA run is shown under PEFT's names (the FSDP LoRA path exports it)."""
+    source = open_source(layout)
+    mcore_peft = layout.format == "megatron" and layout.version != "mbridge" and mcore_lora.is_mcore_lora(source.metas())
+    lora.check_megatron_adapter(layout, has_lora=mcore_peft)  # a Megatron PEFT run: never export its base alone
+    if mcore_peft:
+        source, updates = mcore_lora.peft_view(source, config, tie_word_embedding=o.tie_word_embedding,
+                                               value_model=o.is_value_model, notes=layout.notes)
+        config.update(updates)
+    return source, mcore_peft
+
+
+def _heads(layout: Layout, config: PretrainedConfig, specs: dict[str, TensorSpec], keys: lora.LoraKeys | None,
+           o: MergeOptions) -> tuple[bool, bool]:
+    """(value model, tied embeddings), from the checkpoint's keys and the config; a flag that contradicts them is an
+    error, never a silent drop."""
     base_specs = specs if keys is None else {n: TensorSpec(n, specs[k].shape, specs[k].dtype) for n, k in keys.base.items()}
     value_model = o.is_value_model or is_value_checkpoint(base_specs, base_specs)
     if o.is_value_model and "score.weight" not in base_specs and not (keys and keys.lora_only):
@@ -94,22 +125,7 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
             f"--tie-word-embedding contradicts {layout.hf_dir / 'config.json'}, which says tie_word_embeddings=false",
             hint="drop the flag: hubexport reads tying from the config and never drops a trained lm_head",
         )
-    architecture, arch_notes = architecture_for(config, value_model=value_model)
-    layout.notes.extend(arch_notes)
-    if value_model:
-        config.num_labels = 1
-        tied = False
-    model = meta_model(config, architecture, trust_remote_code=o.trust_remote_code)
-    exported = None
-    if keys is None:
-        groups = saved_groups(model, specs)
-    else:
-        groups, source, exported = lora_export.prepare_lora(
-            layout, model, source, keys, mode=o.lora_mode or "adapter", alpha=o.lora_alpha, rank=o.lora_rank,
-            base_model=o.lora_base_model, cast=o.cast, value_model=value_model)
-    plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
-    config.architectures = [architecture]
-    return Prepared(layout, source, config, plan, architecture, value_model, tied, exported)
+    return value_model, tied
 
 
 def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, specs: dict[str, TensorSpec],
@@ -140,6 +156,7 @@ class GroupCache:
     def __init__(self, plan: Plan, source: Source) -> None:
         self.plan, self.source = plan, source
         self.group_of = plan.group_of()
+        self.specs = source.metas()
         self._index: int | None = None
         self._outputs: dict[str, torch.Tensor] = {}
 
@@ -147,12 +164,23 @@ class GroupCache:
         group = self.plan.groups[index]
         return group.convert({n: self.source.read(n) for n in group.inputs})
 
-    def fetch(self, spec: TensorSpec) -> torch.Tensor:
+    def fetch(self, spec: TensorSpec) -> torch.Tensor | FileSlices:
         index = self.group_of[spec.name]
+        if self.plan.groups[index].passthrough and (found := self._slices(spec)) is not None:
+            return found
         if index != self._index:
             self._outputs, self._index = self.run(index), index
         t = self._outputs.pop(spec.name)
         return t.to(spec.dtype) if t.dtype != spec.dtype else t
+
+
+    def _slices(self, spec: TensorSpec) -> FileSlices | None:
+        """An output that is a source tensor unchanged, in its own dtype, whose bytes the source can point at."""
+        slices = getattr(self.source, "slices", None)
+        source_spec = self.specs.get(spec.name)
+        if slices is None or source_spec is None or source_spec.dtype != spec.dtype:
+            return None
+        return slices(spec.name)
 
 
 class HfJob:
@@ -253,7 +281,7 @@ class HfJob:
 
     def done(self, result: Result) -> str:
         extra = f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else ""
-        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra})"
+        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra}; {result.throughput})"
 
 
 def _check_complete(path: Path, tensors: tuple[TensorSpec, ...]) -> None:

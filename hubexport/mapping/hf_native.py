@@ -5,17 +5,20 @@ model, so no hand-written table can drift from the library."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import ConfigError, MappingError
+from hubexport.mapping import native_cache
 from hubexport.mapping.archnames import model_class
+
+if TYPE_CHECKING:  # importing them loads transformers' modeling code: only done when a model is built
+    from transformers import PretrainedConfig, PreTrainedModel
 
 VALUE_HEAD = "score.weight"
 
@@ -53,6 +56,8 @@ def _meta(spec: TensorSpec) -> torch.Tensor:
 
 
 def _revert(model: PreTrainedModel, tensors: Tensors) -> Tensors:
+    from transformers.core_model_loading import revert_weight_conversion
+
     return revert_weight_conversion(model, dict(tensors))
 
 
@@ -89,30 +94,82 @@ def check_keys(
             )
 
 
-def saved_groups(model: PreTrainedModel, specs: dict[str, TensorSpec]) -> list[Group]:
-    """One group per owning module (conversions never cross a module), outputs computed on meta tensors and checked
-    against a whole-model revert so grouping can never change the result."""
+@dataclass(frozen=True)
+class SavedNames:
+    """What save_pretrained writes for a model, as plain data (a meta model's, or the cache's)."""
+
+    model_class: str
+    shapes: dict[str, tuple[int, ...]]  # state_dict() names, tied aliases included → shapes
+    tied: dict[str, str | None]  # alias → canonical, for the aliases save_pretrained drops
+    converts: bool  # transformers converts some weights on saving: the groups need the model itself
+
+
+def saved_names(model: PreTrainedModel) -> SavedNames:
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
     sd = model.state_dict()
     kept = remove_tied_weights_from_state_dict(dict(sd), model)
-    aliases = [name for name in sd if name not in kept]
-    check_keys({k: tuple(v.shape) for k, v in sd.items()}, specs, type(model).__name__, optional=aliases)
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    probe: Tensors = {}  # revert_weight_conversion hands back the very dict it got when it has nothing to do
+    converts = revert_weight_conversion(model, probe) is not probe
+    return SavedNames(type(model).__name__, {k: tuple(v.shape) for k, v in sd.items()},
+                      {a: tied.get(a) for a in sd if a not in kept}, converts)
+
+
+def _cached(entry: dict | None) -> SavedNames | None:
+    try:
+        return SavedNames(str(entry["model_class"]), {str(k): tuple(int(d) for d in v) for k, v in entry["shapes"].items()},
+                          {str(k): v if v is None else str(v) for k, v in entry["tied"].items()}, False)
+    except (KeyError, TypeError, ValueError, AttributeError):  # no entry, or one this version cannot read
+        return None
+
+
+def native_groups(config: PretrainedConfig, architecture: str, specs: dict[str, TensorSpec], *,
+                  trust_remote_code: bool) -> list[Group]:
+    """saved_groups for the config's model, without building it when the cache says transformers saves its weights
+    unconverted (models that ship their own code are always built)."""
+    key = None if getattr(config, "auto_map", None) else native_cache.entry_key(config.to_json_string(), architecture)
+    names = _cached(native_cache.load(key)) if key else None
+    if names is not None:
+        return groups_for(names, specs, None)
+    model = meta_model(config, architecture, trust_remote_code=trust_remote_code)
+    names = saved_names(model)
+    if key and not names.converts:
+        native_cache.store(key, {"model_class": names.model_class, "shapes": names.shapes, "tied": names.tied})
+    return groups_for(names, specs, model)
+
+
+def saved_groups(model: PreTrainedModel, specs: dict[str, TensorSpec]) -> list[Group]:
+    return groups_for(saved_names(model), specs, model)
+
+
+def groups_for(names: SavedNames, specs: dict[str, TensorSpec], model: PreTrainedModel | None) -> list[Group]:
+    """One group per owning module (conversions never cross a module), outputs computed on meta tensors and checked
+    against a whole-model revert so grouping can never change the result. Without conversions, one passthrough group
+    per tensor (the model is not needed)."""
+    check_keys(names.shapes, specs, names.model_class, optional=names.tied)
     groups: list[Group] = [
-        Group((alias, tied[alias]), (), partial(_assert_tied, alias, tied[alias])) for alias in aliases if alias in specs
+        Group((alias, canonical), (), partial(_assert_tied, alias, canonical))
+        for alias, canonical in names.tied.items() if alias in specs and canonical is not None
     ]
+    kept = [n for n in names.shapes if n not in names.tied]
+    if not names.converts:
+        return groups + [Group((n,), (specs[n],), dict, passthrough=True) for n in kept]
+    assert model is not None
     by_module: dict[str, list[str]] = {}
     for name in kept:
         by_module.setdefault(name.rsplit(".", 1)[0], []).append(name)
     produced: dict[str, TensorSpec] = {}
-    for names in by_module.values():
-        out = _revert(model, {n: _meta(specs[n]) for n in names})
+    for group_names in by_module.values():
+        out = _revert(model, {n: _meta(specs[n]) for n in group_names})
         outs = tuple(TensorSpec(k, tuple(v.shape), v.dtype) for k, v in out.items())
         produced.update((o.name, o) for o in outs)
-        groups.append(Group(tuple(names), outs, partial(_revert, model)))
+        groups.append(Group(tuple(group_names), outs, partial(_revert, model)))
     whole = _revert(model, {n: _meta(specs[n]) for n in kept})
     if set(whole) != set(produced) or any(tuple(whole[k].shape) != produced[k].shape for k in whole):
         raise MappingError(
-            f"transformers' conversion for {type(model).__name__} mixes tensors of different modules",
+            f"transformers' conversion for {names.model_class} mixes tensors of different modules",
             hint="this architecture needs a dedicated table in hubexport/mapping/archs; please report it",
         )
     return groups

@@ -4,13 +4,15 @@ Files are memory-mapped with weights_only=True; a tensor is assembled from its s
 from __future__ import annotations
 
 import logging
+import math
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources.pages import MappedFiles
 from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
@@ -73,6 +75,7 @@ class FsdpSource:
         self.files = files
         self._sds = [load_rank_file(f) for f in files]
         self._pages = MappedFiles(files)
+        self._fds: dict[int, int] = {}
         first = self._sds[0]
         for path, sd in zip(files[1:], self._sds[1:], strict=True):
             if sd.keys() != first.keys():
@@ -104,11 +107,41 @@ class FsdpSource:
         spec = self._specs[name]
         if name not in self._geometry:
             return self._read_replicated(name)
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        for lt, offsets, sizes in self._pieces(name):
+            out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))].copy_(lt)
+            self._pages.release(lt)
+        return out
+
+    def slices(self, name: str) -> FileSlices | None:
+        """Where the global tensor's bytes already lie back to back in the rank files (pieces split along dim 0
+        only, as FSDP2's Shard(0), each stored contiguously): copied file to file by the writer. None otherwise."""
+        if name not in self._geometry or not self._specs[name].shape:
+            return None
+        parts = []
+        end = 0
+        for lt, offsets, sizes in sorted(self._pieces(name), key=lambda p: p[1][0]):
+            if lt.numel() == 0:
+                continue
+            where = self._pages.file_range(lt)
+            if where is None or offsets[0] != end or any(offsets[1:]) or sizes[1:] != self._specs[name].shape[1:]:
+                return None
+            parts.append((self._fd(where[0]), where[1], lt.numel() * lt.element_size()))
+            end += sizes[0]
+        return FileSlices(tuple(parts))
+
+    def _fd(self, rank: int) -> int:
+        if rank not in self._fds:
+            self._fds[rank] = os.open(self.files[rank], os.O_RDONLY)
+        return self._fds[rank]
+
+    def _pieces(self, name: str) -> list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]]:
+        """Each rank's local tensor of a DTensor with its region in the global tensor, checked to cover it once."""
+        spec = self._specs[name]
         mesh_shape, placements, mesh = self._geometry[name]
-        coords = covering_coords(mesh_shape, placements)
-        out: torch.Tensor | None = None
+        pieces = []
         covered = 0
-        for coord in coords:
+        for coord in covering_coords(mesh_shape, placements):
             rank = int(mesh[coord])
             if rank >= len(self._sds):
                 raise CheckpointError(f"{name} lives on rank {rank} but only {len(self._sds)} rank files exist",
@@ -127,15 +160,12 @@ class FsdpSource:
                     f"expected {list(sizes)} {spec.dtype} for a {list(spec.shape)} tensor",
                     hint="the shard is padded or from another checkpoint; re-save with current torch",
                 )
-            if out is None:
-                out = torch.empty(spec.shape, dtype=spec.dtype)
-            out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))].copy_(lt)
-            self._pages.release(lt)
+            pieces.append((lt, offsets, sizes))
             covered += lt.numel()
-        if out is None or covered != out.numel():
+        if covered != math.prod(spec.shape):
             raise CheckpointError(f"the shards of {name} cover {covered} of its elements",
                                   hint="the checkpoint is incomplete or inconsistent")
-        return out
+        return pieces
 
     def _read_replicated(self, name: str) -> torch.Tensor:
         """A plain tensor every rank holds whole (world size 1, or a buffer FSDP never shards): never concatenated;
@@ -155,3 +185,6 @@ class FsdpSource:
 
     def close(self) -> None:
         self._sds.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

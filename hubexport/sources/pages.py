@@ -22,22 +22,32 @@ class MappedFiles:
     /proc/self/maps nothing is released)."""
 
     def __init__(self, paths: list[Path]) -> None:
-        wanted = {os.path.realpath(p) for p in paths}
-        self.ranges: list[tuple[int, int]] = []
+        index = {os.path.realpath(p): i for i, p in enumerate(paths)}
+        self.ranges: list[tuple[int, int, int, int]] = []  # address lo, hi, file offset at lo, index into paths
         try:
             lines = Path("/proc/self/maps").read_text().splitlines()
         except OSError:
             return
         for line in lines:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5] in wanted:
+            if len(fields) == 6 and fields[5] in index:
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                self.ranges.append((lo, hi))
+                self.ranges.append((lo, hi, int(fields[2], 16), index[fields[5]]))
+
+    def _mapping(self, start: int, end: int) -> tuple[int, int, int, int] | None:
+        return next((r for r in self.ranges if r[0] <= start and end <= r[1]), None)
+
+    def file_range(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(index into paths, file offset) of a contiguous tensor's bytes, read from the kernel's own record of the
+        mapping; None when they are not mapped from one of the files (or /proc/self/maps is unavailable)."""
+        start = t.data_ptr()
+        found = self._mapping(start, start + t.numel() * t.element_size()) if t.is_contiguous() else None
+        return None if found is None else (found[3], found[2] + start - found[0])
 
     def release(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+        if self._mapping(start, end) is None:
             return
         page = mmap.PAGESIZE
         lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor only

@@ -1,18 +1,24 @@
 """Streaming safetensors writer: the header is computed from specs alone, then tensors are appended one at a time,
-so memory holds one tensor group, never a whole shard."""
+so memory holds one tensor group, never a whole shard. The sha256 is computed by its own thread while the bytes are
+written (hashlib releases the GIL), and tensors that already lie in checkpoint files are copied file to file."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.safetensors_format import header_bytes
+
+CHUNK = 16 << 20  # read-back and fallback copy buffer
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+Fetched = torch.Tensor | FileSlices
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -24,40 +30,104 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def write_file(
     path: Path,
     specs: list[TensorSpec],
-    fetch: Callable[[TensorSpec], torch.Tensor],
+    fetch: Callable[[TensorSpec], Fetched],
     *,
     fsync: bool = True,
 ) -> str:
-    """Write one safetensors file, asking `fetch` for each tensor in order. Returns the file's sha256."""
+    """Write one safetensors file, asking `fetch` for each tensor in order (a tensor, or the file slices holding
+    its bytes). Returns the file's sha256."""
     try:
         return _write(path, specs, fetch, fsync=fsync)
     except OSError as e:  # name the file: a failed write() does not
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], torch.Tensor], *, fsync: bool) -> str:
+def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], Fetched], *, fsync: bool) -> str:
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        head = header_bytes(specs)
-        f.write(head)
-        digest.update(head)
-        for spec, t in _one_ahead(specs, fetch):
-            if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                raise AssertionError(
-                    f"{spec.name}: produced {tuple(t.shape)} {t.dtype}, planned {spec.shape} {spec.dtype}"
-                )
-            data = tensor_bytes(t)
-            f.write(data)
-            digest.update(data)
-            del t, data
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    back = os.open(path, os.O_RDONLY)
+    try:
+        # One hashing thread, fed in file order: memory while it is written, copied slices read back from the page
+        # cache once they are in the file.
+        with ThreadPoolExecutor(1, thread_name_prefix="hubexport-sha256") as hasher:
+            head = header_bytes(specs)
+            jobs: list[Future] = [hasher.submit(digest.update, head)]
+            _write_all(fd, memoryview(head))
+            for spec, item in _one_ahead(specs, fetch):
+                if isinstance(item, FileSlices):
+                    if item.nbytes != spec.nbytes:
+                        raise AssertionError(f"{spec.name}: {item.nbytes} bytes in the checkpoint, planned {spec.nbytes}")
+                    start = os.lseek(fd, 0, os.SEEK_CUR)
+                    copy_slices(item, fd)
+                    jobs.append(hasher.submit(_hash_back, digest, back, start, item.nbytes))
+                    continue
+                if tuple(item.shape) != spec.shape or item.dtype != spec.dtype:
+                    raise AssertionError(
+                        f"{spec.name}: produced {tuple(item.shape)} {item.dtype}, planned {spec.shape} {spec.dtype}"
+                    )
+                data = tensor_bytes(item)
+                jobs.append(hasher.submit(digest.update, data))
+                _write_all(fd, data)
+                jobs[-1].result()  # hashed too: the tensor may go
+                del item, data
+            if fsync:
+                os.fsync(fd)  # while the last bytes are hashed
+            for job in jobs:
+                job.result()
+    finally:
+        os.close(back)
+        os.close(fd)
     return digest.hexdigest()
 
 
-def _one_ahead(specs: list[TensorSpec], fetch: Callable[[TensorSpec], torch.Tensor]
-               ) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+def _write_all(fd: int, data: memoryview) -> None:
+    data = data.cast("B") if data.format != "B" else data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _hash_back(digest: hashlib._Hash, fd: int, start: int, length: int) -> None:
+    buf = memoryview(bytearray(min(CHUNK, length)))
+    end = start + length
+    while start < end:
+        n = os.preadv(fd, [buf[:min(CHUNK, end - start)]], start)
+        if n == 0:
+            raise OSError(errno.EIO, "the file is shorter than what was written to it")
+        digest.update(buf[:n])
+        start += n
+
+
+def copy_slices(slices: FileSlices, dst: int, *, kernel: bool = True) -> None:
+    """Append the slices to `dst` at its position: copy_file_range (no user-space copy), or pread + write where the
+    kernel or filesystem cannot (another filesystem on old kernels, some network filesystems)."""
+    for src, offset, length in slices.parts:
+        end = offset + length
+        while kernel and offset < end:
+            try:
+                n = os.copy_file_range(src, dst, end - offset, offset)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+                break
+            if n == 0:
+                raise OSError(errno.EIO, "a checkpoint file is shorter than its index says")
+            offset += n
+        if offset < end:
+            _copy_through_memory(src, dst, offset, end)
+
+
+def _copy_through_memory(src: int, dst: int, offset: int, end: int) -> None:
+    buf = memoryview(bytearray(min(CHUNK, end - offset)))
+    while offset < end:
+        n = os.preadv(src, [buf[:min(CHUNK, end - offset)]], offset)
+        if n == 0:
+            raise OSError(errno.EIO, "a checkpoint file is shorter than its index says")
+        _write_all(dst, buf[:n])
+        offset += n
+
+
+def _one_ahead(specs: list[TensorSpec], fetch: Callable[[TensorSpec], Fetched]) -> Iterator[tuple[TensorSpec, Fetched]]:
     """Fetch the next tensor while the current one is written, so reading/converting overlaps writing/hashing (torch
     copies, file writes and hashlib all release the GIL). One tensor ahead bounds the extra memory."""
     if not specs:
