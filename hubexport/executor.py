@@ -21,6 +21,7 @@ from hubexport.card import find_training_config
 from hubexport.detect import is_hf_folder
 from hubexport.dist import Dist
 from hubexport.errors import TargetError
+from hubexport.model_facts import sha256_file
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
@@ -156,10 +157,11 @@ def _push_folder(source: Path, options: PushOptions, log: Log) -> Result:
     from hubexport import evidence
 
     proof = evidence.for_folder(source, options, log)  # the gate runs before any request
+    digests = {p.name: sha256_file(p) for p in sorted(source.glob("*.safetensors"))}  # once, for card and upload
     # The card is decided (and a user's README validated) before any request.
-    card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256={}, log=log,
-                             evidence=proof.card())
-    pushed = Publisher.connect(options, log).publish(source, card=card, extra=proof.files())
+    card = readme_to_publish(source, options.card, repo_id=options.repo_id, merge_result=None, sha256=digests,
+                             log=log, evidence=proof.card())
+    pushed = Publisher.connect(options, log).publish(source, card=card, extra=proof.files(), known=digests)
     return _folder_result(source, proof.annotate(pushed))
 
 

@@ -12,7 +12,6 @@ import contextlib
 import fnmatch
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from hubexport.card_metadata import REPO_ID_RE
 from hubexport.errors import HubError, HubexportError
 from hubexport.model_facts import ModelFacts, sha256_file
 from hubexport.options import PushOptions
+from hubexport.redaction import redacted_line
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -72,16 +72,20 @@ class _Session:
     user: str = ""
 
     def redact(self, text: str) -> str:
-        """One line, no token: huggingface_hub errors can quote headers or the token itself."""
-        text = text.replace(self.token, "***")
-        text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-        text = " ".join(text.split())
-        return text if len(text) <= 400 else text[:397] + "..."
+        """huggingface_hub errors can quote headers or the token itself."""
+        return redacted_line(text, [self.token])
 
 
 def git_blob_oid(data: bytes) -> str:
     """The oid git (and the Hub) gives a regular file: sha1 of 'blob <size>\\0' + content."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def current_endpoint() -> str:
+    """HF_ENDPOINT as it is now (huggingface_hub froze its own copy at import time), else huggingface.co."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 # ---- session and errors ---------------------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ def connect(endpoint: str | None, token: str | None, log: Callable[[str], None])
     if constants.HF_HUB_OFFLINE:
         raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed", hint="unset HF_HUB_OFFLINE to push")
     # HF_ENDPOINT is read here, not at import time, so a value set after huggingface_hub was imported still counts.
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    endpoint = endpoint.rstrip("/") if endpoint else current_endpoint()
     token = token or get_token()
     if not token:
         raise HubError(f"no Hugging Face token found for {endpoint}",
@@ -232,7 +236,7 @@ def _remote(s: _Session, repo_id: str, revision: str) -> tuple[str, dict[str, Re
         return head, {f.path: f for f in tree if isinstance(f, RepoFile)}
 
 
-def _local_files(folder: Path, known: Mapping[str, str], extra: Mapping[str, bytes]) -> list[LocalFile]:
+def local_files(folder: Path, known: Mapping[str, str], extra: Mapping[str, bytes]) -> list[LocalFile]:
     """The folder's files (hashed unless `known`), with `extra` (made in memory) in place of files of the same path."""
     out = [LocalFile(p, data, len(data), hashlib.sha256(data).hexdigest()) for p, data in extra.items()]
     for path in sorted(folder.rglob("*")):
@@ -269,7 +273,7 @@ def upload(s: _Session, folder: Path, opts: PushOptions, *, repo_id: str, extra:
     url, private, exists = _ensure_repo(s, repo_id, opts.private, opts.dry_run)
     base = _ensure_revision(s, repo_id, revision, exists, opts.dry_run)
     head, remote = _remote(s, repo_id, base) if exists else ("", {})
-    local = _local_files(folder, known, extra)
+    local = local_files(folder, known, extra)
     changed = [f for f in local if _changed(f, remote.get(f.path))]
     stale = _stale_weights(local, remote)
     n_files, n_bytes = len(changed), sum(f.size for f in changed)

@@ -18,16 +18,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from hubexport.errors import HubError, TargetError
+from hubexport.hub import current_endpoint
 from hubexport.redaction import known_secrets, redact
 
 GITHUB_VARS = ("ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN")
 PERMISSION_HINT = "give the job `permissions: id-token: write` (GitHub sets these variables only then)"
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 @contextlib.contextmanager
@@ -81,7 +76,7 @@ def exchange(repo_id: str, log: Callable[[str], None] = print) -> str:
                        hint="a trusted-publisher token is for one existing repo: name it in full, e.g. my-org/model")
     if not os.environ.get("HF_OIDC_ID_TOKEN") and not all(os.environ.get(v) for v in GITHUB_VARS):
         raise HubError(f"no OIDC id token for this job: {' and '.join(GITHUB_VARS)} are not set", hint=PERMISSION_HINT)
-    endpoint = _endpoint()
+    endpoint = current_endpoint()
     with _oidc_resource(repo_id, endpoint):
         try:
             token = get_token()

@@ -50,11 +50,12 @@ class Publisher:
                       sha256=_digests(result), log=self.log, evidence=evidence)
 
     def publish(self, folder: Path, *, card: str | None, merge_result: Result | None = None,
-                extra: Mapping[str, bytes] | None = None, selection: str | None = None) -> PushResult:
+                extra: Mapping[str, bytes] | None = None, selection: str | None = None,
+                known: Mapping[str, str] | None = None) -> PushResult:
         """One commit of what changed. `card`: the README text to upload in place of the folder's (None: the
         folder's own README.md, or none); `extra`: more files made in memory (evaluation results); `selection`:
-        why this step was chosen, for the commit title."""
-        known = _digests(merge_result) if merge_result else {}
+        why this step was chosen, for the commit title; `known`: sha256 digests already computed, by file name."""
+        known = {**(_digests(merge_result) if merge_result else {}), **(known or {})}
         step = merge_result.global_step if merge_result else None
         message = f"Upload global_step_{step} with hubexport" if step is not None else "Upload model with hubexport"
         if selection:
@@ -71,7 +72,7 @@ class Publisher:
 
     def _offline_listing(self, folder: Path, extra: Mapping[str, bytes], known: Mapping[str, str],
                          facts: Callable[[dict[str, str]], ModelFacts]) -> PushResult:
-        local = hub._local_files(folder, known, extra)
+        local = hub.local_files(folder, known, extra)
         for f in local:
             self.log(f"  + {f.path} ({f.size:,} bytes{', generated' if isinstance(f.file, bytes) else ''})")
         size = sum(f.size for f in local)

@@ -20,6 +20,12 @@ def known_secrets(env: Mapping[str, str] = os.environ) -> list[str]:
     return [env[v] for v in SECRET_VARS if len(env.get(v, "")) >= 8]
 
 
+def redacted_line(text: str, secrets: Iterable[str] = ()) -> str:
+    """One line of at most 400 characters with the secrets out: what an error message quoting a library may say."""
+    text = redact(" ".join(text.split()), secrets)
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in sorted(secrets, key=len, reverse=True):  # longest first: one secret may contain another
         if len(secret) >= 8:

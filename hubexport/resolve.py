@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any
 from hubexport.card_metadata import REPO_ID_RE
 from hubexport.dist import Dist
 from hubexport.errors import HubexportError, ResolveError
+from hubexport.hub import current_endpoint
+from hubexport.redaction import redacted_line
 
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.json", "README.md", "*.model", "*.tiktoken",
                "merges.txt", "vocab.*", "*.jinja")  # weights, configs, tokenizer/processor files, chat templates
@@ -54,20 +55,12 @@ def hub_environment() -> tuple[str, Path, bool]:
     """(endpoint, cache folder, offline), from the environment as it is now, falling back to huggingface_hub's."""
     from huggingface_hub import constants
 
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    endpoint = current_endpoint()
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else constants.HF_HUB_CACHE)
     flag = os.environ.get("HF_HUB_OFFLINE")
     offline = constants.HF_HUB_OFFLINE if flag is None else flag.strip().upper() in ("1", "ON", "YES", "TRUE")
     return endpoint, Path(cache).expanduser(), offline
-
-
-def redact(text: str, token: str | None) -> str:
-    """One line without the token: huggingface_hub messages can quote headers."""
-    if token:
-        text = text.replace(token, "***")
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", " ".join(text.split()))
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def resolve_model(ref: str | Path, *, purpose: str, log: Callable[[str], None], dist: Dist | None = None,
@@ -169,7 +162,7 @@ class _Hub:
     @staticmethod
     def _error(e: Exception, token: str | None, message: str, hint: str) -> ResolveError:
         detail = getattr(e, "server_message", None) or (str(e).splitlines() or [type(e).__name__])[0]
-        return ResolveError(redact(f"{message}: {detail}", token), hint=hint)
+        return ResolveError(redacted_line(f"{message}: {detail}", [token] if token else []), hint=hint)
 
 
 def _attempt(fn: Callable[[], Path]) -> tuple[Path | None, HubexportError | None]:
