@@ -113,8 +113,7 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
 
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
-    if Path(hf_model).exists():
-        check_disjoint(out.target, [hf_model], option=out.option)
+    check_disjoint(out.target, [hf_model], option=out.option)
     check_target(out.target, overwrite=out.overwrite, option=out.option)
     model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
     check_disjoint(out.target, [model.path], option=out.option)

@@ -29,10 +29,10 @@ def _hidden(target: Path, suffix: str) -> Path:
 
 def check_disjoint(target: Path, inputs: Iterable[Path | None], *, option: str = "--target-dir") -> None:
     """The target may not be an input, inside one or above one (symbolic links followed), whatever --overwrite says:
-    replacing it would write into, or delete, what the user owns."""
+    replacing it would write into, or delete, what the user owns. Inputs that are not paths here (Hub ids) pass."""
     out = Path(target).resolve()
     for given in inputs:
-        if given is None:
+        if given is None or not Path(given).exists():
             continue
         src = Path(given).resolve()
         if out == src:
