@@ -2,7 +2,8 @@
 
     python benchmarks/run.py --work /var/tmp/hubexport-bench --verl-python /path/to/verl-venv/bin/python
 
-Writes benchmarks/results.json (machine-readable) and prints a Markdown table (pasted into benchmarks/README.md).
+Writes benchmarks/results.json (machine-readable; results-<suites>.json for a subset) and prints Markdown tables
+(pasted into benchmarks/README.md).
 Every measured command runs in its own process under a small probe that reports wall time and the peak RSS of the
 largest process it started (RUSAGE_CHILDREN); inputs are read once before each run, so every contender starts from the
 same warm page cache. Repetitions are interleaved (round r runs every contender once), so a machine shared with
@@ -136,6 +137,54 @@ def table(suite: dict, baseline: str, floor: str, nbytes: int) -> str:
     return "\n".join(lines)
 
 
+def push_suite(actor: Path, work: Path, env: dict[str, str], repeat: int, bandwidth: float) -> dict:
+    """`push` of a checkpoint (each file sent while the next is merged) against `merge` then `push` of the folder,
+    run one after the other, on the Hub emulator whose uploads share one link of `bandwidth` bytes/s."""
+    from tests.fakehub import FakeHub
+
+    token = "hf_BenchToken0123456789abcdef"
+    hub = FakeHub(multipart_threshold=64 << 20, chunk_size=64 << 20, bandwidth=bandwidth)
+    hub.add_user("bench", token)
+    hub.start()
+    env = {**env, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    out, py = work / "out", sys.executable
+    common = ["--private", "--license", "mit"]
+    merge = [py, "-m", "hubexport", "merge", "--max-shard-size", "400MB", "--local-dir", str(actor), "--target-dir",
+             str(out)]
+    contenders = {
+        "push CHECKPOINT (merge and upload overlapped)": lambda repo: [
+            py, "-m", "hubexport", "push", str(actor), "--repo-id", repo, "--max-shard-size", "400MB", *common],
+        "merge, then push FOLDER (one after the other)": lambda repo: [
+            "sh", "-c", " ".join([*merge, "&&", py, "-m", "hubexport", "push", str(out), "--repo-id", repo, *common])],
+    }
+    runs: dict[str, tuple[list[float], list[int]]] = {label: ([], []) for label in contenders}
+    try:
+        for r in range(repeat):
+            for i, (label, cmd) in enumerate(contenders.items()):
+                clear(out)
+                warm(actor)
+                wall, rss = measure(cmd(f"bench/round{r}-{i}"), env)
+                hub.repos.clear()  # the emulator keeps uploads in memory
+                runs[label][0].append(wall)
+                runs[label][1].append(rss)
+                print(f"push     round {r + 1} {label:48} wall {wall:7.2f} s", flush=True)
+    finally:
+        hub.stop()
+        clear(out)
+    return {label: {"wall_s": statistics.median(w), "peak_rss_bytes": statistics.median(m), "walls": w, "rss": m}
+            for label, (w, m) in runs.items()}
+
+
+def push_table(suite: dict, nbytes: int, bandwidth: float) -> str:
+    upload = nbytes / bandwidth
+    lines = [f"upload floor (bytes / link): {upload:.2f} s", "",
+             "| run | wall (s) | × one after the other | × upload floor |", "|---|---|---|---|"]
+    sequential = suite["merge, then push FOLDER (one after the other)"]["wall_s"]
+    lines += [f"| {label} | {r['wall_s']:.2f} | {r['wall_s'] / sequential:.2f} | {r['wall_s'] / upload:.2f} |"
+              for label, r in suite.items()]
+    return "\n".join(lines)
+
+
 def hubexport_env(repo: Path, hf_home: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(repo), "HF_HOME": str(hf_home)}
 
@@ -146,7 +195,8 @@ def main() -> None:
     ap.add_argument("--verl-python", default=None, help="python of a venv with verl 0.9.1 (see benchmarks/README.md)")
     ap.add_argument("--baseline-repo", type=Path, action="append", default=[],
                     help="another hubexport checkout (e.g. main) to run beside this one, 1 process (repeatable)")
-    ap.add_argument("--suites", default="fsdp,megatron", help="comma-separated: fsdp, megatron")
+    ap.add_argument("--suites", default="fsdp,megatron,push", help="comma-separated: fsdp, megatron, push")
+    ap.add_argument("--bandwidth", type=float, default=50e6, help="push suite: the emulator's upload link, bytes/s")
     ap.add_argument("--no-torchrun", action="store_true", help="skip the torchrun and --dtype fp32 contenders")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -203,8 +253,13 @@ def main() -> None:
         megatron = run_suite("megatron", mcore, args.work, mcontenders, args.repeat)
         results["megatron"] = {"input_bytes": input_bytes(mcore), "runs": megatron}
         print(table(megatron, "hubexport, 1 process", floor_label, input_bytes(mcore)))
+    if "push" in suites:
+        push = push_suite(actor, args.work, env, args.repeat, args.bandwidth)
+        results["push"] = {"bandwidth_bytes_per_s": args.bandwidth, "input_bytes": input_bytes(actor), "runs": push}
+        print(push_table(push, input_bytes(actor), args.bandwidth))
     results["seconds"] = time.time() - started
-    (REPO / "benchmarks" / "results.json").write_text(json.dumps(results, indent=2))
+    name = "results.json" if suites == {"fsdp", "megatron", "push"} else f"results-{'-'.join(sorted(suites))}.json"
+    (REPO / "benchmarks" / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError, UnpublishableModel
 from hubexport.sources.hf import SafetensorsSource
 
@@ -218,30 +219,41 @@ def _open(folder: Path, what: str) -> SafetensorsSource:
     return SafetensorsSource(folder)
 
 
+def new_report(candidate: Path, base: Path, cand_specs: dict[str, TensorSpec], base_specs: dict[str, TensorSpec]
+               ) -> DiffReport:
+    """A report of `candidate` vs `base` before any tensor is compared (rows are added by tensor_delta)."""
+    return DiffReport(Path(candidate), Path(base), only_base=sorted(set(base_specs) - set(cand_specs)),
+                      candidate_params=sum(math.prod(s.shape) for s in cand_specs.values()),
+                      base_params=sum(math.prod(s.shape) for s in base_specs.values()))
+
+
+def tensor_delta(spec: TensorSpec, cand: torch.Tensor, base_src: SafetensorsSource) -> TensorDelta:
+    """One candidate tensor against the base's tensor of the same name (if any)."""
+    name, bspec = spec.name, base_src.metas().get(spec.name)
+    row = TensorDelta(name, module_key(name), list(spec.shape), _dtype(spec.dtype), math.prod(spec.shape))
+    if bspec is not None and bspec.shape == spec.shape:
+        s = pair_stats(cand, base_src.read(name))
+        return replace(row, base_shape=list(bspec.shape), base_dtype=_dtype(bspec.dtype),
+                       rel_change=relative_change(s.delta_sq, s.base_sq), max_abs=s.max_abs, unchanged=s.unchanged,
+                       nan=s.nan, inf=s.inf, delta_sq=s.delta_sq, base_sq=s.base_sq)
+    nan, inf = nonfinite_counts(cand)
+    base_side = {"base_shape": list(bspec.shape), "base_dtype": _dtype(bspec.dtype)} if bspec else {}
+    return replace(row, **base_side, nan=nan, inf=inf)
+
+
+def log_report(report: DiffReport, log: Callable[[str], None]) -> None:
+    log(f"diff: {len(report.compared)} of {len(report.tensors)} tensors compared with {report.base}, "
+        f"{sum(bool(t.unchanged) for t in report.compared)} unchanged")
+
+
 def diff_models(candidate: Path, base: Path, *, log: Callable[[str], None] = print) -> DiffReport:
     """Compare every tensor of `candidate` with the same-named tensor of `base` (two HF safetensors folders)."""
     cand_src, base_src = _open(Path(candidate), "candidate"), _open(Path(base), "base")
-    cand_specs, base_specs = cand_src.metas(), base_src.metas()
-    report = DiffReport(Path(candidate), Path(base), only_base=sorted(set(base_specs) - set(cand_specs)),
-                        candidate_params=sum(math.prod(s.shape) for s in cand_specs.values()),
-                        base_params=sum(math.prod(s.shape) for s in base_specs.values()))
+    cand_specs = cand_src.metas()
+    report = new_report(candidate, base, cand_specs, base_src.metas())
     for name in sorted(cand_specs):
-        spec, bspec = cand_specs[name], base_specs.get(name)
-        cand = cand_src.read(name)
-        row = TensorDelta(name, module_key(name), list(spec.shape), _dtype(spec.dtype), math.prod(spec.shape))
-        if bspec is not None and bspec.shape == spec.shape:
-            s = pair_stats(cand, base_src.read(name))
-            row = replace(row, base_shape=list(bspec.shape), base_dtype=_dtype(bspec.dtype),
-                          rel_change=relative_change(s.delta_sq, s.base_sq), max_abs=s.max_abs, unchanged=s.unchanged,
-                          nan=s.nan, inf=s.inf, delta_sq=s.delta_sq, base_sq=s.base_sq)
-        else:
-            nan, inf = nonfinite_counts(cand)
-            base_side = {"base_shape": list(bspec.shape), "base_dtype": _dtype(bspec.dtype)} if bspec else {}
-            row = replace(row, **base_side, nan=nan, inf=inf)
-        report.tensors.append(row)
-        del cand
-    log(f"diff: {len(report.compared)} of {len(cand_specs)} tensors compared with {base}, "
-        f"{sum(bool(t.unchanged) for t in report.compared)} unchanged")
+        report.tensors.append(tensor_delta(cand_specs[name], cand_src.read(name), base_src))
+    log_report(report, log)
     return report
 
 

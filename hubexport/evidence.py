@@ -56,8 +56,11 @@ class Evidence:
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
             (folder / path).write_bytes(data)
 
-    def check(self, folder: Path, options: PushOptions, *, name: Path, log: Log) -> None:
-        self.delta = gate.check(folder, self.base, options.gate, name=name, log=log)
+    def check(self, folder: Path, options: PushOptions, *, name: Path, log: Log,
+              files: gate.FileGate | None = None) -> None:
+        """The gate's verdict; `files`: what it already compared while the files were written."""
+        report = files.report(folder) if files is not None else None
+        self.delta = gate.check(folder, self.base, options.gate, name=name, log=log, report=report)
 
     def raise_refusal(self, kept: Path | None) -> None:
         refusal = self.delta.refusal if self.delta else None

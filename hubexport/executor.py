@@ -20,12 +20,12 @@ from typing import Protocol
 from hubexport.card import find_training_config
 from hubexport.detect import is_hf_folder
 from hubexport.dist import Dist
-from hubexport.errors import TargetError
+from hubexport.errors import HubError, TargetError
 from hubexport.model_facts import sha256_file
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
-from hubexport.result import Result, Throughput, WrittenFile
+from hubexport.result import OnFile, Result, Throughput, WrittenFile
 from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
 
 Log = Callable[[str], None]
@@ -40,7 +40,7 @@ class Job(Protocol):
     def describe(self, result: Result) -> list[str]: ...
     def planned_files(self) -> list[WrittenFile]: ...
     def precheck(self) -> None: ...  # rank 0, before any write
-    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]: ...  # every rank, its share
+    def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]: ...  # every rank
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None: ...  # rank 0, after every rank wrote
     def check(self, tmp: Path, dist: Dist) -> None: ...  # every rank, before the swap
     def done(self, result: Result) -> str: ...
@@ -70,27 +70,49 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         options = replace(options, lora_base_model=base.path)
     job = dist.run(lambda: HfJob(prepare(local_dir, options), local_dir))
     proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
+    files = _file_gate(proof, push) if publisher is not None and not out.dry_run else None
+    stream = publisher.stream(files and files.admit) if publisher is not None and not out.dry_run else None  # rank 0
 
     card: list[str] = []
 
     def write_card(tmp: Path, result: Result) -> None:  # into the folder this run made, before it is published
-        proof.check(tmp, push, name=out.target, log=log)
+        if stream is not None:
+            stream.settle()  # every file judged (the gate's rows), and sent if it may go
+        proof.check(tmp, push, name=out.target, log=log, files=files)
+        if stream is not None:  # the held files go once the model passed; nothing more when it is refused
+            stream.abort(remove=True) if proof.delta and proof.delta.refusal else stream.release()
         proof.write_into(tmp)
         card.append(publisher.render_card(tmp, result, proof.card()))
         (tmp / "README.md").write_text(card[0])
 
+    def send(f: WrittenFile, path: Path) -> None:
+        if f.name.endswith(".safetensors"):
+            stream.add(f.name, path, f.sha256)
+
     try:
         check_disjoint(out.target, job.inputs, option=out.option)
-        result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None)
+        result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None,
+                         on_file=send if stream is not None else None)
+        result.resolved = base.as_json() if base is not None and base.repo_id else None
+        if proof is not None and not out.dry_run:  # the merged folder stays as it is; nothing is uploaded
+            dist.run(lambda: proof.raise_refusal(out.target if kept else None), main_only=True)
+        if push is not None:  # rank 0 uploads; the others wait, so every rank leaves (and tears gloo down) together
+            result.push = dist.run(lambda: proof.annotate(publisher.planned(result) if out.dry_run else publisher.publish(
+                out.target, card=card[0], merge_result=result, selection=selection, stream=stream)), main_only=True)
+    except BaseException as e:
+        if stream is not None:  # not published: after a Hub error the repo stays for a re-run to reuse
+            stream.abort(remove=not isinstance(e, HubError))
+        raise
     finally:
         job.close()
-    result.resolved = base.as_json() if base is not None and base.repo_id else None
-    if proof is not None and not out.dry_run:  # the merged folder stays as it is; nothing is uploaded
-        dist.run(lambda: proof.raise_refusal(out.target if kept else None), main_only=True)
-    if push is not None:  # rank 0 uploads; the others wait, so every rank leaves (and tears gloo down) together
-        result.push = dist.run(lambda: proof.annotate(publisher.planned(result) if out.dry_run else publisher.publish(
-            out.target, card=card[0], merge_result=result, selection=selection)), main_only=True)
     return result
+
+
+def _file_gate(proof, push: PushOptions):
+    """The publish gate file by file, when there is a base to compare the weights with."""
+    from hubexport import gate
+
+    return gate.FileGate(proof.base, push.gate) if proof.base is not None else None
 
 
 def _evidence(job, local_dir: Path, lora_base, push: PushOptions, selection: str | None, log: Log, dist: Dist):
@@ -197,8 +219,9 @@ def _merge_target(target: Output | None, dry_run: bool, dist: Dist) -> Iterator[
 
 
 def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
-            before_swap: Callable[[Path, Result], object] | None = None) -> Result:
-    """Run a planned job into `out.target`, atomically, on every rank."""
+            before_swap: Callable[[Path, Result], object] | None = None, on_file: OnFile | None = None) -> Result:
+    """Run a planned job into `out.target`, atomically, on every rank. `on_file` (rank 0's): told of each file as
+    soon as it is complete: while rank 0 writes the next one, and the other ranks' files once they are done."""
     result = job.result(command, out.target)
     for line in job.describe(result):
         log(line)
@@ -208,8 +231,11 @@ def execute(job: Job, out: Output, command: str, dist: Dist, log: Log, *,
     started = time.perf_counter()
     dist.run(job.precheck, main_only=True)
     with _claimed(out, dist) as (tmp, commit):
-        mine = dist.run(_writing(out, lambda: job.write(tmp, dist)))
+        mine = dist.run(_writing(out, lambda: job.write(tmp, dist, on_file if dist.is_main else None)))
         result.files = sorted((f for part in dist.gather(mine) for f in part), key=lambda f: ("/" in f.name, f.name))
+        for f in result.files if on_file is not None and dist.is_main else ():
+            if f not in mine:
+                on_file(f, tmp / f.name)
         dist.run(_writing(out, lambda: job.finish(tmp, result.files)), main_only=True)
         dist.run(lambda: job.check(tmp, dist))
         # Called on every rank whether or not rank 0 has a hook (other ranks never do): collectives must pair up.

@@ -15,12 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hubexport.diff import DiffReport, check_publishable, diff_models, nonfinite_counts, render_markdown
+from hubexport.diff import (
+    DiffReport,
+    TensorDelta,
+    check_publishable,
+    diff_models,
+    log_report,
+    new_report,
+    nonfinite_counts,
+    render_markdown,
+    tensor_delta,
+)
 from hubexport.dist import Dist
 from hubexport.errors import HubexportError, UnpublishableModel
 from hubexport.lora import ADAPTER_DIR
 from hubexport.options import GateOptions
-from hubexport.safetensors_format import INDEX_NAME, read_index
+from hubexport.safetensors_format import INDEX_NAME, read_index, read_specs
 from hubexport.sources.hf import SafetensorsSource
 
 Log = Callable[[str], None]
@@ -171,9 +181,11 @@ class Delta:
         }
 
 
-def check(folder: Path, base: Base | None, options: GateOptions, *, name: Path, log: Log) -> Delta | None:
+def check(folder: Path, base: Base | None, options: GateOptions, *, name: Path, log: Log,
+          report: DiffReport | None = None) -> Delta | None:
     """Diff `folder` (named `name` in messages: the target, not its staging folder) against `base` and apply the
-    gate. None when there is nothing to check it with (said in one line)."""
+    gate; `report`: that diff, already computed file by file (FileGate). None when there is nothing to check it with
+    (said in one line)."""
     folder = Path(folder)
     adapter = adapter_effect(folder)
     has_weights = any(folder.glob("*.safetensors"))
@@ -181,7 +193,10 @@ def check(folder: Path, base: Base | None, options: GateOptions, *, name: Path, 
         log(NO_BASE)
         if adapter is None:
             return None
-    report = diff_models(folder, base.path, log=log) if base is not None and has_weights else None
+    if report is not None:
+        log_report(report, log)
+    elif base is not None and has_weights:
+        report = diff_models(folder, base.path, log=log)
     if report is not None:
         report.candidate = Path(name)
     delta = Delta(base, report, adapter, [])
@@ -211,3 +226,42 @@ def _refuse(delta: Delta, name: Path, options: GateOptions) -> None:
     if report is not None:
         delta.notes = check_publishable(report, allow_unchanged=options.allow_unchanged or adapter_counts,
                                         allow_nonfinite=options.allow_nonfinite)
+
+
+class FileGate:
+    """The gate's diff, file by file as a push's merge writes them, so each file can be sent as soon as that is
+    safe: once some tensor is known to differ from the base (the model is not its base) and no NaN/Inf was seen.
+    Until then files are held; the rows are kept, so the verdict on the whole model compares nothing twice."""
+
+    def __init__(self, base: Base, options: GateOptions) -> None:
+        self.base, self.options = base, options
+        self.base_src = SafetensorsSource(base.path)
+        self.rows: dict[str, TensorDelta] = {}
+        self.differs = options.allow_unchanged
+        self.nonfinite = False
+
+    def admit(self, file: Path) -> bool | None:
+        """True: send this file and every held one; None: hold it; False: send nothing more (the verdict refuses)."""
+        if file.parent.name != ADAPTER_DIR:  # an adapter is judged with the whole model (Delta, adapter_effect)
+            self._compare(file)
+        if self.nonfinite and not self.options.allow_nonfinite:
+            return False
+        return True if self.differs else None
+
+    def _compare(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            for name, spec in read_specs(file).items():
+                row = self.rows[name] = tensor_delta(spec, f.get_tensor(name), self.base_src)
+                self.nonfinite = self.nonfinite or bool(row.nan or row.inf)
+                self.differs = self.differs or not row.unchanged  # changed, new, or reshaped
+
+    def report(self, folder: Path) -> DiffReport | None:
+        """The whole folder's diff from the rows; None when some weight file was not seen (then it is diffed anew)."""
+        specs = SafetensorsSource(Path(folder)).metas() if any(Path(folder).glob("*.safetensors")) else {}
+        if not specs or set(specs) != set(self.rows):
+            return None
+        report = new_report(Path(folder), self.base.path, specs, self.base_src.metas())
+        report.tensors = [self.rows[n] for n in sorted(specs)]
+        return report

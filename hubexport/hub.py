@@ -25,7 +25,7 @@ from hubexport.options import PushOptions
 from hubexport.redaction import redacted_line
 
 if TYPE_CHECKING:
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.hf_api import RepoFile
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
@@ -113,7 +113,7 @@ _STATUS_HINTS = {
 
 
 @contextlib.contextmanager
-def _errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
+def errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
     """Turn huggingface_hub and network failures into one redacted line with a remedy."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
@@ -140,7 +140,7 @@ def _errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _xet_only_on_hf(endpoint: str) -> Iterator[None]:
+def xet_only_on_hf(endpoint: str) -> Iterator[None]:
     """huggingface_hub picks Xet whenever hf_xet is importable, and Xet exists only on huggingface.co: elsewhere it
     fails at /xet-write-token, so it is switched off for other endpoints (restored afterwards)."""
     from huggingface_hub import constants
@@ -156,7 +156,7 @@ def _xet_only_on_hf(endpoint: str) -> Iterator[None]:
 
 def preflight(s: _Session, repo_id: str) -> str:
     """whoami once, then refuse read-only tokens and namespaces the user cannot write to. Returns the full repo id."""
-    with _errors(s, "checking the token"):
+    with errors(s, "checking the token"):
         me = s.api.whoami(cache=True)
     s.user = me.get("name", "")
     if "/" not in repo_id:
@@ -178,13 +178,30 @@ def preflight(s: _Session, repo_id: str) -> str:
 
 
 # ---- repo, branch, and what changed -------------------------------------------------------------------------------
-def _ensure_repo(s: _Session, repo_id: str, private: bool | None, dry_run: bool) -> tuple[str, bool, bool]:
-    """Returns (url, is private, exists). An existing repo keeps its visibility: a mismatch is a warning. A new repo
-    with neither --private nor --public gets the Hub's default (public), with a warning."""
+@dataclass(frozen=True)
+class RepoTarget:
+    """Where a commit goes: the repo (made if missing, unless a dry run) and the revision compared against."""
+
+    url: str
+    private: bool
+    exists: bool
+    base: str  # the revision whose files the upload is compared against
+    created: bool  # this run created the repo
+
+
+def open_target(s: _Session, repo_id: str, opts: PushOptions) -> RepoTarget:
+    url, private, exists, created = _ensure_repo(s, repo_id, opts.private, opts.dry_run)
+    return RepoTarget(url, private, exists, _ensure_revision(s, repo_id, opts.revision or "main", exists, opts.dry_run),
+                      created)
+
+
+def _ensure_repo(s: _Session, repo_id: str, private: bool | None, dry_run: bool) -> tuple[str, bool, bool, bool]:
+    """Returns (url, is private, exists, created). An existing repo keeps its visibility: a mismatch is a warning. A
+    new repo with neither --private nor --public gets the Hub's default (public), with a warning."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
     url = f"{s.endpoint}/{repo_id}"
-    with _errors(s, f"looking up {repo_id}", repo_id):
+    with errors(s, f"looking up {repo_id}", repo_id):
         try:
             info = s.api.repo_info(repo_id)
         except RepositoryNotFoundError:
@@ -194,18 +211,18 @@ def _ensure_repo(s: _Session, repo_id: str, private: bool | None, dry_run: bool)
         if private is not None and bool(info.private) != private:
             s.log(f"warning: {repo_id} already exists and is {actual}; it stays {actual} although this run asked for "
                   f"{'private' if private else 'public'} (change it in the repo settings)")
-        return url, bool(info.private), True
+        return url, bool(info.private), True, False
     if private is None:
         s.log(f"warning: {repo_id} does not exist and will be created with the Hub's default visibility (public); "
               "pass --private to keep it private, or --public to say so")
     if dry_run:
         s.log(f"dry run: would create {'private' if private else 'public'} repo {repo_id}")
-        return url, bool(private), False
-    with _errors(s, f"creating {repo_id}", repo_id):
+        return url, bool(private), False, False
+    with errors(s, f"creating {repo_id}", repo_id):
         url = str(s.api.create_repo(repo_id, private=private, exist_ok=True))
         created_private = bool(s.api.repo_info(repo_id).private) if private is None else private
     s.log(f"created {'private' if created_private else 'public'} repo {repo_id}")
-    return url, created_private, True
+    return url, created_private, True, True
 
 
 def _ensure_revision(s: _Session, repo_id: str, revision: str, exists: bool, dry_run: bool) -> str:
@@ -215,14 +232,14 @@ def _ensure_revision(s: _Session, repo_id: str, revision: str, exists: bool, dry
     if revision == "main" or revision.startswith("refs/pr/") or not exists:
         return revision if exists else "main"
     if dry_run:
-        with _errors(s, f"looking up {revision}", repo_id):
+        with errors(s, f"looking up {revision}", repo_id):
             try:
                 s.api.repo_info(repo_id, revision=revision)
                 return revision
             except RevisionNotFoundError:
                 s.log(f"dry run: would create branch {revision} from main")
                 return "main"
-    with _errors(s, f"creating branch {revision}", repo_id):
+    with errors(s, f"creating branch {revision}", repo_id):
         s.api.create_branch(repo_id, branch=revision, exist_ok=True)
     return revision
 
@@ -230,7 +247,7 @@ def _ensure_revision(s: _Session, repo_id: str, revision: str, exists: bool, dry
 def _remote(s: _Session, repo_id: str, revision: str) -> tuple[str, dict[str, RepoFile]]:
     from huggingface_hub.hf_api import RepoFile
 
-    with _errors(s, f"listing {repo_id}@{revision}", repo_id):
+    with errors(s, f"listing {repo_id}@{revision}", repo_id):
         head = s.api.repo_info(repo_id, revision=revision).sha or ""
         tree = s.api.list_repo_tree(repo_id, revision=head, recursive=True)
         return head, {f.path: f for f in tree if isinstance(f, RepoFile)}
@@ -266,39 +283,54 @@ def _stale_weights(local: list[LocalFile], remote: Mapping[str, RepoFile]) -> li
 
 
 def upload(s: _Session, folder: Path, opts: PushOptions, *, repo_id: str, extra: Mapping[str, bytes],
-           known: Mapping[str, str], facts: Callable[[dict[str, str]], ModelFacts], message: str) -> PushResult:
+           known: Mapping[str, str], facts: Callable[[dict[str, str]], ModelFacts], message: str,
+           target: RepoTarget | None = None, sent: Mapping[str, CommitOperationAdd] | None = None) -> PushResult:
     """One commit of what differs between `folder` (plus `extra`) and the repo's revision; nothing when nothing does.
-    `known` holds sha256 digests already computed; `facts` describes the model from every file's digest."""
+    `known` holds sha256 digests already computed; `facts` describes the model from every file's digest; `target`
+    and `sent`: the repo opened and the LFS files already sent while the folder was being merged (upload_stream)."""
     revision = opts.revision or "main"
-    url, private, exists = _ensure_repo(s, repo_id, opts.private, opts.dry_run)
-    base = _ensure_revision(s, repo_id, revision, exists, opts.dry_run)
-    head, remote = _remote(s, repo_id, base) if exists else ("", {})
+    target = target or open_target(s, repo_id, opts)
+    head, remote = _remote(s, repo_id, target.base) if target.exists else ("", {})
     local = local_files(folder, known, extra)
     changed = [f for f in local if _changed(f, remote.get(f.path))]
     stale = _stale_weights(local, remote)
     n_files, n_bytes = len(changed), sum(f.size for f in changed)
-    result = PushResult(repo_id, url, None, None, revision, private, n_files, n_bytes, no_op=False,
+    result = PushResult(repo_id, target.url, None, None, revision, target.private, n_files, n_bytes, no_op=False,
                         target_dir=str(folder), model=facts({f.path: f.sha256 for f in local}))
     if opts.dry_run:
         return _report_dry_run(s, result, changed, stale, len(local))
     if not changed and not stale:
         s.log(f"nothing changed: {repo_id}@{revision} already has these {len(local)} files; no commit made")
-        return replace(result, commit_sha=head, commit_url=f"{url}/commit/{head}", no_op=True)
-    s.log(f"uploading {n_files} of {len(local)} files ({n_bytes:,} bytes) to {repo_id}@{revision}"
-          + (f", deleting {len(stale)} stale weight files" if stale else ""))
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        return replace(result, commit_sha=head, commit_url=f"{target.url}/commit/{head}", no_op=True)
+    from huggingface_hub import CommitOperationDelete
 
-    ops: list[Any] = []
-    for f in changed:
-        op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.file if isinstance(f.file, bytes) else str(f.file))
-        op.upload_info.sha256 = bytes.fromhex(f.sha256)  # hashed once, here, not again by the client
-        ops.append(op)
+    ops: list[Any] = [_addition(f, (sent or {}).get(f.path)) for f in changed]
+    early = [f for f, op in zip(changed, ops, strict=True) if op._is_uploaded]
+    s.log(f"uploading {n_files - len(early)} of {len(local)} files ({n_bytes - sum(f.size for f in early):,} bytes) "
+          f"to {repo_id}@{revision}" + (f", with {len(early)} sent during the merge" if early else "")
+          + (f", deleting {len(stale)} stale weight files" if stale else ""))
     ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
-    with _errors(s, f"uploading to {repo_id}", repo_id), _xet_only_on_hf(s.endpoint):
+    with errors(s, f"uploading to {repo_id}", repo_id), xet_only_on_hf(s.endpoint):
         info = s.api.create_commit(repo_id, ops, commit_message=opts.commit_message or message, revision=revision,
                                    create_pr=opts.create_pr, parent_commit=head or None)
     s.log(f"committed {info.oid} to {repo_id}@{revision}" + (f"; pull request {info.pr_url}" if info.pr_url else ""))
     return replace(result, commit_sha=info.oid, commit_url=info.commit_url, pr_url=info.pr_url)
+
+
+def addition(path_in_repo: str, file: Path | bytes, sha256: str) -> CommitOperationAdd:
+    from huggingface_hub import CommitOperationAdd
+
+    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=file if isinstance(file, bytes) else str(file))
+    op.upload_info.sha256 = bytes.fromhex(sha256)  # hashed once, by the writer or here, not again by the client
+    return op
+
+
+def _addition(f: LocalFile, sent: CommitOperationAdd | None) -> CommitOperationAdd:
+    """The operation already sent for this content (its LFS object is stored: not sent again), or a new one."""
+    if sent is not None and sent._is_uploaded and sent.upload_info.sha256.hex() == f.sha256 \
+            and sent.upload_info.size == f.size:
+        return sent
+    return addition(f.path, f.file, f.sha256)
 
 
 def _report_dry_run(s: _Session, result: PushResult, changed: list[LocalFile], stale: list[str],

@@ -16,6 +16,7 @@ from hubexport.model_facts import ModelFacts, facts_from_merge, model_facts
 from hubexport.options import PushOptions
 from hubexport.readme import render
 from hubexport.result import Result
+from hubexport.upload_stream import Admit, UploadStream
 
 
 @dataclass
@@ -49,12 +50,20 @@ class Publisher:
         return render(folder, self.options.card, repo_id=self.repo_id, merge_result=result,
                       sha256=_digests(result), log=self.log, evidence=evidence)
 
+    def stream(self, admit: Admit | None = None) -> UploadStream | None:
+        """Weight files sent as they are merged, once `admit` lets them (None offline or on a dry run: nothing is
+        sent)."""
+        if self.session is None or self.options.dry_run:
+            return None
+        return UploadStream(self.session, self.options, self.repo_id, admit)
+
     def publish(self, folder: Path, *, card: str | None, merge_result: Result | None = None,
                 extra: Mapping[str, bytes] | None = None, selection: str | None = None,
-                known: Mapping[str, str] | None = None) -> PushResult:
+                known: Mapping[str, str] | None = None, stream: UploadStream | None = None) -> PushResult:
         """One commit of what changed. `card`: the README text to upload in place of the folder's (None: the
         folder's own README.md, or none); `extra`: more files made in memory (evaluation results); `selection`:
-        why this step was chosen, for the commit title; `known`: sha256 digests already computed, by file name."""
+        why this step was chosen, for the commit title; `known`: sha256 digests already computed, by file name;
+        `stream`: what was sent while the folder was merged."""
         known = {**(_digests(merge_result) if merge_result else {}), **(known or {})}
         step = merge_result.global_step if merge_result else None
         message = f"Upload global_step_{step} with hubexport" if step is not None else "Upload model with hubexport"
@@ -67,8 +76,9 @@ class Publisher:
 
         if self.session is None:
             return self._offline_listing(folder, files, known, facts)
+        target, sent = stream.finish() if stream is not None else (None, {})
         return hub.upload(self.session, folder, self.options, repo_id=self.repo_id, extra=files, known=known,
-                          facts=facts, message=message)
+                          facts=facts, message=message, target=target, sent=sent)
 
     def _offline_listing(self, folder: Path, extra: Mapping[str, bytes], known: Mapping[str, str],
                          facts: Callable[[dict[str, str]], ModelFacts]) -> PushResult:

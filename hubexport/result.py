@@ -3,6 +3,7 @@ direction's own (LoRA export, Megatron layout) and the push, when there was one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,9 @@ class WrittenFile:
     name: str  # relative to the output folder, posix
     size: int
     sha256: str | None  # None in a dry run, and for files hubexport does not hash (torch_dist)
+
+
+OnFile = Callable[[WrittenFile, Path], None]  # told of each output file once it is complete
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, m
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
-from hubexport.result import Result, WrittenFile
+from hubexport.result import OnFile, Result, WrittenFile
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
@@ -235,16 +235,20 @@ class HfJob:
             if not g.outputs:
                 cache.run(i)
 
-    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]:
-        """This rank's shard files (rank 0 also writes the adapter)."""
+    def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
+        """This rank's shard files (rank 0 also writes the adapter), each told to `on_file` once complete."""
         plan = self.prep.plan
         cache = GroupCache(plan, self.prep.source)
         written = []
         for f in plan.files_for_rank(dist.rank, dist.world_size):
             sha = write_file(tmp / f.name, list(f.tensors), cache.fetch)
             written.append(WrittenFile(f.name, (tmp / f.name).stat().st_size, sha))
+            if on_file is not None:
+                on_file(written[-1], tmp / f.name)
         if dist.is_main and self.writes_adapter:
             written.append(self._write_adapter(tmp))
+            if on_file is not None:
+                on_file(written[-1], tmp / written[-1].name)
         return written
 
     def _write_adapter(self, tmp: Path) -> WrittenFile:

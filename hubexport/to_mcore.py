@@ -17,7 +17,7 @@ from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.options import DTYPE_NAMES, MegatronOptions
 from hubexport.resolve import ResolvedModel
-from hubexport.result import MegatronFacts, Result, WrittenFile
+from hubexport.result import MegatronFacts, OnFile, Result, WrittenFile
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.sources.quantized import dequantized, without_quantization
@@ -84,7 +84,8 @@ class McoreJob:
             if not g.outputs:
                 g.convert({n: self.source.read(n) for n in g.inputs})
 
-    def write(self, tmp: Path, dist: Dist) -> list[WrittenFile]:
+    def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
+        """Every rank saves its chunks (torch_dist files are not told one by one: nothing uploads them)."""
         with process_group():
             save_torch_dist(tmp, self.chunks, [o == dist.rank for o in self.owners], self._produce(),
                             extra_states=self.extra, spec=self.options.spec)

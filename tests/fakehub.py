@@ -103,9 +103,12 @@ class Upload:
 class FakeHub:
     """State, counters and the server. `multipart_threshold`/`chunk_size` are small so tests hit both LFS paths."""
 
-    def __init__(self, *, multipart_threshold: int = 48 * 1024, chunk_size: int = 16 * 1024) -> None:
+    def __init__(self, *, multipart_threshold: int = 48 * 1024, chunk_size: int = 16 * 1024,
+                 bandwidth: float | None = None) -> None:
         self.multipart_threshold = multipart_threshold
         self.chunk_size = chunk_size
+        self.bandwidth = bandwidth  # bytes/s of LFS upload, shared by every connection (one uplink); None: unlimited
+        self._link_free_at = 0.0
         self.tokens: dict[str, tuple[str, str]] = {}  # token -> (user, role)
         self.orgs: dict[str, dict[str, str]] = {}  # user -> {org: roleInOrg}
         self.trust = TrustedPublishers()  # POST /oauth/token: who may exchange an OIDC id token for which repo
@@ -176,6 +179,15 @@ class FakeHub:
     def url(self) -> str:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def throttle(self, nbytes: int) -> None:
+        """Hold an LFS upload until the shared link would have carried its bytes."""
+        if not self.bandwidth:
+            return
+        with self.lock:
+            self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes / self.bandwidth
+            until = self._link_free_at
+        time.sleep(max(0.0, until - time.monotonic()))
 
     # ---- model --------------------------------------------------------------------------------------------------
     def _take_fault(self, method: str, path: str) -> Fault | None:
@@ -258,6 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
 
     def do_PUT(self) -> None:
         self._dispatch("PUT")
@@ -459,6 +474,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.create_repo(repo_type, repo_id, private)
         self._json({"url": url, "name": repo_id, "id": uuid.uuid4().hex})
 
+    def delete(self) -> None:
+        body = self._json_body()
+        ns = body.get("organization") or self._user()[0] or ""
+        repo = self._repo(body.get("type") or "model", ns, body["name"], write=True)
+        if self._scope() is not None:
+            raise HttpError(403, "A trusted-publisher token cannot delete repositories")
+        with self.hub.lock:
+            del self.hub.repos[f"{repo.type}:{repo.id}"]
+        self._json({})
+
     def settings(self, type: str, ns: str, name: str) -> None:
         repo = self._repo(type, ns, name, write=True)
         body = self._json_body()
@@ -633,11 +658,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def lfs_put(self, session: str) -> None:
         upload = self._upload(session)
-        self._store(upload, self._body(), "basic")
+        data = self._body()
+        self.hub.throttle(len(data))
+        self._store(upload, data, "basic")
         self._json({})
 
     def lfs_part(self, session: str, part: str) -> None:
         data = self._body()
+        self.hub.throttle(len(data))
         self._upload(session).parts[int(part)] = data
         self._send(200, b"", {"ETag": f'"{hashlib.md5(data).hexdigest()}"'}, "text/plain")
 
@@ -688,6 +716,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/oauth/token", "oauth_token"),
     ("POST", r"/api/repos/create", "create"),
+    ("DELETE", r"/api/repos/delete", "delete"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", REPO_ROUTE, "info"),
     ("GET", REPO_ROUTE + r"/revision/(?P<rev>[^/]+)", "info"),
