@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve()
 
@@ -123,6 +126,11 @@ def _run_load(job: dict) -> None:
     torch.save({"main": calls[-1][..., :v], "mtp": [c[..., :v] for c in calls[:-1]],
                 "state": {k: t.clone() for k, t in model.state_dict().items()
                           if k.startswith("mtp.") and "_extra_state" not in k and t is not None}}, out / "result.pt")
+    if job.get("save"):  # the model's own torch_dist save, as a training run leaves it (verl's v1 layout)
+        (out / "actor" / "dist_ckpt").mkdir(parents=True)
+        dist_checkpointing.save(model.sharded_state_dict(), str(out / "actor" / "dist_ckpt"))
+        (out / "actor" / "huggingface").mkdir()
+        (out / "actor" / "huggingface" / "config.json").write_text((Path(job["hf"]) / "config.json").read_text())
 
 
 def _main() -> None:
@@ -168,7 +176,8 @@ def tiny_deepseek_mtp(out: Path, **overrides) -> Path:
     sd = load_file(out / "model.safetensors")
     hid, h = sd["model.norm.weight"].shape[0], f"model.layers.{MAIN_LAYERS}."
     g = torch.Generator().manual_seed(61)
-    sd.update({h + "enorm.weight": torch.rand(hid, generator=g) + 0.5, h + "hnorm.weight": torch.rand(hid, generator=g) + 1.5,
+    sd.update({h + "enorm.weight": torch.rand(hid, generator=g) + 0.5,
+               h + "hnorm.weight": torch.rand(hid, generator=g) + 1.5,
                h + "eh_proj.weight": torch.randn(hid, 2 * hid, generator=g) * 0.1,
                h + "shared_head.norm.weight": torch.rand(hid, generator=g) + 0.5,
                h + "embed_tokens.weight": sd["model.embed_tokens.weight"].clone(),
@@ -228,6 +237,44 @@ def load_in_gptmodel(jobs: list[dict]) -> None:
     from tests.fixtures_mcore import IDS, run_torchrun
 
     run_torchrun(1, [dict(job, ids=json.dumps(IDS)) for job in jobs], script=HERE)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # DeepSeek-V3's kind of rope
+
+
+@dataclass(frozen=True)
+class MlaCase:
+    hf: Path  # what to-megatron read
+    reference: Path  # the HF model the GPTModel's logits must equal (the dequantized one for FP8)
+    ckpt: Path  # to-megatron's output (local spec)
+    loaded: Path  # the GPTModel's results: result.pt (and actor/, its own save, where asked)
+    notes: list[str]
+
+
+@pytest.fixture(scope="session")
+def mla_cases(tmp_path_factory) -> dict[str, MlaCase]:
+    """DeepSeek-V3 as published (yarn rope, q_lora_rank, MTP layer), the same without q_lora_rank (default rope),
+    and the first FP8 block-quantized; each converted by hubexport to-megatron and loaded in a real GPTModel (one
+    torchrun). The first model also saves its own checkpoint, for the merge direction."""
+    from hubexport.executor import to_megatron
+    from hubexport.options import MegatronOptions, Output
+
+    root = tmp_path_factory.mktemp("mla")
+    mtp = tiny_deepseek_mtp(root / "hf_mtp", rope_parameters=YARN)
+    fp8 = fp8_quantized(mtp, root / "hf_fp8")
+    no_q = tiny_deepseek_mtp(root / "hf_no_q", q_lora_rank=None)
+    sources = {"mtp": (mtp, mtp, None), "no_q_lora": (no_q, no_q, None),
+               "fp8": (fp8, dequantized_reference(fp8, root / "hf_fp8_ref"), "fp32")}
+    cases, jobs = {}, []
+    for name, (hf, ref, dtype) in sources.items():
+        notes: list[str] = []
+        to_megatron(hf, Output(root / f"ckpt_{name}"), MegatronOptions(spec="local", test=True, dtype=dtype),
+                    log=notes.append)
+        cases[name] = MlaCase(hf, ref, root / f"ckpt_{name}", root / f"loaded_{name}", notes)
+        jobs.append(dict(hf=str(hf), ckpt=str(cases[name].ckpt), out=str(cases[name].loaded), save=name == "mtp"))
+    load_in_gptmodel(jobs)
+    return cases
 
 
 if __name__ == "__main__":
