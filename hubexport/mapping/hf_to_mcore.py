@@ -172,8 +172,9 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     n_layers = len(arch.layer_kinds(text))
     _check_consumed(present - used - set(ignored), arch.name, n_layers)
     if mtp:
-        notes.append(f"wrote {mtp} multi-token-prediction block(s) (HF layers {n_layers}..{n_layers + mtp - 1}) as "
-                     f"mtp.layers.*: load with mtp_num_layers={mtp}")
+        layers = f"layer {n_layers}" if mtp == 1 else f"layers {n_layers}..{n_layers + mtp - 1}"
+        notes.append(f"HF {layers}: {mtp} multi-token-prediction block(s), written as mtp.layers.*; "
+                     f"load with mtp_num_layers={mtp}")
     groups = []
     for b in bindings:
         try:

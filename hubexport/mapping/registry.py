@@ -9,7 +9,7 @@ A Rule says: these mcore tensors ↔ these HF tensors, through this op. The same
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -239,7 +239,8 @@ def hf_mtp_layers(arch: Arch, cfg: object, present: set[str]) -> int:
     return int(getattr(text, "num_nextn_predict_layers", 0) or 0)
 
 
-def _mtp_rules(arch: Arch, text: object, blocks: Iterable[int], n_exp: int):
+def _mtp_rules(arch: Arch, text: object, blocks: Iterable[int],
+               n_exp: int) -> Iterator[tuple[Rule, dict[str, str], tuple[str, str] | None]]:
     """(rule, substitution, mcore prefix swap) for every tensor of MTP blocks `blocks`: block m is HF layer L + m
     (DeepSeek-V3 layout): its own rows (`{M}`), then a decoder layer of kind `mtp_kind` under
     `mtp.layers.<m>.transformer_layer.`."""
