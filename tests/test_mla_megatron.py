@@ -173,3 +173,12 @@ def test_mtp_layers_that_megatron_cannot_hold_are_refused(mla_cases, tmp_path) -
         assert not (tmp_path / f"out_{name}").exists()
         if name == "count":
             assert "num_nextn_predict_layers" in e.value.hint
+
+
+def test_a_folder_without_its_mtp_layer_converts_without_the_block(mla_cases, tmp_path) -> None:
+    """What save_pretrained writes: config.json still says num_nextn_predict_layers=1, but no layer L is stored."""
+    folder = _edited(mla_cases["mtp"].hf, tmp_path / "hf",
+                     tensors=lambda sd: {k: v for k, v in sd.items() if not k.startswith(H)})
+    assert json.loads((folder / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    r = to_megatron(folder, Output(tmp_path / "out"), MegatronOptions(test=True), log=lambda _: None)
+    assert r.megatron.mtp_num_layers == 0 and not any(k.startswith("mtp.") for k in stored(tmp_path / "out"))
