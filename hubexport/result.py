@@ -48,6 +48,7 @@ class MegatronFacts:
     padded_vocab: int
     world_size: int  # writer processes
     tested: bool  # --test read everything back bit-exact before publishing
+    mtp_num_layers: int = 0  # MTP blocks written (DeepSeek-V3's num_nextn_predict_layers): the model's mtp_num_layers
 
 
 @dataclass

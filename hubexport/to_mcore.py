@@ -57,7 +57,8 @@ class McoreJob:
             dtypes[c.spec.dtype] = dtypes.get(c.spec.dtype, 0) + c.spec.nbytes
         facts = MegatronFacts(spec=self.options.spec, layer_keys="stacked" if plan.stacked else "per-layer",
                               num_tensors=len(self.chunks), num_keys=len({c.where.key for c in self.chunks}),
-                              padded_vocab=plan.padded_vocab, world_size=self.dist.world_size, tested=self.options.test)
+                              padded_vocab=plan.padded_vocab, world_size=self.dist.world_size, tested=self.options.test,
+                              mtp_num_layers=plan.mtp_layers)
         return Result(
             command=command, target_dir=target, source_format="hf", source_version="safetensors", parallel={},
             architecture=plan.architecture,

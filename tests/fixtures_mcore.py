@@ -599,11 +599,10 @@ def tiny_hf(kind: str, out: Path, *, tie: bool = False, value: bool = False, dty
     elif kind == "mixtral":
         cfg = tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
     elif kind == "deepseek_v3":
-        cfg = tf.DeepseekV3Config(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                  n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
-                                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1,
-                                  **{k: v for k, v in common.items() if k != "num_key_value_heads"},
-                                  num_key_value_heads=4)
+        cfg = tf.DeepseekV3Config(**{"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24,
+                                     "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+                                     "n_group": 2, "topk_group": 1, **common, "num_key_value_heads": 4})
     else:
         raise ValueError(kind)
     torch.manual_seed(1234)

@@ -265,17 +265,3 @@ def test_writer_holds_one_group_at_a_time(tmp_path) -> None:
     largest = max(c.spec.nbytes for c in chunks)
     assert 0 < peak <= 4 * largest and 8 * peak < written, (peak, largest, written)
     assert torch.equal(stored(tmp_path / "ckpt")["decoder.final_layernorm.weight"], src.read("model.norm.weight"))
-
-
-def test_deepseek_mtp_layers_are_skipped_with_a_note(hf_models, tmp_path) -> None:
-    """HF DeepSeek-V3 ships its MTP block as layer L; megatron MTP weights are not written yet, and this is said."""
-    from safetensors.torch import save_file
-
-    hf = tmp_path / "hf"
-    shutil.copytree(hf_models["deepseek_v3"], hf)
-    sd = load_file(hf / "model.safetensors")
-    mtp = {"model.layers.4.enorm.weight": torch.ones(64), "model.layers.4.eh_proj.weight": torch.ones(64, 128)}
-    save_file({**sd, **mtp}, hf / "model.safetensors")
-    info = convert(hf, tmp_path / "ckpt")
-    assert any("skipped 2 multi-token-prediction" in n for n in info["notes"])
-    assert not any(k.startswith("mtp.") for k in stored(tmp_path / "ckpt"))

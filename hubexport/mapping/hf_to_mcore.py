@@ -20,7 +20,15 @@ from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
 from hubexport.mapping.ops import padded_vocab_size
-from hubexport.mapping.registry import Arch, Binding, apply_to_mcore, expand_to_mcore, output_shapes
+from hubexport.mapping.registry import (
+    HF_LAYER,
+    Arch,
+    Binding,
+    apply_to_mcore,
+    expand_to_mcore,
+    hf_mtp_layers,
+    output_shapes,
+)
 
 SPECS = ("te", "local")
 HF_HEAD, HF_SCORE = "lm_head.weight", "score.weight"
@@ -45,6 +53,7 @@ class McorePlan:
     notes: list[str] = field(default_factory=list)
     architecture: str = ""  # the transformers class the HF folder holds (archnames.model_class)
     experts_transposed: bool = False  # the folder's fused expert tensors are [E, in, out] (Dims.experts_transposed)
+    mtp_layers: int = 0  # MTP blocks written (`mtp.layers.<m>.`): the loading model's mtp_num_layers
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -56,10 +65,13 @@ def _first(names, n: int = SHOW) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def _check_equal(a: str, b: str, what: str, tensors: dict[str, torch.Tensor]) -> dict:
+TIE_HINT = "fix tie_word_embeddings in config.json: megatron would keep only one of them"
+MTP_HINT = "megatron keeps one embedding and one output head: convert a checkpoint whose MTP copies are the originals"
+
+
+def _check_equal(a: str, b: str, what: str, hint: str, tensors: dict[str, torch.Tensor]) -> dict:
     if not torch.equal(tensors[a], tensors[b]):
-        raise MappingError(f"{b} differs from {a} although {what}",
-                           hint="fix tie_word_embeddings in config.json: megatron would keep only one of them")
+        raise MappingError(f"{b} differs from {a} although {what}", hint=hint)
     return {}
 
 
@@ -88,12 +100,41 @@ def _heads(hf: dict[str, TensorSpec], config, hidden: int) -> tuple[list[Binding
         checks = []
         if HF_HEAD in hf:  # some writers keep the alias; megatron stores the embedding once
             checks.append(Group((hf_embed, HF_HEAD), (), functools.partial(
-                _check_equal, hf_embed, HF_HEAD, "config.json says tie_word_embeddings=true")))
+                _check_equal, hf_embed, HF_HEAD, "config.json says tie_word_embeddings=true", TIE_HINT)))
         return [], checks, True, False
     if HF_HEAD not in hf:
         raise MappingError(f"{HF_HEAD} is missing and config.json says tie_word_embeddings=false",
                            hint="the HF folder is incomplete, or its config should say tie_word_embeddings=true")
     return [Binding((output,), (HF_HEAD,), "vocab")], [], False, False
+
+
+def _mtp_copies(hf: dict[str, TensorSpec], arch: Arch, n_layers: int, mtp: int, tied: bool) -> list[Group]:
+    """DeepSeek-V3's HF MTP layers carry copies of the shared embedding and output head; megatron's MTP block uses
+    the model's own, so each copy must equal its original (the merge writes them back from those)."""
+    head = arch.hf_embed if tied else HF_HEAD
+    checks = []
+    for m in range(mtp):
+        layer = f"model.layers.{n_layers + m}."
+        for copy, original in ((layer + "embed_tokens.weight", arch.hf_embed), (layer + "shared_head.head.weight", head)):
+            if copy not in hf:
+                raise MappingError(f"{copy} is missing from MTP layer {n_layers + m}",
+                                   hint="the HF folder is incomplete (DeepSeek-V3 stores both copies in each MTP layer)")
+            checks.append(Group((original, copy), (), functools.partial(
+                _check_equal, original, copy, "megatron's MTP block shares the model's embedding and output head",
+                MTP_HINT)))
+    return checks
+
+
+def _check_consumed(unused: set[str], arch_name: str, n_layers: int) -> None:
+    if not unused:
+        return
+    if any((m := HF_LAYER.match(n)) and int(m.group(1)) >= n_layers for n in unused):
+        hint = (f"layers beyond {n_layers - 1} are DeepSeek-V3's multi-token-prediction blocks: config.json's "
+                "num_nextn_predict_layers must count them")
+    else:
+        hint = ("config.json and the weights disagree (another architecture or layer count?), or the model has "
+                "parts hubexport does not convert yet (vision tower...)")
+    raise MappingError(f"{len(unused)} HF tensor(s) have no {arch_name} mapping: {_first(unused)}", hint=hint)
 
 
 def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
@@ -111,7 +152,8 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     transposed = arch.experts_transposed({n: t.shape for n, t in hf.items()}, config)
     dims = replace(base, padded_vocab=padded, experts_transposed=transposed)
     present = set(hf)
-    exp = expand_to_mcore(arch, config, present, spec=spec)
+    mtp = hf_mtp_layers(arch, config, present)
+    exp = expand_to_mcore(arch, config, present, spec=spec, mtp_layers=mtp)
     if exp.missing:
         raise MappingError(
             f"{len(exp.missing)} tensor(s) the {arch.name} config implies are not in the HF folder: "
@@ -120,6 +162,7 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
                  "weights",
         )
     heads, checks, tied, value = _heads(hf, config, text.hidden_size)
+    checks += _mtp_copies(hf, arch, len(arch.layer_kinds(text)), mtp, tied)
     bindings = exp.bindings + heads
     used = {n for b in bindings for n in b.hf} | {n for g in checks for n in g.inputs}
     architecture, notes = model_class(config, value_model=value)
@@ -127,18 +170,11 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     if ignored:
         notes.append(f"skipped {len(ignored)} buffer(s) megatron recomputes: {_first(ignored)}")
     n_layers = len(arch.layer_kinds(text))
-    mtp = sorted(n for n in present - used
-                 if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= n_layers)
-    unused = present - used - set(ignored) - set(mtp)
-    if unused:
-        raise MappingError(
-            f"{len(unused)} HF tensor(s) have no {arch.name} mapping: {_first(unused)}",
-            hint="config.json and the weights disagree (another architecture or layer count?), or the model has "
-                 "parts hubexport does not convert yet (vision tower...)",
-        )
-    if mtp:  # DeepSeek-V3 ships its MTP block as extra layers; verl's converter drops it too
-        notes.append(f"skipped {len(mtp)} multi-token-prediction tensor(s) beyond layer {n_layers - 1} "
-                     f"({_first(mtp, 2)}): megatron MTP weights are not written yet")
+    _check_consumed(present - used - set(ignored), arch.name, n_layers)
+    if mtp:
+        layers = f"layer {n_layers}" if mtp == 1 else f"layers {n_layers}..{n_layers + mtp - 1}"
+        notes.append(f"HF {layers}: {mtp} multi-token-prediction block(s), written as mtp.layers.*; "
+                     f"load with mtp_num_layers={mtp}")
     groups = []
     for b in bindings:
         try:
@@ -158,4 +194,4 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
                             convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
     assert arch.lm_prefix + EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
     return McorePlan(arch, groups + checks, n_layers, arch.num_experts(text), arch.stacked(config),
-                     arch.layer_stacks(config), padded, tied, value, notes, architecture, transposed)
+                     arch.layer_stacks(config), padded, tied, value, notes, architecture, transposed, mtp)

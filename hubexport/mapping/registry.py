@@ -9,7 +9,7 @@ A Rule says: these mcore tensors ↔ these HF tensors, through this op. The same
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -221,27 +221,62 @@ def expand(arch: Arch, cfg: object, present: set[str]) -> Expansion:
             for e in _expert_subs(rule, n_exp):
                 _bind(rule, {"L": str(i), **e}, present, exp, n_exp=n_exp)
     mtp = sorted({int(m.group(1)) for n in present if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
-    for m in mtp:  # MTP block m is exported as HF layer L + m (DeepSeek-V3 layout)
-        hf_layer = str(len(kinds) + m)
+    for rule, subs, prefix in _mtp_rules(arch, text, mtp, n_exp):
+        _bind(rule, subs, present, exp, mcore_prefix=prefix, n_exp=n_exp)
+    return exp
+
+
+HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def hf_mtp_layers(arch: Arch, cfg: object, present: set[str]) -> int:
+    """How many MTP blocks an HF folder holds: DeepSeek-V3 ships `num_nextn_predict_layers` of them as layers
+    L..L+k-1 (`model.layers.61.*`); a folder save_pretrained wrote has none (transformers does not load them)."""
+    text = arch.text_config(cfg)
+    n = len(arch.layer_kinds(text))
+    if not arch.mtp_rules or not any((m := HF_LAYER.match(x)) and int(m.group(1)) >= n for x in present):
+        return 0
+    return int(getattr(text, "num_nextn_predict_layers", 0) or 0)
+
+
+def _mtp_rules(arch: Arch, text: object, blocks: Iterable[int],
+               n_exp: int) -> Iterator[tuple[Rule, dict[str, str], tuple[str, str] | None]]:
+    """(rule, substitution, mcore prefix swap) for every tensor of MTP blocks `blocks`: block m is HF layer L + m
+    (DeepSeek-V3 layout): its own rows (`{M}`), then a decoder layer of kind `mtp_kind` under
+    `mtp.layers.<m>.transformer_layer.`."""
+    n_layers = len(arch.layer_kinds(text))
+    for m in blocks:
+        hf_layer = str(n_layers + m)
         for rule in arch.mtp_rules:
             if config_flag(text, rule.if_config):
-                _bind(rule, {"M": str(m), "L": hf_layer}, present, exp)
+                yield rule, {"M": str(m), "L": hf_layer}, None
         for rule in arch.rules:
             if not rule.per_layer or rule.when not in (None, arch.mtp_kind) or not config_flag(text, rule.if_config):
                 continue
             for e in _expert_subs(rule, n_exp):
-                _bind(rule, {"L": hf_layer, **e}, present, exp,
-                      mcore_prefix=("decoder.layers.{L}.", f"mtp.layers.{m}.transformer_layer."), n_exp=n_exp)
-    return exp
+                yield rule, {"L": hf_layer, **e}, ("decoder.layers.{L}.", f"mtp.layers.{m}.transformer_layer.")
 
 
-def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "te") -> Expansion:
+def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "te", mtp_layers: int = 0) -> Expansion:
     """The same rules read the other way: every rule the config implies, bound to the HF names found and to the
-    spec's mcore spelling; `missing` lists the HF tensors the config implies but the folder lacks."""
+    spec's mcore spelling; `missing` lists the HF tensors the config implies but the folder lacks. `mtp_layers`:
+    the MTP blocks to bind (hf_mtp_layers)."""
     exp = Expansion()
     text, counts = arch.text_config(cfg), arch.counts(cfg)
     kinds = arch.layer_kinds(text)
     n_exp = arch.num_experts(text)
+
+    def bind(rule: Rule, subs: dict[str, str], prefix: tuple[str, str] | None = None) -> None:
+        hf = _fill(rule.hf, subs)
+        absent = [n for n in hf if n not in present]
+        if absent:
+            exp.missing.extend(absent)
+            return
+        mcore = _all_experts(rule, rule.spelled(spec), n_exp)
+        if prefix:
+            mcore = tuple(n.replace(*prefix) for n in mcore)
+        exp.bindings.append(Binding(_fill(mcore, subs), hf, rule.op))
+
     for rule in arch.rules:
         if not config_flag(text, rule.if_config):
             continue
@@ -251,12 +286,9 @@ def expand_to_mcore(arch: Arch, cfg: object, present: set[str], *, spec: str = "
         else:
             all_subs = index_subs(rule, counts)
         for subs in all_subs:
-            hf = _fill(rule.hf, subs)
-            absent = [n for n in hf if n not in present]
-            if absent:
-                exp.missing.extend(absent)
-            else:
-                exp.bindings.append(Binding(_fill(_all_experts(rule, rule.spelled(spec), n_exp), subs), hf, rule.op))
+            bind(rule, subs)
+    for rule, subs, prefix in _mtp_rules(arch, text, range(mtp_layers), n_exp):
+        bind(rule, subs, prefix)
     return exp
 
 

@@ -32,7 +32,10 @@ GROUPED = ".mlp.experts.experts."
 # TE normalisation modules (TE ≥ 2 builds RMSNorm from fusible ops, which carry `_extra_state`); the local spec's
 # torch norms have none. Loading ignores unexpected keys by default, so writing them for TE 1.x models is harmless,
 # while a missing one fails the load.
-TE_NORMS = ("q_layernorm", "k_layernorm", "pre_mlp_layernorm", "input_layernorm", "final_layernorm", "patch_norm")
+TE_NORMS = ("q_layernorm", "k_layernorm", "pre_mlp_layernorm", "input_layernorm", "final_layernorm", "patch_norm",
+            "enorm", "hnorm")
+# linears not named `linear_*`: the MTP block's projection of [embedding; hidden]
+LINEARS = ("eh_proj",)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ def extra_state_modules(names: list[str], spec: str) -> list[str]:
         module, param = name.rsplit(".", 1)
         last = module.rsplit(".", 1)[-1]
         # a module's own weight, not a norm folded into its name (local MoE: `mlp.linear_fc1.layer_norm_weight`)
-        if param in ("weight", "bias") and (last.startswith("linear_") or (spec == "te" and last in TE_NORMS)):
+        linear = last.startswith("linear_") or last in LINEARS
+        if param in ("weight", "bias") and (linear or (spec == "te" and last in TE_NORMS)):
             modules.append(module)
     return list(dict.fromkeys(modules))
 

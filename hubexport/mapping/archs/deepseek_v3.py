@@ -1,5 +1,6 @@
 """DeepSeek-V3: multi-latent attention (1:1 copies, formats doc §2.7), the first `first_k_dense_replace` layers dense,
-the rest MoE with a shared expert and `router.expert_bias` → `e_score_correction_bias`; MTP blocks become HF layer L+m.
+the rest MoE with a shared expert and `router.expert_bias` → `e_score_correction_bias`; MTP block m
+(`mtp.layers.<m>.`, names checked against a real GPTModel in tests/fixtures_mla.py) is HF layer L+m, both ways.
 """
 
 from hubexport.mapping.archs._parts import DENSE_MLP, EMBEDDING, EXPERTS, ROUTER, H, M, shared_experts
