@@ -99,6 +99,7 @@ class Upload:
     size: int
     parts: dict[int, bytes] = field(default_factory=dict)
 
+LINK_CHUNK = 1 << 20  # a throttled upload is read in pieces this size, each when the link has carried it
 
 class FakeHub:
     """State, counters and the server. `multipart_threshold`/`chunk_size` are small so tests hit both LFS paths."""
@@ -181,7 +182,7 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def throttle(self, nbytes: int) -> None:
-        """Hold an LFS upload until the shared link would have carried its bytes."""
+        """Hold the reading of `nbytes` of an upload until the shared link would have carried them."""
         if not self.bandwidth:
             return
         with self.lock:
@@ -317,8 +318,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(fault.body or {"error": f"injected {fault.status}"}, fault.status or 500, fault.headers)
         return True
 
-    def _body(self) -> bytes:
+    def _body(self, *, link: bool = False) -> bytes:
+        """The request body; `link`: read at most as fast as the hub's upload link carries it (FakeHub.bandwidth)."""
         self.body_read = True
+        if link and self.hub.bandwidth and "Content-Length" in self.headers:
+            left, out = int(self.headers["Content-Length"]), bytearray()
+            while left:
+                chunk = self.rfile.read(min(left, LINK_CHUNK))
+                if not chunk:
+                    break
+                self.hub.throttle(len(chunk))
+                out += chunk
+                left -= len(chunk)
+            return bytes(out)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
@@ -658,14 +670,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def lfs_put(self, session: str) -> None:
         upload = self._upload(session)
-        data = self._body()
-        self.hub.throttle(len(data))
-        self._store(upload, data, "basic")
+        self._store(upload, self._body(link=True), "basic")
         self._json({})
 
     def lfs_part(self, session: str, part: str) -> None:
-        data = self._body()
-        self.hub.throttle(len(data))
+        data = self._body(link=True)
         self._upload(session).parts[int(part)] = data
         self._send(200, b"", {"ETag": f'"{hashlib.md5(data).hexdigest()}"'}, "text/plain")
 
