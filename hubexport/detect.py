@@ -303,8 +303,10 @@ def detect_megatron_fsdp(root: Path) -> Layout | None:
         raise CheckpointError(f"{root / 'transformer_config.json'} says pipeline_model_parallel_size="
                               f"{parallel['pp']}: Megatron-FSDP's state dict numbers layers per stage",
                               hint="export a checkpoint trained with pipeline_model_parallel_size=1")
-    hf_dir = _megatron_hf_dir(root)
+    hf_dir, cfg = _megatron_hf_dir(root), root / "transformer_config.json"
     notes = [f"{hf_dir} also holds safetensors; converting from {dist} (the training state)"] * _has_hf_weights(hf_dir)
+    notes += ["Megatron-FSDP saved this bf16/fp16 run's fp32 main weights: --dtype bfloat16 (or float16) writes the "
+              "training dtype"] * (cfg.is_file() and any(read_json_object(cfg).get(k) is True for k in ("bf16", "fp16")))
     return Layout("megatron", "fsdp_dtensor", root, hf_dir, files=[dist], parallel=parallel, notes=notes)
 
 

@@ -56,6 +56,7 @@ def test_bit_exact_key_set_and_logits(name, mfsdp_cases, merged):
         torch.testing.assert_close(torch.load(case.mcore_logits), logits, atol=2e-4, rtol=1e-4)
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] is (name == "qwen2_tied_bf16")
+    assert any("fp32 main weights" in n for n in layout.notes) is MODELS[name][2]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
