@@ -1,7 +1,7 @@
 """Megatron-FSDP `fsdp_dtensor` checkpoints, made at test time on CPU by megatron-core 0.16.1's Megatron-FSDP itself.
 
-A torchrun script (2 processes, gloo, EP=2 for the MoE model): builds the tiny local-spec `GPTModel` of
-tests/fixtures_mcore.py from a tiny HF model, runs megatron's forward, saves the same weights as torch_dist (the
+A torchrun script (2 processes, gloo; EP=2 for the MoE model, TP=2 for one dense model): builds the tiny local-spec
+`GPTModel` of tests/fixtures_mcore.py from a tiny HF model, runs megatron's forward, saves the same weights as torch_dist (the
 existing path, to compare with), then wraps the model in megatron-core's `FullyShardedDataParallel` (Megatron-FSDP,
 `optim_grads_params`: every parameter a DTensor of unevenly split rows) and saves it the way verl's
 `_save_megatron_fsdp_checkpoint` does through Megatron-Bridge's `save_fsdp_dtensor_checkpoint`:
@@ -9,12 +9,13 @@ existing path, to compare with), then wraps the model in megatron-core's `FullyS
 megatron-core's own `handle_fp8_extra_state_case`, `handle_swiglu_in_state_dict`, `handle_experts_in_state_dict` and
 `preprocess_state_dict_for_uneven_dtensor`, then `torch.distributed.checkpoint.save` into `model/dist_ckpt/`.
 
-CPU patches (Megatron-FSDP assumes CUDA): no-op streams and events, meshes built on "cpu" instead of "cuda",
-`Tensor.cuda` the identity, and `torch.cuda.current_device()` 0 while the wrapper is built ("cpu" elsewhere, for
-megatron's rotary embedding). Not exercised: Megatron-Bridge itself (not installable here; its
+CPU patches (Megatron-FSDP assumes CUDA and, at TP > 1, Transformer Engine): no-op streams and events, meshes built on
+"cpu" instead of "cuda", `Tensor.cuda` the identity, the CUDA RNG state mapped onto the CPU one, a stand-in class for
+the absent `TELinear`, and `torch.cuda.current_device()` 0 while the wrapper is built ("cpu" elsewhere, for megatron's
+rotary embedding). Not exercised: Megatron-Bridge itself (not installable here; its
 `preprocess_fsdp_dtensor_state_dict` is repeated step by step below), the optimizer entry (megatron's
 DistributedOptimizer allocates on "cuda"), Transformer Engine (so no TEGroupedMLP `weight<j>` experts and no fused
-`layer_norm_weight` names), a training step, TP > 1.
+`layer_norm_weight` names), a training step, TP and DP > 1 at once (4 processes), MoE with TP > 1.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve()
-MODELS = {  # name: (tiny_hf kind, overrides, Float16Module + verl's way of passing the model)
-    "qwen3": ("qwen3", {}, False),
-    "qwen2_tied_bf16": ("qwen2", {"tie": True, "dtype": "bfloat16"}, True),
-    "qwen2_moe_ep2": ("qwen2_moe", {}, False),
+MODELS = {  # name: (tiny_hf kind, overrides, Float16Module + verl's way of passing the model, TP)
+    "qwen3": ("qwen3", {}, False, 1),
+    "qwen2_tied_bf16": ("qwen2", {"tie": True, "dtype": "bfloat16"}, True, 1),
+    "qwen2_moe_ep2": ("qwen2_moe", {}, False, 1),
+    "qwen2_tp2": ("qwen2", {}, False, 2),
 }
 
 
@@ -62,6 +64,10 @@ def _patch_fsdp_cpu() -> None:
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     torch.cuda.stream = lambda s: contextlib.nullcontext()
     torch.cuda.empty_cache = lambda: None
+    torch.cuda.get_rng_state, torch.cuda.set_rng_state = torch.get_rng_state, torch.set_rng_state  # TP > 1's RNG sync
+    from megatron.core.distributed.fsdp import mcore_fsdp_adapter
+
+    mcore_fsdp_adapter.TELinear = type("NoTELinear", (), {})  # None without Transformer Engine; isinstance'd at TP > 1
     from_group = DeviceMesh.from_group
     DeviceMesh.from_group = staticmethod(lambda group, device_type, *a, **k: from_group(group, "cpu", *a, **k))
 
@@ -168,12 +174,14 @@ def _main() -> None:
     _patch_cpu()
     _patch_fsdp_cpu()
     dist.init_process_group("gloo")
-    ps.initialize_model_parallel(expert_model_parallel_size=2)
-    tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
-    for job in jobs:
-        _run(job)
-    dist.barrier()
-    ps.destroy_model_parallel()
+    for tp in sorted({job["tp"] for job in jobs}):  # TP=1 jobs with EP=2; TP=2 (DP=1) for dense models
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=2 // tp)
+        tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+        for job in jobs:
+            if job["tp"] == tp:
+                _run(job)
+        dist.barrier()
+        ps.destroy_model_parallel()
     dist.destroy_process_group()
 
 
@@ -199,14 +207,14 @@ def mfsdp_cases(tmp_path_factory) -> dict[str, MfsdpCase]:
 
     root = tmp_path_factory.mktemp("mfsdp")
     jobs, cases = [], {}
-    for name, (kind, extra, bf16) in MODELS.items():
+    for name, (kind, extra, bf16, tp) in MODELS.items():
         dtype = getattr(torch, extra["dtype"]) if "dtype" in extra else None
         hf = tiny_hf(kind, root / f"hf_{name}", tie=extra.get("tie", False), dtype=dtype, num_hidden_layers=2)
         actor, twin = (root / sub / name / "global_step_3" / "actor" for sub in ("fsdp", "torch_dist"))
         for d in (actor / "model" / "huggingface", twin / "huggingface"):
             d.mkdir(parents=True)
             (d / "config.json").write_text((hf / "config.json").read_text())
-        jobs.append(dict(hf=str(hf), out=str(actor), twin=str(twin), tp=1, pp=1, ep=2 if "moe" in kind else 1,
+        jobs.append(dict(hf=str(hf), out=str(actor), twin=str(twin), tp=tp, pp=1, ep=2 if "moe" in kind else 1,
                          value=False, bf16=bf16, ids=json.dumps(IDS)))
         logits = actor / "mcore_logits.pt"
         cases[name] = MfsdpCase(name, actor, twin, hf, None if bf16 else logits)
