@@ -1,6 +1,6 @@
-"""Megatron-FSDP `fsdp_dtensor` checkpoints (verl's Megatron engine with `use_megatron_fsdp`, Megatron-LM and
-Megatron-Bridge `--ckpt-format fsdp_dtensor`) as a Source of megatron-core's in-memory names: the names TorchDistSource
-presents, so the same arch tables map them.
+"""Megatron-FSDP `fsdp_dtensor` checkpoints (verl's Megatron engine with `use_megatron_fsdp`, which saves through
+Megatron-Bridge's `save_fsdp_dtensor_checkpoint`; Megatron-LM's `--ckpt-format fsdp_dtensor` writes the same) as a Source
+of megatron-core's in-memory names: the names TorchDistSource presents, so the same arch tables map them.
 
 On disk it is a plain torch DCP save (`.metadata` + `__R_S.distcp`, none of torch_dist's `common.pt` and
 `metadata.json`) of `{"model": <Megatron-FSDP state_dict>, "optimizer": …, "rng_state": …}`, each parameter a DTensor
@@ -90,8 +90,6 @@ class FsdpDtensorSource:
                 raise CheckpointError(f"{self.dir} holds {name}{half or ''} twice ({halves[name][half].key}, {key})",
                                       hint="the model is wrapped in a way hubexport does not know; please report it")
             halves[name][half] = index[key]
-        if not halves:
-            raise CheckpointError(f"{self.dir} holds no model tensors", hint="use a step that saved the model")
         self._parts = {name: _join(self.dir, name, parts) for name, parts in halves.items()}
 
     def metas(self) -> dict[str, TensorSpec]:
