@@ -286,6 +286,30 @@ def detect_megatron(root: Path) -> Layout | None:
     )
 
 
+def detect_megatron_fsdp(root: Path) -> Layout | None:
+    """Megatron-FSDP's `fsdp_dtensor` save in verl's `model/dist_ckpt/` (or v1's `dist_ckpt/`): plain torch DCP, with
+    none of torch_dist's `common.pt` (written first) and `metadata.json` (written last); `.metadata` comes last."""
+    dist = next((d for d in (root / "model" / "dist_ckpt", root / "dist_ckpt") if d.is_dir()), None)
+    if dist is None or (dist / "common.pt").exists() or (dist / "metadata.json").exists():
+        return None
+    writers = {int(m.group(1)) for p in dist.iterdir() if (m := DISTCP_RE.match(p.name))}
+    if not writers and not (dist / ".metadata").is_file():
+        return None
+    if not (dist / ".metadata").is_file():
+        raise CheckpointError(f"{dist / '.metadata'} is missing: the Megatron-FSDP save did not finish",
+                              hint="use an earlier global_step_N, or re-copy the directory if the copy was cut short")
+    parallel = {**_parallel_from_config(root), "world_size": len(writers)}
+    if parallel.get("pp", 1) > 1:
+        raise CheckpointError(f"{root / 'transformer_config.json'} says pipeline_model_parallel_size="
+                              f"{parallel['pp']}: Megatron-FSDP's state dict numbers layers per stage",
+                              hint="export a checkpoint trained with pipeline_model_parallel_size=1")
+    hf_dir, cfg = _megatron_hf_dir(root), root / "transformer_config.json"
+    notes = [f"{hf_dir} also holds safetensors; converting from {dist} (the training state)"] * _has_hf_weights(hf_dir)
+    notes += ["Megatron-FSDP saved this bf16/fp16 run's fp32 main weights: --dtype bfloat16 (or float16) writes the "
+              "training dtype"] * (cfg.is_file() and any(read_json_object(cfg).get(k) is True for k in ("bf16", "fp16")))
+    return Layout("megatron", "fsdp_dtensor", root, hf_dir, files=[dist], parallel=parallel, notes=notes)
+
+
 # torch DCP of a model state dict: where producers put the folder, relative to what a user points at (accelerate's
 # checkpoint-N/, NeMo RL's step_N/ or policy/, NeMo Automodel's epoch_E_step_N/, torch's consolidating writer).
 DCP_SUBDIRS = ("pytorch_model_fsdp_0", "policy/weights", "weights", "model", "sharded")
@@ -358,17 +382,20 @@ def detect_dcp(root: Path) -> Layout | None:
 
 def detect(path: Path, backend: str = "auto") -> Layout:
     root, notes = resolve_checkpoint_dir(Path(path))
-    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron], "dcp": [detect_dcp],
-                 "auto": [detect_fsdp, detect_megatron, detect_dcp]}
+    detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron_fsdp, detect_megatron], "dcp": [detect_dcp],
+                 "megatron-fsdp": [detect_megatron_fsdp], "auto": [detect_fsdp, detect_megatron_fsdp, detect_megatron,
+                                                                  detect_dcp]}
     if backend not in detectors:
-        raise CheckpointError(f"unknown backend {backend!r}", hint="use --backend auto, fsdp, megatron or dcp")
+        raise CheckpointError(f"unknown backend {backend!r}",
+                              hint="use --backend auto, fsdp, megatron, megatron-fsdp or dcp")
     for fn in detectors[backend]:
         layout = fn(root)
         if layout is not None:
             layout.notes[:0] = notes
             return layout
     what = {"auto": "a verl FSDP, Megatron or torch DCP checkpoint", "fsdp": "a verl FSDP checkpoint",
-            "megatron": "a Megatron checkpoint", "dcp": "a torch DCP checkpoint"}[backend]
+            "megatron": "a Megatron checkpoint", "dcp": "a torch DCP checkpoint",
+            "megatron-fsdp": "a Megatron-FSDP fsdp_dtensor checkpoint"}[backend]
     raise CheckpointError(
         f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/, model/ or .metadata found",
         hint="point --local-dir at global_step_N/actor (or the run root holding latest_checkpointed_iteration.txt)",

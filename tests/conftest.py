@@ -14,6 +14,7 @@ from hubexport.examples import FsdpCase, make_checkpoints
 from tests.dcp_cases import dcp_root  # noqa: F401  (torch DCP checkpoints, built once per session)
 from tests.fixtures_mcore import *  # noqa: F403  (megatron-core checkpoint fixtures, built once per session)
 from tests.fixtures_mcore_lora import mcore_lora  # noqa: F401  (Megatron LoRA checkpoints, built once per session)
+from tests.fixtures_mfsdp import mfsdp_cases  # noqa: F401  (Megatron-FSDP fsdp_dtensor checkpoints, built once per session)
 from tests.fixtures_mla import mla_cases  # noqa: F401  (DeepSeek-V3 in a real MLA+MTP GPTModel, built once per session)
 from tests.fixtures_vl import vl_checkpoints  # noqa: F401  (Qwen-VL torch_dist checkpoints, built once per session)
 from tests.fsdp_cases import CASES, actor_dir, build_all

@@ -139,7 +139,7 @@ def check_complete(dist_dir: Path) -> None:
 
 def open_megatron_source(layout) -> Source:
     """The Source for a detected Megatron Layout (v1/v2 torch_dist, v0 mp_rank files, verl <= 0.8's adapter rank files,
-    mbridge HF safetensors)."""
+    Megatron-FSDP's fsdp_dtensor, mbridge HF safetensors)."""
     if layout.version in ("v1", "v2"):
         from hubexport.sources.mcore_adapter import with_rank_adapters
 
@@ -155,6 +155,10 @@ def open_megatron_source(layout) -> Source:
         if layout.hf_dir is not None and (layout.hf_dir / "config.json").is_file():
             tied = bool(json.loads((layout.hf_dir / "config.json").read_text()).get("tie_word_embeddings", False))
         return LegacySource(layout.files, layout.parallel, tied=tied)
+    if layout.version == "fsdp_dtensor":
+        from hubexport.sources.mcore_fsdp import FsdpDtensorSource
+
+        return FsdpDtensorSource(layout.files[0])
     if layout.version == "mbridge":
         from hubexport.sources.hf import SafetensorsSource
 

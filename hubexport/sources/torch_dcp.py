@@ -38,7 +38,7 @@ def refuse_torchtitan_names(dcp_dir: Path, names: Iterable[str]) -> None:
         )
 
 
-def _groups(md, keys: list[str]) -> dict[str, dict[str, str]]:
+def state_dict_groups(md, keys: list[str]) -> dict[str, dict[str, str]]:
     """Top-level state-dict entry ("" for keys saved un-nested) → {name inside it: flattened DCP key}."""
     paths = md.planner_data if isinstance(md.planner_data, dict) else {}
     out: dict[str, dict[str, str]] = {}
@@ -51,7 +51,7 @@ def _groups(md, keys: list[str]) -> dict[str, dict[str, str]]:
 
 def model_keys(dcp_dir: Path, md, index: dict[str, DcpTensor]) -> tuple[dict[str, str], list[str]]:
     """{model parameter name: DCP key} of the model's entry, and the keys left out (optimizer, scheduler...)."""
-    groups = _groups(md, list(index))
+    groups = state_dict_groups(md, list(index))
     candidates = [g for g in groups if g not in NON_MODEL_GROUPS]
     chosen = "model" if "model" in groups else "" if "" in groups else candidates[0] if len(candidates) == 1 else None
     if chosen is None:
