@@ -22,7 +22,7 @@ def _options(*opts: Callable) -> Callable:
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp"]), default="auto",
+BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "dcp", "deepspeed"]), default="auto",
                        show_default=True, help="Checkpoint kind; auto-detected by default.")
 TRUST_REMOTE_CODE = click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
                                  help="Allow the config's custom modeling code (auto_map).")
