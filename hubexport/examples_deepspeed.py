@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hubexport.examples import FsdpCase, _save_hf_dir, _save_reference, spawn_ranks, tiny_config
+from hubexport.examples import FsdpCase, _save_hf_dir, _save_reference, build_model, spawn_ranks
 
 PRODUCERS = ("trainer", "openrlhf")
 
@@ -26,6 +26,7 @@ class DeepSpeedCase:
     model: FsdpCase  # family, tying, hidden size...; dtype "bfloat16" turns on DeepSpeed's bf16 mode
     frozen: tuple[str, ...] = ()  # parameters with requires_grad=False (kept out of the optimizer)
     mlp_bias: bool = False  # Llama's MLP biases: with an odd intermediate size, odd numels that ZeRO pads
+    parameter_alignment: bool = False  # ZeRO 1/2's per-parameter alignment padding (param_alignment_paddings)
 
     @property
     def save_dir(self) -> Path:
@@ -39,18 +40,12 @@ class DeepSpeedCase:
 
 def _ds_config(case: DeepSpeedCase) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": case.stage}, "bf16": {"enabled": case.model.dtype == "bfloat16"},
+            "zero_optimization": {"stage": case.stage, "parameter_alignment": case.parameter_alignment}, "bf16": {"enabled": case.model.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def _build(case: DeepSpeedCase):
-    import transformers
-
-    torch.manual_seed(case.model.seed)
-    cfg = tiny_config(case.model)
-    if case.mlp_bias:
-        cfg.mlp_bias = True
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    cfg, model = build_model(case.model, **({"mlp_bias": True} if case.mlp_bias else {}))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in case.frozen)
     return cfg, model

@@ -15,11 +15,13 @@ CASES = {c.name: c for c in [
     # that only the module copy holds (ZeRO-1 records no frozen params)
     DeepSpeedCase("trainer_zero1_qwen2_bf16", 1, "trainer", FsdpCase("m", hidden_size=64, dtype="bfloat16"),
                   frozen=("model.layers.0.input_layernorm.weight",)),
-    # ZeRO-2 fp32 under OpenRLHF, tied (shared_params), odd-numel MLP biases (per-parameter alignment padding),
+    # ZeRO-2 fp32 under OpenRLHF, tied (shared_params), odd-numel MLP biases with per-parameter alignment padding,
     # a frozen final norm (frozen_param_fragments)
     DeepSpeedCase("openrlhf_zero2_llama_tied", 2, "openrlhf",
                   FsdpCase("m", family="llama", hidden_size=64, intermediate_size=75, tied=True),
-                  frozen=("model.norm.weight",), mlp_bias=True),
+                  frozen=("model.norm.weight",), mlp_bias=True, parameter_alignment=True),
+    # ZeRO-2: DeepSeek-V3 (transformers 5's fused experts, converted to per-expert keys; a persistent fp32 buffer)
+    DeepSpeedCase("trainer_zero2_deepseek_v3", 2, "trainer", FsdpCase("m", family="deepseek_v3", hidden_size=64)),
     # ZeRO-3 bf16, odd numels (partition padding), a frozen odd-numel bias (per-rank padded fragments)
     DeepSpeedCase("trainer_zero3_llama_bf16", 3, "trainer",
                   FsdpCase("m", family="llama", hidden_size=64, intermediate_size=75, dtype="bfloat16"),
