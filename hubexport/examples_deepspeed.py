@@ -106,7 +106,7 @@ def make_deepspeed_case(case: DeepSpeedCase, out: Path, rank: int) -> None:
     folder = out / case.name
     engine.save_checkpoint(str(folder / case.save_dir))
     if case.stage < 3 and rank == 0:  # what the Trainer's save_model / OpenRLHF's save_hf write beside it
-        engine.module.save_pretrained(folder / case.config_dir, state_dict=module)
+        engine.module.save_pretrained(folder / case.config_dir, state_dict=dict(module))  # it empties the dict
     if rank == 0:
         _save_hf_dir(folder / case.config_dir, cfg, case.model)
         _save_reference(folder / "expected", fp32, logits, case.model)
