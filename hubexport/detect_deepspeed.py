@@ -78,9 +78,9 @@ def _files(tag_dir: Path) -> tuple[list[Path], list[Path]]:
         raise CheckpointError(f"{tag_dir} has no {prefix}zero_pp_rank_*_mp_rank_00_optim_states.pt: the DeepSpeed save "
                               "did not finish, or the optimizer states were not copied",
                               hint=f"ZeRO keeps the trained weights only in the optimizer states; {RECOPY}")
-    world_size = max(optim) + 1
-    _check_ranks(tag_dir, optim, world_size, f"{prefix}zero_pp_rank_{{}}_mp_rank_00_optim_states.pt")
     model3 = _by_rank(tag_dir, MODEL3_RE, 1)
+    world_size = max([*optim, *model3]) + 1  # the last rank's optimizer file may be the one missing
+    _check_ranks(tag_dir, optim, world_size, f"{prefix}zero_pp_rank_{{}}_mp_rank_00_optim_states.pt")
     single = tag_dir / "mp_rank_00_model_states.pt"
     if model3 and single.is_file():
         raise CheckpointError(f"{tag_dir} holds both ZeRO-3 (zero_pp_rank_*_model_states.pt) and ZeRO-1/2 "

@@ -40,8 +40,9 @@ class DeepSpeedCase:
 
 def _ds_config(case: DeepSpeedCase) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": case.stage, "parameter_alignment": case.parameter_alignment}, "bf16": {"enabled": case.model.dtype == "bfloat16"},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+            "zero_optimization": {"stage": case.stage, "parameter_alignment": case.parameter_alignment},
+            "bf16": {"enabled": case.model.dtype == "bfloat16"}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def _build(case: DeepSpeedCase):

@@ -9,6 +9,7 @@ when it is. Floating tensors come out in the master weights' dtype (fp32): lossl
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,13 @@ def load_ds_file(path: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_STAND_INS):
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # a damaged zip or pickle fails in many ways; a refused global says which
+    except pickle.UnpicklingError as e:  # weights_only refused a global; torch's text names it after "error:"
+        why = " ".join(str(e).split("WeightsUnpickler error:")[-1].split())[:160]
+        raise CheckpointError(f"{path} contains objects other than DeepSpeed's state ({why})",
+                              hint="it was refused unread (weights_only loading): not a DeepSpeed checkpoint, or "
+                                   "from a DeepSpeed version hubexport does not know") from None
+    except Exception as e:  # a damaged zip or pickle fails in many ways (RuntimeError, EOFError, ...)
         text = " ".join(str(e).split())
-        if "Unsupported global" in text or "allowlist" in text or "Can only" in text:
-            raise CheckpointError(f"{path} contains objects other than DeepSpeed's state ({text[:160]})",
-                                  hint="it was refused unread (weights_only loading): not a DeepSpeed checkpoint, "
-                                       "or from a DeepSpeed version hubexport does not know") from None
         raise CheckpointError(f"{path} is truncated or corrupt ({text[:120] or type(e).__name__})",
                               hint=f"the copy is incomplete; {RECOPY}") from None
     if not isinstance(obj, dict):
@@ -125,14 +127,17 @@ class DeepSpeedSource:
     # -- checks ---------------------------------------------------------------------------------------------
     def _check_consistent(self) -> None:
         first = self._optim[0]
-        for path, osd in zip(self.optim_files, self._optim, strict=True):
-            counts = _partition_counts(osd)
-            if counts != {self.world_size}:
+        counts = [_partition_counts(osd) for osd in self._optim]
+        if all(c == counts[0] for c in counts) and len(counts[0]) == 1 and min(counts[0]) > self.world_size:
+            missing = self.optim_files[0].name.replace("zero_pp_rank_0_", f"zero_pp_rank_{self.world_size}_")
+            raise CheckpointError(f"rank file {self.dir / missing} is missing (the save had {min(counts[0])} ranks)",
+                                  hint=f"the save did not finish or the copy is incomplete; {RECOPY}")
+        for path, osd, count in zip(self.optim_files, self._optim, counts, strict=True):
+            if count != {self.world_size}:
                 raise CheckpointError(
-                    f"{path} was saved by a run of {'/'.join(map(str, sorted(counts)))} data-parallel ranks, but "
+                    f"{path} was saved by a run of {'/'.join(map(str, sorted(count)))} data-parallel ranks, but "
                     f"{self.dir} holds {self.world_size} optimizer files",
-                    hint="two saves of different world sizes were mixed in one folder (or ranks are missing); "
-                         f"{RECOPY} from one run")
+                    hint=f"two saves of different world sizes were mixed in one folder; {RECOPY} from one run")
             if zero_stage(path, osd) != self.stage or osd.get("ds_version") != first.get("ds_version"):
                 raise CheckpointError(f"{path} comes from another save than {self.optim_files[0].name} (ZeRO stage "
                                       "or DeepSpeed version differ)", hint=f"{RECOPY} from one run")
