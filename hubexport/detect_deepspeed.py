@@ -109,6 +109,14 @@ def _hf_dir(tag_dir: Path) -> tuple[Path, list[Path]]:
     return found, looked
 
 
+def _half_precision(ds_config: object) -> str | None:
+    """"bf16" / "fp16" when the saved DeepSpeed config turned that mode on."""
+    if not isinstance(ds_config, dict):
+        return None
+    return next((k for k in ("bf16", "fp16") if isinstance(ds_config.get(k), dict) and ds_config[k].get("enabled")),
+                None)
+
+
 def _producer(save_dir: Path) -> str:
     if re.fullmatch(r"checkpoint-\d+", save_dir.name):
         return "trainer"
@@ -122,9 +130,14 @@ def detect_deepspeed(root: Path) -> Layout | None:
 
     tag_dir = _tag_dir(root)
     models, optim = _files(tag_dir)
-    stage = zero_stage(optim[0], optim_state(optim[0], load_ds_file(optim[0])))
+    first = load_ds_file(optim[0])
+    stage = zero_stage(optim[0], optim_state(optim[0], first))
     hf_dir, _ = _hf_dir(tag_dir)
     notes = [f"using {tag_dir.name} ({root / 'latest'} names it)"] if tag_dir != root else []
+    half = _half_precision(first.get("ds_config"))
+    if half:
+        notes.append(f"the run computed in {half} with fp32 master weights: the masters are what is converted "
+                     f"(as zero_to_fp32 does); --dtype {half} gives the run's own {half} weights")
     if any(hf_dir.glob("*.safetensors")):
         notes.append(f"{hf_dir} also holds safetensors weights; converting the fp32 master weights in {tag_dir} "
                      "(the training state)")
