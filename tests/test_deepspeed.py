@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +114,7 @@ def test_inspect_and_verify_take_it(name, deepspeed_root, merged):
     assert info["num_tensors"] == len(header_specs(merged[name][1]))
     assert f"deepspeed {info['version']}" in render_text(info)
     assert any("also holds safetensors" in n for n in info["notes"]) == (case.stage < 3)
+    assert any("--dtype bf16 gives the run's own bf16 weights" in n for n in info["notes"]) == (name in BF16)
     report = verify(merged[name][1], local_dir(deepspeed_root, name), log=_quiet)
     assert report.ok and report.compared == info["num_tensors"]
     r = CliRunner().invoke(cli, ["verify", str(merged[name][1]), "--reference", str(local_dir(deepspeed_root, name)),
@@ -135,3 +138,16 @@ def test_other_backends_do_not_take_it(deepspeed_root, tmp_path):
     with pytest.raises(CheckpointError, match="is not a verl FSDP checkpoint"):
         merge(local_dir(deepspeed_root, "trainer_zero3_qwen2_tied"), Output(tmp_path / "o"),
               MergeOptions(backend="fsdp"), log=_quiet)
+
+
+def test_merge_needs_no_deepspeed(deepspeed_root, merged, tmp_path):
+    """The pickles' DeepSpeed classes are stood in for: a merge runs where DeepSpeed cannot be imported."""
+    script = ("import sys; sys.modules['deepspeed'] = None\n"
+              "from hubexport.cli import main; sys.argv = ['hubexport', 'merge', '--local-dir', sys.argv[1], "
+              "'--target-dir', sys.argv[2]]; main()")
+    name = "trainer_zero3_llama_bf16"
+    proc = subprocess.run([sys.executable, "-c", script, str(local_dir(deepspeed_root, name)), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = load_file(tmp_path / "o" / "model.safetensors"), load_file(merged[name][1] / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
