@@ -190,6 +190,8 @@ class DeepSpeedSource:
         first = models[0]
         module = first.get("module") or {}
         for name in first.get("buffer_names") or []:
+            if not isinstance(module.get(name), torch.Tensor):
+                raise CheckpointError(f"{path} lists buffer {name} but its module holds no such tensor", hint=RECOPY)
             self._stored[name] = module[name]
         frozen = first.get("frozen_param_shapes")
         if frozen is None:  # ZeRO 1 records no frozen parameters: whole in the module copy, beside the buffers
