@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO 1/2/3 checkpoints made by real DeepSpeed (CPU accelerator, 2 ranks): merged bit-exact against the
 live engine's fp32 masters, with save_pretrained's key set and the run's logits; `--dtype bf16` gives the run's own
-bf16 weights; the same tensors as DeepSpeed's zero_to_fp32; shown by inspect, taken by verify --reference; bad input
-refused in one line with nothing written."""
+bf16 weights; the same tensors as DeepSpeed's zero_to_fp32; shown by inspect, taken by verify --reference (bad input:
+test_deepspeed_errors.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from hubexport.examples import PROMPT
 from hubexport.executor import merge
 from hubexport.inspection import inspect, render_text
 from hubexport.options import MergeOptions, Output
+from hubexport.sources.deepspeed import load_ds_file
 from hubexport.to_hf import open_source
 from hubexport.verify import verify
 from tests.deepspeed_cases import CASES, local_dir
@@ -83,17 +84,37 @@ def test_dtype_bf16_gives_the_runs_own_weights(name, deepspeed_root, tmp_path):
         assert written[key].dtype == value.dtype == torch.bfloat16 and torch.equal(written[key], value), key
 
 
+def _zero_to_fp32(layout) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own zero_to_fp32 reconstruction on the saved files, which are read weights-only here (its loader
+    unpickles with weights_only=False, which this project never does; what it extracts is the same)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import zero_to_fp32 as z
+
+    ws = layout.parallel["world_size"]
+    models = [load_ds_file(p) for p in layout.files[:-ws]]
+    optim = [load_ds_file(p)["optimizer_state_dict"] for p in layout.files[-ws:]]
+    states = [z.zero_model_state(
+        buffers={k: v.float() if v.is_floating_point() else v for k, v in m["module"].items() if k in m["buffer_names"]},
+        param_shapes=m["param_shapes"], shared_params=[list(kv) for kv in m["shared_params"].items()],
+        ds_version=m["ds_version"], frozen_param_shapes=m["frozen_param_shapes"],
+        frozen_param_fragments=m["frozen_param_fragments"]) for m in models]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if optim[0]["zero_stage"] <= 2:
+            sd = z._get_fp32_state_dict_from_zero2_checkpoint(
+                ws, [o["single_partition_of_fp32_groups"] for o in optim], states, False,
+                optim[0]["param_alignment_paddings"])
+        else:
+            sd = z._get_fp32_state_dict_from_zero3_checkpoint(ws, [o["fp32_flat_groups"] for o in optim], states, False)
+    return z.to_torch_tensor(sd)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_source_gives_deepspeeds_zero_to_fp32(name, deepspeed_root):
-    """The source (before any HF renaming) against DeepSpeed's own reconstruction, which unpickles the test's own
-    fixture. ZeRO-1 records no frozen parameters, so zero_to_fp32 drops them; hubexport takes them from the
-    module copy."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = get_fp32_state_dict_from_zero_checkpoint(str(local_dir(deepspeed_root, name)))
-    source = open_source(detect(local_dir(deepspeed_root, name)))
+    """The source (before any HF renaming) against DeepSpeed's own reconstruction. ZeRO-1 records no frozen
+    parameters, so zero_to_fp32 drops them; hubexport takes them from the module copy."""
+    layout = detect(local_dir(deepspeed_root, name))
+    theirs = _zero_to_fp32(layout)
+    source = open_source(layout)
     try:
         ours = {n: source.read(n) for n in source.metas()}
     finally:
