@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hubexport.errors import ConfigError
 from hubexport.executor import merge
@@ -147,3 +148,30 @@ def test_no_config_says_where_it_looked(z3, tmp_path):
     with pytest.raises(ConfigError, match=r"no config\.json beside the DeepSpeed checkpoint .*global_step1_hf"):
         merge(z3, Output(tmp_path / "o"), log=lambda _: None)
     assert not (tmp_path / "o").exists()
+
+
+def _prefixed(obj, prefix: str):
+    """Every parameter/buffer name in a model-states structure with `prefix` in front (keys and listed names)."""
+    if isinstance(obj, dict):
+        return type(obj)((prefix + k if k.startswith("model.") or k == "lm_head.weight" else k, _prefixed(v, prefix))
+                         for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_prefixed(v, prefix) for v in obj]
+    return prefix + obj if isinstance(obj, str) and (obj.startswith("model.") or obj == "lm_head.weight") else obj
+
+
+def test_a_wrapper_prefix_on_every_name_is_removed(z3, tmp_path, deepspeed_root):
+    """A model wrapped once more before deepspeed.initialize saves `module.`-prefixed names: the same model."""
+    for f in (z3 / "global_step1").glob("*_model_states.pt"):
+        sd = load_ds_file(f)
+        torch.save({k: _prefixed(v, "module.") if k in ("module", "param_shapes", "shared_params", "buffer_names",
+                                                           "frozen_param_shapes", "frozen_param_fragments") else v
+                    for k, v in sd.items()}, f.with_suffix(".tmp"))
+        os.replace(f.with_suffix(".tmp"), f)
+    assert "module.model.embed_tokens.weight" in load_ds_file(z3 / "global_step1" / OPTIM.format(0).replace(
+        "optim", "model"))["param_shapes"][0]
+    result = merge(z3, Output(tmp_path / "o"), log=lambda _: None)
+    assert any("'module.'" in n for n in result.notes)
+    want = load_file(deepspeed_root / "trainer_zero3_qwen2_tied" / "expected" / "state_dict.safetensors")
+    got = load_file(tmp_path / "o" / "model.safetensors")
+    assert set(got) == set(want) - {"lm_head.weight"} and all(torch.equal(got[k], want[k]) for k in got)
