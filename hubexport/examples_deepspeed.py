@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hubexport.examples import FsdpCase, _save_hf_dir, _save_reference, build_model, spawn_ranks
+from hubexport.examples import PROMPT, FsdpCase, _save_hf_dir, _save_reference, build_model, spawn_ranks
 
 PRODUCERS = ("trainer", "openrlhf")
 
@@ -82,8 +82,6 @@ def _reference(engine, case: DeepSpeedCase) -> tuple[dict[str, torch.Tensor], di
 
 
 def _logits(engine) -> torch.Tensor:
-    from hubexport.examples import PROMPT
-
     engine.eval()
     with torch.no_grad():
         return engine(input_ids=torch.tensor(PROMPT)).logits.float()
@@ -93,8 +91,6 @@ def make_deepspeed_case(case: DeepSpeedCase, out: Path, rank: int) -> None:
     """Train one step under ZeRO and save; call on every rank inside a gloo process group."""
     import deepspeed
     from safetensors.torch import save_file
-
-    from hubexport.examples import PROMPT
 
     cfg, model = _build(case)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -117,9 +113,10 @@ def make_deepspeed_case(case: DeepSpeedCase, out: Path, rank: int) -> None:
 
 
 def _worker_setup() -> None:
-    """DeepSpeed's CPU accelerator, and no JIT-compiled shared-memory all-reduce: DeepSpeed builds its
-    `deepspeed_shm_comm` op (minutes of C++ compilation) whenever it is listed as compatible; the list is a
-    module attribute it reads at each backend start, so an empty one keeps gloo's own collectives."""
+    """DeepSpeed's CPU accelerator, and no JIT-compiled shared-memory all-reduce: every comm backend start
+    (deepspeed.comm.torch.TorchBackend, gloo too) builds the `deepspeed_shm_comm` op (minutes of C++ compilation the
+    first time) when `deepspeed.ops.__compatible_ops__` lists it, and probing that list runs compilers; set empty,
+    DeepSpeed probes nothing and uses gloo's own collectives. (torch's AdamW, not DeepSpeedCPUAdam: no cpu_adam op.)"""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed.ops
 
