@@ -22,8 +22,8 @@ def _options(*opts: Callable) -> Callable:
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "megatron-fsdp", "dcp"]), default="auto",
-                       show_default=True, help="Checkpoint kind; auto-detected by default.")
+BACKEND = click.option("--backend", type=click.Choice(["auto", "fsdp", "megatron", "megatron-fsdp", "dcp", "deepspeed"]),
+                       default="auto", show_default=True, help="Checkpoint kind; auto-detected by default.")
 TRUST_REMOTE_CODE = click.option("--trust-remote-code", "--trust_remote_code", "trust_remote_code", is_flag=True,
                                  help="Allow the config's custom modeling code (auto_map).")
 MAX_SHARD_SIZE = click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,

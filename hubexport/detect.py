@@ -11,13 +11,13 @@ from hubexport.errors import CheckpointError, ConfigError
 from hubexport.jsonfile import read_json_object
 
 FSDP_MODEL_RE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
-# verl, NeMo RL, NeMo Automodel, torchtitan, HF Trainer
-STEP_RE = re.compile(r"(?:global_step_|(?:epoch_\d+_)?step_|step-|checkpoint-)(\d+)")
+# verl, DeepSpeed, NeMo RL, NeMo Automodel, torchtitan, HF Trainer
+STEP_RE = re.compile(r"(?:global_step_?|(?:epoch_\d+_)?step_|step-|checkpoint-)(\d+)")
 
 
 @dataclass
 class Layout:
-    format: str  # "fsdp" | "megatron" | "dcp" | "hf"
+    format: str  # "fsdp" | "megatron" | "dcp" | "deepspeed" | "hf"
     version: str  # fsdp: "fsdp1" | "fsdp2" | "legacy"; megatron: "v0" | "v1" | "v2" | "mbridge"; dcp: see DCP_LAYOUTS
     root: Path  # the actor (or critic) directory
     hf_dir: Path | None  # where config.json and the tokenizer live
@@ -50,7 +50,14 @@ def _is_checkpoint_dir(d: Path) -> bool:
         or (d / "adapter_checkpoint").is_dir()
         or any(p.name.startswith("mp_rank_") for p in (d / "model").glob("mp_rank_*"))
         or find_dcp(d) is not None
+        or _is_deepspeed(d)
     )
+
+
+def _is_deepspeed(d: Path) -> bool:
+    from hubexport.detect_deepspeed import is_deepspeed_dir
+
+    return is_deepspeed_dir(d)
 
 
 def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
@@ -72,7 +79,7 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
         notes.append(f"{latest.name} says step {int(text)}: using {step_dir}")
         path = step_dir
     if not _is_checkpoint_dir(path):
-        roles = [r for r in ("actor", "critic") if (path / r).is_dir() and _is_checkpoint_dir(path / r)]
+        roles = [r for r in ("actor", "critic", "_actor", "_critic") if (path / r).is_dir() and _is_checkpoint_dir(path / r)]
         if roles:
             other = f" (pass {path / roles[1]} for the critic)" if len(roles) > 1 else ""
             notes.append(f"using {path / roles[0]}{other}")
@@ -382,20 +389,23 @@ def detect_dcp(root: Path) -> Layout | None:
 
 def detect(path: Path, backend: str = "auto") -> Layout:
     root, notes = resolve_checkpoint_dir(Path(path))
+    from hubexport.detect_deepspeed import detect_deepspeed
+
     detectors = {"fsdp": [detect_fsdp], "megatron": [detect_megatron_fsdp, detect_megatron], "dcp": [detect_dcp],
-                 "megatron-fsdp": [detect_megatron_fsdp], "auto": [detect_fsdp, detect_megatron_fsdp, detect_megatron,
-                                                                  detect_dcp]}
+                 "megatron-fsdp": [detect_megatron_fsdp], "deepspeed": [detect_deepspeed],
+                 "auto": [detect_fsdp, detect_megatron_fsdp, detect_megatron, detect_dcp, detect_deepspeed]}
     if backend not in detectors:
         raise CheckpointError(f"unknown backend {backend!r}",
-                              hint="use --backend auto, fsdp, megatron, megatron-fsdp or dcp")
+                              hint="use --backend auto, fsdp, megatron, megatron-fsdp, dcp or deepspeed")
     for fn in detectors[backend]:
         layout = fn(root)
         if layout is not None:
             layout.notes[:0] = notes
             return layout
-    what = {"auto": "a verl FSDP, Megatron or torch DCP checkpoint", "fsdp": "a verl FSDP checkpoint",
+    what = {"auto": "a verl FSDP, Megatron, torch DCP or DeepSpeed checkpoint", "fsdp": "a verl FSDP checkpoint",
             "megatron": "a Megatron checkpoint", "dcp": "a torch DCP checkpoint",
-            "megatron-fsdp": "a Megatron-FSDP fsdp_dtensor checkpoint"}[backend]
+            "megatron-fsdp": "a Megatron-FSDP fsdp_dtensor checkpoint",
+            "deepspeed": "a DeepSpeed ZeRO checkpoint"}[backend]
     raise CheckpointError(
         f"{root} is not {what}: no model_world_size_*_rank_*.pt, dist_ckpt/, model/ or .metadata found",
         hint="point --local-dir at global_step_N/actor (or the run root holding latest_checkpointed_iteration.txt)",

@@ -112,11 +112,13 @@ def tiny_tokenizer(vocab_size: int):  # -> transformers.PreTrainedTokenizerFast
                                    pad_token="<pad>")
 
 
-def build_model(case: FsdpCase):
+def build_model(case: FsdpCase, **config: Any):
+    """The case's tiny random model; `config` sets extra config attributes (e.g. Llama's mlp_bias)."""
     import transformers
 
     torch.manual_seed(case.seed)
     cfg = tiny_config(case)
+    cfg.update(config)
     auto = transformers.AutoModelForCausalLM
     if case.critic:
         cfg.num_labels = 1

@@ -54,6 +54,10 @@ def open_source(layout: Layout) -> Source:
         from hubexport.sources.torch_dcp import open_dcp_source
 
         return open_dcp_source(layout)
+    if layout.format == "deepspeed":
+        from hubexport.sources.deepspeed import open_deepspeed_source
+
+        return open_deepspeed_source(layout)
     raise CheckpointError(f"{layout.root}: {layout.format} checkpoints ({layout.version}) are not supported yet",
                           hint="convert it with the tool that wrote it, or upgrade hubexport")
 

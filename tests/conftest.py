@@ -12,6 +12,7 @@ import pytest
 
 from hubexport.examples import FsdpCase, make_checkpoints
 from tests.dcp_cases import dcp_root  # noqa: F401  (torch DCP checkpoints, built once per session)
+from tests.deepspeed_cases import deepspeed_root  # noqa: F401  (DeepSpeed ZeRO checkpoints, built once per session)
 from tests.fixtures_mcore import *  # noqa: F403  (megatron-core checkpoint fixtures, built once per session)
 from tests.fixtures_mcore_lora import mcore_lora  # noqa: F401  (Megatron LoRA checkpoints, built once per session)
 from tests.fixtures_mfsdp import mfsdp_cases  # noqa: F401  (Megatron-FSDP fsdp_dtensor checkpoints, built once per session)

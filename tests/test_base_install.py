@@ -11,7 +11,7 @@ import sys
 # module of the package, then runs the demo CLI at world size 1 (about 10 s).
 SCRIPT = """
 import importlib, pkgutil, sys
-for extra in ("peft", "hypothesis", "pytest"):
+for extra in ("peft", "hypothesis", "pytest", "deepspeed"):
     sys.modules[extra] = None
 import hubexport
 names = [m.name for m in pkgutil.walk_packages(hubexport.__path__, "hubexport.")]

@@ -84,7 +84,8 @@ def test_unknown_layout(tmp_path):
     src = tmp_path / "random"
     src.mkdir()
     (src / "notes.txt").write_text("hello")
-    assert_clean_failure(merge_cli(src, tmp_path / "o"), tmp_path / "o", "is not a verl FSDP, Megatron or torch DCP checkpoint")
+    assert_clean_failure(merge_cli(src, tmp_path / "o"), tmp_path / "o",
+                         "is not a verl FSDP, Megatron, torch DCP or DeepSpeed checkpoint")
 
 
 def test_missing_directory(tmp_path):

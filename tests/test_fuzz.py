@@ -79,13 +79,16 @@ NAMES = ["model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt", "model_
          "fsdp_config.json", "latest_checkpointed_iteration.txt", "huggingface/config.json", "dist_ckpt/metadata.json",
          "dist_ckpt/.metadata", "model/dist_ckpt/metadata.json", "ckpt_contents.json", "transformer_config.json",
          "model/mp_rank_00/model.pt", "model/mp_rank_01_002/model.pt", "actor/fsdp_config.json",
-         "global_step_3/actor/model_world_size_1_rank_0.pt", "model/huggingface/model.safetensors"]
+         "global_step_3/actor/model_world_size_1_rank_0.pt", "model/huggingface/model.safetensors",
+         "latest", "config.json", "global_step1/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+         "global_step1/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "global_step1/mp_rank_00_model_states.pt",
+         "global_step1/zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
 
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(NAMES), st.binary(max_size=40) | st.sampled_from(
-    [b"3", b'{"world_size": 2, "FSDP_version": 2}', b"{}", b"[]", b'{"tensor_model_parallel_size": 2}']),
-    max_size=6), st.sampled_from(["auto", "fsdp", "megatron"]))
+    [b"3", b'{"world_size": 2, "FSDP_version": 2}', b"{}", b"[]", b'{"tensor_model_parallel_size": 2}',
+     b"global_step1", b"../x"]), max_size=6), st.sampled_from(["auto", "fsdp", "megatron", "deepspeed"]))
 def test_layout_detection(files, backend):
     with tempfile.TemporaryDirectory() as d:
         for name, content in files.items():
