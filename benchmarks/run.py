@@ -95,7 +95,10 @@ def flat_suite(args, env: dict) -> dict:
         mcore = cases.make_megatron(args.work, hf, name=f"synthetic_{gb}gb_mcore")
         c[f"to-megatron, {gb} GB"] = (hf, (to_megatron_cmd(hf), env))
         c[f"merge torch_dist, {gb} GB"] = (mcore, (merge_cmd(mcore), env))
-    runs = run_suite("flat", c, args.work, args.repeat)
+    if not args.no_torchrun:  # enough work for two processes: they must pay
+        c[f"merge torch_dist, 8 GB, {targets.TORCHRUN}"] = (mcore, (merge_cmd(mcore, TORCHRUN), env))
+    runs = run_suite("flat", c, args.work, args.repeat, compare=("merge torch_dist, 8 GB", f"merge torch_dist, 8 GB, "
+                                                                 f"{targets.TORCHRUN}"))
     print("| run | wall (s) | peak RSS (MB) |\n|---|---|---|")
     print("\n".join(f"| {label} | {r['wall_s']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} |" for label, r in runs.items()))
     return {"runs": runs}

@@ -45,13 +45,15 @@ def rows(results: dict) -> list[str]:
             small, big = flat[f"{what}, 1 GB"]["peak_rss_bytes"], flat[f"{what}, 8 GB"]["peak_rss_bytes"]
             out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% ({what})",
                             f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
-    for name in ("fsdp", "megatron", "to-megatron"):
+    pairs = [(n, ONE, TORCHRUN) for n in ("fsdp", "megatron", "to-megatron")]
+    pairs.append(("flat", "merge torch_dist, 8 GB", f"merge torch_dist, 8 GB, {TORCHRUN}"))
+    for name, one, many in pairs:
         runs = results.get(name, {}).get("runs", {})
-        if TORCHRUN in runs:
-            r = _wall(runs, TORCHRUN, ONE)
-            same = runs[TORCHRUN].get("digest") == runs[ONE].get("digest") is not None
-            out.append(_row(f"{name}: torchrun 2 byte-identical, never slower than 1 process",
-                            f"{'identical' if same else 'DIFFERENT'}, {r:.2f}×", same and r <= 1.0))
+        if many in runs:
+            r = _wall(runs, many, one)
+            same = runs[many].get("digest") == runs[one].get("digest") is not None
+            out.append(_row(f"{name if name != 'flat' else 'merge 8 GB'}: torchrun 2 byte-identical, never slower "
+                            "than 1 process", f"{'identical' if same else 'DIFFERENT'}, {r:.2f}×", same and r <= 1.0))
     return out
 
 
