@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The torchrun tests exercise every rank, not the small-work fallback (hubexport/launch.py; test_launch.py tests that).
+os.environ.setdefault("HUBEXPORT_MIN_BYTES_PER_RANK", "0")
 
 import pytest
 

@@ -1,0 +1,86 @@
+"""The checkpoints the benchmark measures, made once and kept in the work folder: a real verl FSDP2 checkpoint, the
+same weights as a megatron-core torch_dist checkpoint, and synthetic Hugging Face folders of one architecture at two
+sizes (random weights, written tensor by tensor) for the peak-RSS-against-model-size check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+LAYER_BYTES = 48_800_000  # one layer of the synthetic Qwen2 below, bf16 (embeddings + head: 197 MB)
+
+
+def make_fsdp(work: Path) -> Path:
+    from hubexport.examples import FsdpCase, make_checkpoints
+
+    case = FsdpCase("fsdp_w4", world_size=4, dtype="bfloat16", hidden_size=1536, intermediate_size=4096, layers=24,
+                    vocab_size=32000, reference=False)
+    actor = work / case.name / "global_step_1" / "actor"
+    if not (actor / "fsdp_config.json").is_file():
+        shutil.rmtree(work / case.name, ignore_errors=True)
+        make_checkpoints([case], work)
+    return actor
+
+
+def make_megatron(work: Path, hf_model: Path, name: str = "mcore", nproc: int = 2) -> Path:
+    """`hf_model` as a megatron-core torch_dist checkpoint (v1 layout, as verl lays it out), written by `hubexport
+    to-megatron` from `nproc` ranks."""
+    actor = work / name / "global_step_1" / "actor"
+    if not (actor / "dist_ckpt" / "metadata.json").is_file():
+        shutil.rmtree(work / name, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "-m", "hubexport", "to-megatron", "--hf-model-path", str(hf_model), "--output-path",
+                        str(actor / "dist_ckpt")], check=True)
+        (actor / "huggingface").mkdir()
+        for p in hf_model.iterdir():
+            if not p.name.endswith((".safetensors", ".index.json")):
+                shutil.copy(p, actor / "huggingface" / p.name)
+    return actor
+
+
+def make_synthetic(work: Path, gigabytes: int) -> Path:
+    """A Qwen2 folder (hidden 1536, as the FSDP case) of about `gigabytes` GB of random bf16 weights: only the
+    number of layers differs between sizes, so the largest tensor (the embedding, 98 MB) is the same."""
+    import torch
+    import transformers
+
+    from hubexport.core import TensorSpec
+    from hubexport.safetensors_format import index_json
+    from hubexport.writers.safetensors import write_file
+
+    folder = work / f"synthetic_{gigabytes}gb"
+    if (folder / "config.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    layers = max(1, round((gigabytes * 1e9 - 197e6) / LAYER_BYTES))
+    cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
+                                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False,
+                                   architectures=["Qwen2ForCausalLM"], dtype="bfloat16")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    specs = [TensorSpec(n, tuple(t.shape), torch.bfloat16) for n, t in model.state_dict().items()]
+    files: list[list[TensorSpec]] = [[]]
+    for s in specs:  # 2 GB files, in save_pretrained's order
+        if files[-1] and sum(t.nbytes for t in files[-1]) + s.nbytes > 2e9:
+            files.append([])
+        files[-1].append(s)
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, group in enumerate(files):
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        write_file(folder / name, group, lambda s: torch.randn(s.shape, generator=gen, dtype=torch.bfloat16) * 0.02)
+        weight_map |= {s.name: name for s in group}
+    (folder / "model.safetensors.index.json").write_text(index_json(weight_map, sum(s.nbytes for s in specs)))
+    cfg.save_pretrained(folder)
+    return folder
+
+
+def largest_group_bytes(env: dict[str, str], actor: Path, work: Path) -> int:
+    """The largest tensor group of a merge (half the planned bound: the writer holds one group ahead)."""
+    proc = subprocess.run([sys.executable, "-m", "hubexport", "merge", "--local-dir", str(actor), "--target-dir",
+                           str(work / "dry"), "--dry-run", "--json"], env=env, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout)["peak_tensor_bytes"] // 2

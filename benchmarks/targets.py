@@ -1,0 +1,61 @@
+"""Issue 15's targets, each as its measured ratio in this run and whether it holds."""
+
+from __future__ import annotations
+
+from harness import FLOOR_LABEL
+
+ONE = "hubexport, 1 process"
+COLD = "hubexport, 1 process, cold cache"
+TORCHRUN = "hubexport, torchrun 2 processes"
+VERL = "verl.model_merger (0.9.1)"
+
+
+def _wall(suite: dict, label: str, other: str) -> float:
+    return suite[label]["wall_s"] / suite[other]["wall_s"]
+
+
+def _row(target: str, value: str, holds: bool) -> str:
+    return f"| {target} | {value} | {'holds' if holds else 'missed'} |"
+
+
+def rows(results: dict) -> list[str]:
+    out = []
+    if fsdp := results.get("fsdp", {}).get("runs"):
+        if VERL in fsdp:
+            for label in (ONE, COLD):
+                r = _wall(fsdp, label, VERL)
+                out.append(_row(f"FSDP wall ≤ 0.33× verl ({label})", f"{r:.2f}×", r <= 0.33))
+            m = fsdp[ONE]["peak_rss_bytes"] / fsdp[VERL]["peak_rss_bytes"]
+            out.append(_row("FSDP peak RSS ≤ 0.15× verl", f"{m:.2f}×", m <= 0.15))
+        for label in (ONE, COLD):
+            r = _wall(fsdp, label, FLOOR_LABEL)
+            out.append(_row(f"FSDP wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
+    if mcore := results.get("megatron"):
+        r = _wall(mcore["runs"], ONE, FLOOR_LABEL)
+        out.append(_row("Megatron wall ≤ 1.3× disk floor", f"{r:.2f}×", r <= 1.3))
+        bound = mcore["largest_group_bytes"] + 300e6
+        rss = mcore["runs"][ONE]["peak_rss_bytes"]
+        out.append(_row("Megatron peak RSS ≤ largest group + 300 MB", f"{rss / 1e6:.0f} MB vs {bound / 1e6:.0f} MB",
+                        rss <= bound))
+    if tomc := results.get("to-megatron", {}).get("runs"):
+        r = _wall(tomc, ONE, FLOOR_LABEL)
+        out.append(_row("to-megatron wall ≤ 1.3× disk floor", f"{r:.2f}×", r <= 1.3))
+    if flat := results.get("flat", {}).get("runs"):
+        for what in ("to-megatron", "merge torch_dist"):
+            small, big = flat[f"{what}, 1 GB"]["peak_rss_bytes"], flat[f"{what}, 8 GB"]["peak_rss_bytes"]
+            out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% ({what})",
+                            f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
+    pairs = [(n, ONE, TORCHRUN) for n in ("fsdp", "megatron", "to-megatron")]
+    pairs.append(("flat", "merge torch_dist, 8 GB", f"merge torch_dist, 8 GB, {TORCHRUN}"))
+    for name, one, many in pairs:
+        runs = results.get(name, {}).get("runs", {})
+        if many in runs:
+            r = _wall(runs, many, one)
+            same = runs[many].get("digest") == runs[one].get("digest") is not None
+            out.append(_row(f"{name if name != 'flat' else 'merge 8 GB'}: torchrun 2 byte-identical, never slower "
+                            "than 1 process", f"{'identical' if same else 'DIFFERENT'}, {r:.2f}×", same and r <= 1.0))
+    return out
+
+
+def table(results: dict) -> str:
+    return "\n".join(["| target | measured | status |", "|---|---|---|", *rows(results)])
