@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ def header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """Parse a safetensors header without touching tensor data. Raises ValueError or OSError."""
+def _header(path: Path) -> tuple[int, dict[str, dict]]:
+    """The byte offset where tensor data starts, and the parsed header. Raises ValueError or OSError."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -60,7 +61,12 @@ def read_header(path: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a header that is not a JSON object")
     header.pop("__metadata__", None)
-    return header
+    return 8 + n, header
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header without touching tensor data. Raises ValueError or OSError."""
+    return _header(path)[1]
 
 
 def header_spec(path: Path, name: str, info: object) -> TensorSpec:
@@ -76,13 +82,42 @@ def header_spec(path: Path, name: str, info: object) -> TensorSpec:
     return TensorSpec(name, shape, dtype)
 
 
-def read_specs(path: Path) -> dict[str, TensorSpec]:
-    """Every tensor of one file, from its header alone."""
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes lie in its file."""
+
+    spec: TensorSpec
+    offset: int
+
+
+def read_layout(path: Path) -> dict[str, Stored]:
+    """Every tensor of one file and the file offset of its bytes, from the header alone; an entry whose byte range
+    does not match its dtype and shape, or runs past the end of the file, is refused as safetensors itself would."""
     try:
-        header = read_header(path)
+        start, header = _header(path)
+        size = path.stat().st_size
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}", hint="re-copy it") from None
-    return {name: header_spec(path, name, info) for name, info in header.items()}
+    out: dict[str, Stored] = {}
+    for name, info in header.items():
+        spec = header_spec(path, name, info)
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            begin, end = -1, -1
+        if begin < 0 or end - begin != spec.nbytes:
+            raise CheckpointError(f"{path} has a malformed header entry for {name!r} (data_offsets do not fit "
+                                  f"{spec.dtype} {list(spec.shape)})", hint="the file is corrupt; re-copy it")
+        if start + end > size:
+            raise CheckpointError(f"{path} is truncated: {name} ends at byte {start + end}, the file has {size}",
+                                  hint="re-copy it")
+        out[name] = Stored(spec, start + begin)
+    return out
+
+
+def read_specs(path: Path) -> dict[str, TensorSpec]:
+    """Every tensor of one file, from its header alone."""
+    return {name: stored.spec for name, stored in read_layout(path).items()}
 
 
 def index_json(weight_map: dict[str, str], total_size: int) -> str:

@@ -18,7 +18,8 @@ from hubexport.sources.fsdp import load_rank_file
 from hubexport.sources.hf import SafetensorsSource
 from tests.fsdp_cases import actor_dir
 
-FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no deadline: an example that pays a first import on a busy machine is slow, not wrong (speed is benchmarked)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def only_our_errors(fn, *args) -> None:

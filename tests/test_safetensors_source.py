@@ -4,6 +4,7 @@ the index decides which files are read, a stray consolidated copy is ignored wit
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,11 @@ def _mappings(path: Path) -> int:
     return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
+def _descriptors(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(os.path.realpath(fds / fd) == os.path.realpath(path) for fd in os.listdir(fds))
+
+
 def test_stray_consolidated_file_is_ignored_with_a_note(sharded, tmp_path) -> None:
     folder = _copy(sharded, tmp_path / "repo")
     expected = _expected(folder)
@@ -92,14 +98,16 @@ def test_without_the_stray_file_there_is_no_note(sharded) -> None:
 
 
 def test_one_handle_per_file_for_the_source_lifetime(sharded) -> None:
-    """Many reads map each shard once (not once per tensor); close() unmaps them all."""
+    """Many reads open each shard once (not once per tensor) and map none of it: mapped pages would stay resident
+    for every byte ever read; close() closes them all."""
     shards = sorted(sharded.glob("model-*.safetensors"))
     src = SafetensorsSource(sharded)
-    for name in src.metas():
-        src.read(name)
-    assert [_mappings(f) for f in shards] == [1] * len(shards)
-    src.close()
+    tensors = [src.read(name) for name in src.metas()]
+    assert [_descriptors(f) for f in shards] == [1] * len(shards)
     assert [_mappings(f) for f in shards] == [0] * len(shards)
+    src.close()
+    assert [_descriptors(f) for f in shards] == [0] * len(shards)
+    assert torch.equal(tensors[0], _expected(sharded)[next(iter(src.metas()))])  # still valid once closed
 
 
 def test_index_naming_a_tensor_its_file_lacks_is_one_line(sharded, tmp_path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -41,6 +42,17 @@ def test_json_and_local_spec(qwen3, tmp_path) -> None:
     assert m["spec"] == "local" and m["layer_keys"] == "stacked" and m["tested"] is False
     assert info["architecture"] == "Qwen3ForCausalLM" and m["padded_vocab"] == 128
     assert m["num_tensors"] == 2 + 4 * 8 + 1  # embed, final norm; 8 per layer; untied output layer
+
+
+def test_same_input_same_bytes(qwen3, tmp_path) -> None:
+    """Two runs write byte-identical folders: `.metadata` records neither the run's staging folder nor a random
+    save id (torch's writer would put both there)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert run("to-megatron", "--hf-model-path", str(qwen3), "--output-path", str(out)).exit_code == 0
+    a, b = ({p.relative_to(o): p.read_bytes() for p in sorted(o.rglob("*")) if p.is_file()} for o in outs)
+    assert a == b and a
+    assert b"hubexport-partial" not in a[Path(".metadata")]
 
 
 def test_non_empty_output_refused_then_overwritten(qwen3, tmp_path) -> None:

@@ -6,16 +6,15 @@ With an index, its weight_map decides which files are read, as transformers does
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hubexport.core import TensorSpec, natural_key
 from hubexport.errors import CheckpointError
-from hubexport.safetensors_format import INDEX_NAME, read_index, read_specs
+from hubexport.safetensors_format import INDEX_NAME, Stored, read_index, read_layout
 from hubexport.sources import Source
 
 
@@ -47,9 +46,9 @@ class SafetensorsSource(Source):
         if not files:
             raise CheckpointError(f"{self.folder} has no .safetensors files", hint="point at the folder with weights")
         self._where: dict[str, Path] = {}
-        self._specs: dict[str, TensorSpec] = {}
+        self._stored: dict[str, Stored] = {}
         for f in files:
-            for name, spec in read_specs(f).items():
+            for name, stored in read_layout(f).items():
                 if name in self._where:
                     raise CheckpointError(f"{name} is in both {self._where[name].name} and {f.name}",
                                           hint="remove the stale shard")
@@ -58,14 +57,14 @@ class SafetensorsSource(Source):
                         f"{f} holds {name}, which {INDEX_NAME} puts in {weight_map.get(name) or 'no file'}",
                         hint="the index does not belong to these shards; re-copy the folder")
                 self._where[name] = f
-                self._specs[name] = spec
+                self._stored[name] = stored
         if weight_map is not None:
             self._check_listed(weight_map)
-        self._handles: dict[Path, Any] = {}  # one safe_open per file, kept until close()
+        self._fds: dict[Path, int] = {}  # one descriptor per file, kept until close()
         self._lock = threading.Lock()  # the writer reads one tensor ahead on another thread
 
     def _check_listed(self, weight_map: dict[str, str]) -> None:
-        absent = sorted(set(weight_map) - set(self._specs), key=natural_key)
+        absent = sorted(set(weight_map) - set(self._stored), key=natural_key)
         if absent:
             more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
             raise CheckpointError(
@@ -73,24 +72,35 @@ class SafetensorsSource(Source):
                 "in it", hint="the index does not belong to these shards; re-copy the folder")
 
     def metas(self) -> dict[str, TensorSpec]:
-        return dict(self._specs)
+        return {name: stored.spec for name, stored in self._stored.items()}
 
-    def _handle(self, path: Path) -> Any:
+    def _fd(self, path: Path) -> int:
         with self._lock:
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), "pt")
-            return self._handles[path]
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def read(self, name: str) -> torch.Tensor:
-        path = self._where[name]
+        """The tensor's bytes read into fresh memory (pread, not a memory map: mapped pages would stay resident and
+        count towards this process's memory for every byte of the folder ever read)."""
+        path, stored = self._where[name], self._stored[name]
+        spec = stored.spec
+        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
         try:
-            return self._handle(path).get_tensor(name)
-        except (SafetensorError, OSError) as e:
+            fd = self._fd(path)
+            while done < spec.nbytes:
+                n = os.preadv(fd, [view[done:]], stored.offset + done)
+                if n == 0:
+                    raise OSError(f"{name} ends past the end of the file")
+                done += n
+        except OSError as e:
             raise CheckpointError(f"{path} cannot be read ({e})", hint="the file is corrupt or truncated; "
                                   "re-copy it") from None
+        return buf.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
         with self._lock:
-            handles, self._handles = list(self._handles.values()), {}
-        for h in handles:
-            h.__exit__(None, None, None)
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)

@@ -94,6 +94,14 @@ def _lazy_planner(produce: Callable[[WriteItem], torch.Tensor]):
     return LazyPlanner(flatten_state_dict=False)
 
 
+class _Writer(FileSystemWriter):
+    """torch's file writer, minus the run-specific record in `.metadata` (the staging folder's path and a random
+    save id): the same input then gives the same bytes, and no temporary path outlives the run."""
+
+    def storage_meta(self) -> None:
+        return None
+
+
 def _lazy_strategy(produce: Callable[[WriteItem], torch.Tensor]):
     from megatron.core.dist_checkpointing.strategies.torch import (
         TorchDistSaveShardedStrategy,
@@ -107,7 +115,7 @@ def _lazy_strategy(produce: Callable[[WriteItem], torch.Tensor]):
 
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=FileSystemWriter(str(checkpoint_dir)),
+            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=_Writer(str(checkpoint_dir)),
                      planner=_lazy_planner(produce))
 
     return LazyTorchDistSave("torch_dist", 1)
