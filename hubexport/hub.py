@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -139,19 +140,29 @@ def errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
         raise HubError(s.redact(f"{action} failed: {e}"), hint=hint) from None
 
 
+_xet = threading.Lock()
+_xet_users: list[bool] = []  # the setting found by the first of the uploads in flight (they may overlap: threads)
+
+
 @contextlib.contextmanager
 def xet_only_on_hf(endpoint: str) -> Iterator[None]:
     """huggingface_hub picks Xet whenever hf_xet is importable, and Xet exists only on huggingface.co: elsewhere it
-    fails at /xet-write-token, so it is switched off for other endpoints (restored afterwards)."""
+    fails at /xet-write-token, so it is switched off for other endpoints, and restored when the last upload in
+    flight is done (several threads upload at once)."""
     from huggingface_hub import constants
 
     host = urlsplit(endpoint).hostname or ""
-    before = constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_DISABLE_XET = before or not (host == HUB_HOSTS[0] or host.endswith(HUB_HOSTS[1]))
+    with _xet:
+        before = _xet_users[0] if _xet_users else constants.HF_HUB_DISABLE_XET
+        _xet_users.append(before)
+        constants.HF_HUB_DISABLE_XET = before or not (host == HUB_HOSTS[0] or host.endswith(HUB_HOSTS[1]))
     try:
         yield
     finally:
-        constants.HF_HUB_DISABLE_XET = before
+        with _xet:
+            _xet_users.pop()
+            if not _xet_users:
+                constants.HF_HUB_DISABLE_XET = before
 
 
 def preflight(s: _Session, repo_id: str) -> str:

@@ -1,16 +1,19 @@
 """Sending a merge's weight files while the merge goes on (`push` of a training checkpoint).
 
-Each weight file's LFS object goes up as soon as the writer has written and hashed it, from one background thread on
-rank 0, while the next file is merged. Nothing is published by that: the one commit that publishes the model is made
-after the gate and the card (`hub.upload` reuses what was sent, so no byte goes twice). A re-run sends nothing the Hub
-already stores (the LFS batch answer says so). A run that fails or is refused before its commit leaves an existing
-repo as it was, and removes the repo it created itself, which then holds nothing of its own."""
+Each weight file's LFS object goes up as soon as the writer has written and hashed it, from background threads on rank
+0, while the next file is merged. Several files go at once (as `upload_folder` sends them): the Hub client sends one
+file's parts one after another, which alone leaves the link idle between parts. Nothing is published by that: the one
+commit that publishes the model is made after the gate and the card (`hub.upload` reuses what was sent, so no byte
+goes twice). A re-run sends nothing the Hub already stores (the LFS batch answer says so). A run that fails or is
+refused before its commit leaves an existing repo as it was, and removes the repo it created itself, which then holds
+nothing of its own."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 
 Admit = Callable[[Path], "bool | None"]  # a written file → send it (and every held one), hold it, or send no more
+SENDERS = 4  # files in flight at once: enough to keep a link busy between one file's parts
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ class _File:
 
 
 class UploadStream:
-    """One background thread: each added file is judged by `admit` (the publish gate, file by file), then sent, held
-    until the whole model is judged, or never sent."""
+    """One background thread judges each added file with `admit` (the publish gate, file by file, in order); a file
+    that may go is handed to `SENDERS` sending threads, one held until the whole model is judged, or never sent."""
 
     def __init__(self, session: hub._Session, options: PushOptions, repo_id: str, admit: Admit | None = None) -> None:
         self.session, self.options, self.repo_id = session, options, repo_id
@@ -46,6 +50,9 @@ class UploadStream:
         self._admitted = admit is None
         self._queue: queue.Queue[_File | None] = queue.Queue()
         self._error: Exception | None = None
+        self._sending: list[Future[None]] = []
+        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="hubexport-send")
+        self._lock = threading.Lock()  # the repo is opened once, by the first file to go
         self._stopped = threading.Event()
         # A daemon: an upload in flight never holds up the exit of a run that failed or was interrupted.
         self._thread = threading.Thread(target=self._run, name="hubexport-upload", daemon=True)
@@ -59,6 +66,7 @@ class UploadStream:
         """Wait until every added file is judged, and sent if it may go: before the gate's verdict on the whole
         model (it reuses what `admit` computed) and before the files move into place."""
         self._queue.join()
+        wait(self._sending)
 
     def release(self) -> None:
         """The whole model passed the gate: send what was held."""
@@ -73,6 +81,7 @@ class UploadStream:
         self.settle()
         self._queue.put(None)
         self._thread.join()
+        self._senders.shutdown()
         if self._error is not None:
             raise self._error
         return self.target, self.sent
@@ -86,6 +95,7 @@ class UploadStream:
         self._stopped.set()
         self._queue.put(None)
         self._thread.join(timeout=1.0)  # an upload in flight is abandoned (its LFS object is never committed)
+        self._senders.shutdown(wait=False, cancel_futures=True)
         if not remove or self.target is None or not self.target.created:
             return
         s = self.session
@@ -99,18 +109,20 @@ class UploadStream:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            try:
-                if not self._stopped.is_set() and self._error is None:
-                    self._judge(item)
-            except Exception as e:  # raised by finish(), on the main thread
-                self._error = e
-            finally:
-                self._queue.task_done()
+            self._guarded(self._judge, item)
+            self._queue.task_done()
         self._queue.task_done()
+
+    def _guarded(self, step: Callable[[_File], None], f: _File) -> None:
+        try:
+            if not self._stopped.is_set() and self._error is None:
+                step(f)
+        except Exception as e:  # the first one is raised by finish(), on the main thread
+            self._error = self._error or e
 
     def _judge(self, f: _File) -> None:
         if self._admitted:
-            self._send(f)
+            self._dispatch(f)
             return
         verdict = self.admit(f.file)
         if verdict is None:
@@ -118,15 +130,22 @@ class UploadStream:
         elif verdict:
             self._admitted = True
             for held in [*self._held, f]:
-                self._send(held)
+                self._dispatch(held)
             self._held.clear()
         else:  # refused: the gate's verdict on the whole model will say why
             self._stopped.set()
 
+    def _dispatch(self, f: _File) -> None:
+        if not self._stopped.is_set():
+            self._sending.append(self._senders.submit(self._guarded, self._send, f))
+
     def _send(self, f: _File) -> None:
         s, o = self.session, self.options
-        if self.target is None:
-            self.target = hub.open_target(s, self.repo_id, o)
+        with self._lock:
+            if self._stopped.is_set():  # aborted while this file waited: never make the repo now
+                return
+            if self.target is None:
+                self.target = hub.open_target(s, self.repo_id, o)
         op = hub.addition(f.path_in_repo, f.file, f.sha256)
         with hub.errors(s, f"uploading {f.path_in_repo} to {self.repo_id}", self.repo_id), hub.xet_only_on_hf(s.endpoint):
             s.api.preupload_lfs_files(self.repo_id, [op], revision=o.revision or "main", create_pr=o.create_pr,
