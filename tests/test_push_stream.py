@@ -55,7 +55,7 @@ def weight_puts(hub: FakeHub) -> list[str]:
 def test_each_file_is_sent_while_the_next_one_is_merged(fakehub: FakeHub, runs: Path, tmp_path: Path) -> None:
     target = tmp_path / "merged"
     release = threading.Event()
-    fakehub.inject("PUT", r"^/_lfs/(put|part)/", stall=release)  # file 1's upload hangs until released
+    fakehub.inject("PUT", r"^/_lfs/(put|part)/", stall=release, times=3)  # each file's upload hangs until released
     before = tree_hash(actor(runs, "ft"))
     outcome: list[Result] = []
     worker = threading.Thread(target=lambda: outcome.append(push(actor(runs, "ft"), target)))
@@ -67,6 +67,9 @@ def test_each_file_is_sent_while_the_next_one_is_merged(fakehub: FakeHub, runs: 
         assert staged, "the merge did not go on while file 1 was being sent"
         shards = sorted(staged[0].parent.glob("model-*.safetensors"))
         assert len(shards) == 3  # every file was merged while file 1's upload hung
+        hung = _wait_for(lambda: len({p.split("/")[3] for m, p, status in fakehub.requests
+                                      if m == "PUT" and status == 0 and p.startswith("/_lfs/")}) == 3)
+        assert hung, "the files were not in flight at once"  # one at a time would leave the link idle
     finally:
         release.set()
         worker.join(240)
