@@ -4,6 +4,7 @@ barrier and exchange small objects."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,15 @@ from hubexport.errors import HubexportError
 T = TypeVar("T")
 
 
+def _leave() -> None:
+    """Gloo's threads must stop before the interpreter does, or exit can abort with std::terminate; the ranks tear
+    gloo down together (a rank that destroys its group while a peer's connection is still closing was seen to abort
+    after an 8 GB merge had finished). A peer that is gone is waited for 30 s, no longer."""
+    with contextlib.suppress(RuntimeError):
+        tdist.monitored_barrier(timeout=timedelta(seconds=30))
+    tdist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -27,8 +37,7 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not tdist.is_initialized():
             tdist.init_process_group("gloo", timeout=timedelta(hours=2))
-            # Gloo's threads must stop before the interpreter does, or exit can abort with std::terminate.
-            atexit.register(tdist.destroy_process_group)
+            atexit.register(_leave)
         if tdist.is_initialized():
             return cls(tdist.get_rank(), tdist.get_world_size())
         return cls()

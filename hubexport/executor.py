@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hubexport.card import find_training_config
 from hubexport.detect import is_hf_folder
@@ -27,6 +27,10 @@ from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
 from hubexport.result import OnFile, Result, Throughput, WrittenFile
 from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
+
+if TYPE_CHECKING:
+    from hubexport.evidence import Evidence
+    from hubexport.gate import FileGate
 
 Log = Callable[[str], None]
 
@@ -105,10 +109,12 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         raise
     finally:
         job.close()
+        if files is not None:
+            files.close()
     return result
 
 
-def _file_gate(proof, push: PushOptions):
+def _file_gate(proof: Evidence, push: PushOptions) -> FileGate | None:
     """The publish gate file by file, when there is a base to compare the weights with."""
     from hubexport import gate
 

@@ -265,3 +265,6 @@ class FileGate:
         report = new_report(Path(folder), self.base.path, specs, self.base_src.metas())
         report.tensors = [self.rows[n] for n in sorted(specs)]
         return report
+
+    def close(self) -> None:
+        self.base_src.close()
