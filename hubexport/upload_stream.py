@@ -13,7 +13,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,8 +37,9 @@ class _File:
 
 
 class UploadStream:
-    """One background thread judges each added file with `admit` (the publish gate, file by file, in order); a file
-    that may go is handed to `SENDERS` sending threads, one held until the whole model is judged, or never sent."""
+    """One background thread judges each added file with `admit` (the publish gate, file by file, in order). A file
+    that may go is handed to `SENDERS` sending threads; one that may not go yet is held until the whole model is
+    judged, or never sent."""
 
     def __init__(self, session: hub._Session, options: PushOptions, repo_id: str, admit: Admit | None = None) -> None:
         self.session, self.options, self.repo_id = session, options, repo_id
@@ -50,13 +50,15 @@ class UploadStream:
         self._admitted = admit is None
         self._queue: queue.Queue[_File | None] = queue.Queue()
         self._error: Exception | None = None
-        self._sending: list[Future[None]] = []
-        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="hubexport-send")
+        self._outbox: queue.Queue[_File | None] = queue.Queue()  # admitted files, for the sending threads
         self._lock = threading.Lock()  # the repo is opened once, by the first file to go
         self._stopped = threading.Event()
-        # A daemon: an upload in flight never holds up the exit of a run that failed or was interrupted.
+        # Daemons: an upload in flight never holds up the exit of a run that failed or was interrupted.
         self._thread = threading.Thread(target=self._run, name="hubexport-upload", daemon=True)
-        self._thread.start()
+        self._senders = [threading.Thread(target=self._send_loop, name=f"hubexport-send-{i}", daemon=True)
+                         for i in range(SENDERS)]
+        for t in (self._thread, *self._senders):
+            t.start()
 
     def add(self, path_in_repo: str, file: Path, sha256: str) -> None:
         """Judge and send this finished file in the background; an upload error is raised by finish()."""
@@ -66,7 +68,7 @@ class UploadStream:
         """Wait until every added file is judged, and sent if it may go: before the gate's verdict on the whole
         model (it reuses what `admit` computed) and before the files move into place."""
         self._queue.join()
-        wait(self._sending)
+        self._outbox.join()
 
     def release(self) -> None:
         """The whole model passed the gate: send what was held."""
@@ -81,7 +83,10 @@ class UploadStream:
         self.settle()
         self._queue.put(None)
         self._thread.join()
-        self._senders.shutdown()
+        for _ in self._senders:
+            self._outbox.put(None)
+        for t in self._senders:
+            t.join()
         if self._error is not None:
             raise self._error
         return self.target, self.sent
@@ -95,8 +100,11 @@ class UploadStream:
         self._stopped.set()
         self._queue.put(None)
         self._thread.join(timeout=1.0)  # an upload in flight is abandoned (its LFS object is never committed)
-        self._senders.shutdown(wait=False, cancel_futures=True)
-        if not remove or self.target is None or not self.target.created:
+        for _ in self._senders:
+            self._outbox.put(None)
+        with self._lock:  # a repo being opened right now is known once this returns; no file opens one after it
+            target = self.target
+        if not remove or target is None or not target.created:
             return
         s = self.session
         try:
@@ -105,13 +113,19 @@ class UploadStream:
             s.log(f"removed {self.repo_id}: this run created it and committed nothing to it")
         except HubError as e:
             s.log(f"warning: {self.repo_id} was created by this run and holds nothing; {e.message} "
-                  f"(delete it at {self.target.url}/settings)")
+                  f"(delete it at {target.url}/settings)")
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            self._guarded(self._judge, item)
-            self._queue.task_done()
-        self._queue.task_done()
+        self._drain(self._queue, self._judge)
+
+    def _send_loop(self) -> None:
+        self._drain(self._outbox, self._send)
+
+    def _drain(self, inbox: queue.Queue[_File | None], step: Callable[[_File], None]) -> None:
+        while (item := inbox.get()) is not None:
+            self._guarded(step, item)
+            inbox.task_done()
+        inbox.task_done()
 
     def _guarded(self, step: Callable[[_File], None], f: _File) -> None:
         try:
@@ -137,7 +151,7 @@ class UploadStream:
 
     def _dispatch(self, f: _File) -> None:
         if not self._stopped.is_set():
-            self._sending.append(self._senders.submit(self._guarded, self._send, f))
+            self._outbox.put(f)
 
     def _send(self, f: _File) -> None:
         s, o = self.session, self.options

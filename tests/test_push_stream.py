@@ -2,7 +2,7 @@
 the Hub emulator through the real huggingface_hub client: the upload of file 1 hangs while the merge goes on to the
 end; a re-run after a failed commit sends no weight byte again; the publish gate, judging file by file, holds back
 what may not go (a model identical to its base sends nothing; NaN in a later file stops the stream and the repo this
-run created is removed); under torchrun the other ranks' files go too."""
+run created is removed); under torchrun the other ranks' files go too; Ctrl-C never waits for a hung upload."""
 
 from __future__ import annotations
 
@@ -139,3 +139,29 @@ def test_under_torchrun_the_other_ranks_files_are_sent_too(fakehub: FakeHub, run
     assert len(shards) == 3 and proc.stderr.count("sent while the merge goes on") == 3
     for shard in shards:
         assert on_hub[shard.name].lfs is not None and fakehub.stored[on_hub[shard.name].lfs] == 1
+
+
+def test_an_interrupted_push_leaves_at_once_while_its_uploads_hang(fakehub: FakeHub, runs: Path, tmp_path: Path) -> None:
+    """Ctrl-C while every file's upload hangs: the run exits 130 without waiting for them, and removes the repo it
+    made (nothing was committed to it)."""
+    import signal
+
+    release = threading.Event()
+    fakehub.inject("PUT", r"^/_lfs/(put|part)/", stall=release, times=3)
+    cmd = [sys.executable, "-m", "hubexport", "push", str(actor(runs, "ft")), "--repo-id", REPO, "--private",
+           "--license", "mit", "--max-shard-size", SHARD]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=hub_env(fakehub), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert fakehub.stalled.wait(120), "no weight file was sent"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=50)  # a hung upload waits 60 s in the emulator before it is dropped
+        assert time.monotonic() - started < 30, "the exit waited for the hung uploads"
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert not fakehub.repos and f"removed {REPO}" in err
