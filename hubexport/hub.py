@@ -140,8 +140,17 @@ def errors(s: _Session, action: str, repo_id: str = "") -> Iterator[None]:
         raise HubError(s.redact(f"{action} failed: {e}"), hint=hint) from None
 
 
-_xet = threading.Lock()
-_xet_users: list[bool] = []  # the setting found by the first of the uploads in flight (they may overlap: threads)
+class _XetSwitch:
+    """The process-wide Xet setting while uploads (on several threads) are in flight: saved by the first, restored
+    by the last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.uploads = 0
+        self.saved = False
+
+
+_xet = _XetSwitch()
 
 
 @contextlib.contextmanager
@@ -152,17 +161,18 @@ def xet_only_on_hf(endpoint: str) -> Iterator[None]:
     from huggingface_hub import constants
 
     host = urlsplit(endpoint).hostname or ""
-    with _xet:
-        before = _xet_users[0] if _xet_users else constants.HF_HUB_DISABLE_XET
-        _xet_users.append(before)
-        constants.HF_HUB_DISABLE_XET = before or not (host == HUB_HOSTS[0] or host.endswith(HUB_HOSTS[1]))
+    with _xet.lock:
+        if not _xet.uploads:
+            _xet.saved = constants.HF_HUB_DISABLE_XET
+        _xet.uploads += 1
+        constants.HF_HUB_DISABLE_XET = _xet.saved or not (host == HUB_HOSTS[0] or host.endswith(HUB_HOSTS[1]))
     try:
         yield
     finally:
-        with _xet:
-            _xet_users.pop()
-            if not _xet_users:
-                constants.HF_HUB_DISABLE_XET = before
+        with _xet.lock:
+            _xet.uploads -= 1
+            if not _xet.uploads:
+                constants.HF_HUB_DISABLE_XET = _xet.saved
 
 
 def preflight(s: _Session, repo_id: str) -> str:

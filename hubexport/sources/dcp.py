@@ -121,6 +121,13 @@ class DcpTensor:
     chunks: tuple[StoredChunk, ...]
 
 
+def open_checked(dist_dir: Path, recopy: str) -> tuple[dcp_md.Metadata, dict[str, DcpTensor]]:
+    """A DCP checkpoint's metadata, with every file it names checked present and long enough, and its tensor index."""
+    md = read_metadata(dist_dir, recopy=recopy)
+    check_files(dist_dir, md, recopy)
+    return md, tensor_index(md)
+
+
 def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
     """Every tensor key with its global shape, dtype and the storage of each of its chunks."""
     chunks: dict[str, list[StoredChunk]] = {}

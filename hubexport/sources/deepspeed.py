@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from hubexport.core import TensorSpec
+from hubexport.detect_deepspeed import RECOPY
 from hubexport.errors import CheckpointError
 from hubexport.sources.pages import MappedFiles
 from hubexport.sources.zero_geometry import Piece, zero3_partition_numel, zero3_pieces, zero12_pieces
 
-RECOPY = "re-copy the whole global_stepN folder"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # a DDP-style wrapper, torch.compile
 
 

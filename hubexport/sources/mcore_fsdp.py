@@ -25,7 +25,7 @@ import torch
 
 from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, tensor_index
+from hubexport.sources.dcp import DcpTensor, open_checked, read_region
 from hubexport.sources.torch_dcp import state_dict_groups
 
 RECOPY = "model/dist_ckpt/"
@@ -80,9 +80,7 @@ def _join(dist_dir: Path, name: str, parts: dict[str | None, DcpTensor]) -> tupl
 class FsdpDtensorSource:
     def __init__(self, dist_dir: Path) -> None:
         self.dir = Path(dist_dir)
-        md = read_metadata(self.dir, recopy=RECOPY)
-        check_files(self.dir, md, RECOPY)
-        index = tensor_index(md)
+        md, index = open_checked(self.dir, RECOPY)
         halves: dict[str, dict[str | None, DcpTensor]] = {}
         for saved, key in model_entry(self.dir, md, index).items():
             name, half = logical_name(saved)

@@ -18,7 +18,7 @@ import torch
 from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources import Source
-from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, tensor_index
+from hubexport.sources.dcp import DcpTensor, open_checked, read_region
 
 NON_MODEL_GROUPS = frozenset({"optimizer", "optim", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader",
                               "train_state", "extra_state", "rng", "rng_state"})
@@ -68,9 +68,7 @@ def model_keys(dcp_dir: Path, md, index: dict[str, DcpTensor]) -> tuple[dict[str
 class DcpSource:
     def __init__(self, dcp_dir: Path) -> None:
         self.dir = Path(dcp_dir)
-        md = read_metadata(self.dir, recopy=RECOPY)
-        check_files(self.dir, md, RECOPY)
-        index = tensor_index(md)
+        md, index = open_checked(self.dir, RECOPY)
         names, self.skipped = model_keys(self.dir, md, index)
         if not names:
             raise CheckpointError(f"{self.dir} holds no tensors", hint="pass the checkpoint that holds the model")
