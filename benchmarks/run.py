@@ -50,8 +50,9 @@ def to_megatron_cmd(hf_model: Path, launcher: list[str] | None = None) -> list[s
 
 def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     hub = merge_cmd(actor)
+    full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
     c: dict[str, tuple[Path, Contender]] = {FLOOR_LABEL: (actor, floor(actor)), targets.ONE: (actor, (hub, env)),
-                                            targets.COLD: (actor, (hub, cold))}
+                                            targets.FULL: (actor, (hub, full)), targets.COLD: (actor, (hub, cold))}
     c |= {label: (actor, (hub, e)) for label, e in bases.items()}
     if not args.no_torchrun:
         c |= {targets.TORCHRUN: (actor, (merge_cmd(actor, TORCHRUN), env)),
@@ -60,7 +61,7 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     if args.verl_python:
         c[targets.VERL] = (actor, ([args.verl_python, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
                                     "--local_dir", str(actor), "--target_dir", "{out}"], None))
-    runs = run_suite("fsdp", c, args.work, args.repeat, compare=(targets.ONE, targets.TORCHRUN))
+    runs = run_suite("fsdp", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
     print(table(runs, targets.VERL if args.verl_python else targets.ONE, input_bytes(actor)))
     return {"input_bytes": input_bytes(actor), "runs": runs}
 
@@ -120,13 +121,14 @@ def main() -> None:
     started = time.time()
     results: dict = {"env": {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
                              "load_average_at_start": load_average()}}
-    # hubexport's cache of save_pretrained names (hubexport/mapping/native_cache.py): primed once for the warm
-    # contenders; the "cold" one starts every run from an empty HF_HOME.
+    # hubexport's caches (save_pretrained names, hubexport/mapping/native_cache.py, and merge recipes,
+    # hubexport/merge_recipe.py): primed by one merge for the warm contenders; the "cold" one starts every run from
+    # an empty HF_HOME.
     env = hubexport_env(REPO, args.work / "hf-home")
     cold = hubexport_env(REPO, args.work / "cold-hf-home")
     bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
     actor = cases.make_fsdp(args.work)
-    subprocess.run([*merge_cmd(actor)[:-1], str(args.work / "dry"), "--dry-run"], env=env, check=True,
+    subprocess.run([*merge_cmd(actor)[:-1], str(args.work / "primed"), "--overwrite"], env=env, check=True,
                    capture_output=True)
     hf_model = args.work / "hf_model"
     if suites & {"megatron", "to-megatron"} and not (hf_model / "config.json").is_file():

@@ -6,12 +6,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
-
-import torch.distributed as tdist
 
 from hubexport.errors import HubexportError
 
@@ -22,6 +21,8 @@ def _leave() -> None:
     """Gloo's threads must stop before the interpreter does, or exit can abort with std::terminate; the ranks tear
     gloo down together (a rank that destroys its group while a peer's connection is still closing was seen to abort
     after an 8 GB merge had finished). A peer that is gone is waited for 30 s, no longer."""
+    import torch.distributed as tdist
+
     with contextlib.suppress(RuntimeError):
         tdist.monitored_barrier(timeout=timedelta(seconds=30))
     tdist.destroy_process_group()
@@ -35,6 +36,10 @@ class Dist:
     @classmethod
     def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1 and "torch.distributed" not in sys.modules:  # one process: start without torch
+            return cls()
+        import torch.distributed as tdist
+
         if world > 1 and not tdist.is_initialized():
             tdist.init_process_group("gloo", timeout=timedelta(hours=2))
             atexit.register(_leave)
@@ -49,6 +54,8 @@ class Dist:
     def gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
+        import torch.distributed as tdist
+
         out: list[Any] = [None] * self.world_size
         tdist.all_gather_object(out, obj)
         return out

@@ -61,7 +61,6 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     its base model, card it into that folder and publish it (the token is checked before the merge). `selection`:
     why this step of the run (--select); `kept`: whether `out.target` outlives this call (not push's temporary)."""
     from hubexport.resolve import resolve_model
-    from hubexport.to_hf import HfJob, prepare
 
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
@@ -72,7 +71,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
         base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
         options = replace(options, lora_base_model=base.path)
-    job = dist.run(lambda: HfJob(prepare(local_dir, options), local_dir))
+    job = dist.run(lambda: _hf_job(local_dir, options, fast=push is None and dist.world_size == 1))
     proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
     files = _file_gate(proof, push) if publisher is not None and not out.dry_run else None
     stream = publisher.stream(files and files.admit) if publisher is not None and not out.dry_run else None  # rank 0
@@ -112,6 +111,17 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         if files is not None:
             files.close()
     return result
+
+
+def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool) -> Job:
+    """The fast path's job when it can repeat a recorded merge (one process, no push), else the full path's."""
+    from hubexport import fast_merge
+
+    if fast and (job := fast_merge.job(local_dir, options)) is not None:
+        return job
+    from hubexport.to_hf import HfJob, prepare
+
+    return HfJob(prepare(local_dir, options), local_dir)
 
 
 def _file_gate(proof: Evidence, push: PushOptions) -> FileGate | None:

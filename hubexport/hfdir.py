@@ -5,11 +5,12 @@ from __future__ import annotations
 import fnmatch
 import shutil
 from pathlib import Path
-
-import transformers
-from transformers import AutoConfig, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from hubexport.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers takes ~1.5 s to import: the support files are copied without it
+    from transformers import PretrainedConfig
 
 # What save_pretrained of a model, tokenizer and processor writes besides weights and config.json.
 SUPPORT_FILES = (
@@ -25,6 +26,9 @@ def load_config(hf_dir: Path | None, searched: Path, *, trust_remote_code: bool)
             f"no config.json in {searched}/huggingface, {searched}/model/huggingface or {searched}",
             hint="copy the base model's config.json (and tokenizer) into huggingface/ next to the rank files",
         )
+    import transformers
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
     except ValueError as e:

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubexport.errors import ConfigError
 
-DTYPE_NAMES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
+if TYPE_CHECKING:
+    import torch
+
+# --dtype spellings → torch's dtype names (torch is imported only where a cast happens: the CLI starts without it)
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A --dtype spelling as the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 LORA_MODES = ("adapter", "fuse", "both")
 
 
@@ -44,7 +51,7 @@ class MergeOptions:
 
     @property
     def cast(self) -> torch.dtype | None:
-        return DTYPE_NAMES[self.dtype] if self.dtype else None
+        return torch_dtype(self.dtype) if self.dtype else None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

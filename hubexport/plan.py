@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
-from huggingface_hub import split_state_dict_into_shards_factory
+from typing import TYPE_CHECKING
 
 from hubexport.core import Group, TensorSpec, natural_key
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def make_plan(
     cast: torch.dtype | None = None,
     prefix: str = "model",
 ) -> Plan:
+    from huggingface_hub import split_state_dict_into_shards_factory
+
     outputs = sorted((cast_spec(o, cast) for g in groups for o in g.outputs), key=lambda s: natural_key(s.name))
     by_name = {o.name: o for o in outputs}
     if len(by_name) != len(outputs):

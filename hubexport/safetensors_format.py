@@ -8,30 +8,47 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
 
-DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
+if TYPE_CHECKING:
+    import torch
+
+# torch dtype name → safetensors code; by name, so that writing a header never needs torch imported
+DTYPE_CODES: dict[str, str] = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
 }
-CODE_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPE_CODES.items()}
+CODE_NAMES: dict[str, str] = {v: k for k, v in DTYPE_CODES.items()}
+
+
+def dtype_code(dtype: object) -> str:
+    """The safetensors code of a torch dtype (or of its name)."""
+    return DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
+def code_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors code; KeyError for a code torch has no dtype for."""
+    import torch
+
+    return getattr(torch, CODE_NAMES[code])
+
+
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100_000_000
 
@@ -41,7 +58,7 @@ def header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = 
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {"dtype": dtype_code(s.dtype), "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -69,11 +86,17 @@ def read_header(path: Path) -> dict[str, dict]:
     return _header(path)[1]
 
 
+def check_complete(path: Path, names: set[str]) -> None:
+    """A file this run wrote holds exactly the tensors planned for it."""
+    if set(read_header(path)) != names:
+        raise CheckpointError(f"{path.name} was written incompletely", hint="re-run the merge")
+
+
 def header_spec(path: Path, name: str, info: object) -> TensorSpec:
     """One header entry as a TensorSpec, refusing what safetensors itself would choke on later."""
     try:
         shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-        dtype = CODE_DTYPES[info["dtype"]]  # type: ignore[index]
+        dtype = code_dtype(info["dtype"])  # type: ignore[index]
         if any(d < 0 for d in shape):
             raise ValueError("negative dimension")
     except (KeyError, TypeError, ValueError) as e:

@@ -11,19 +11,21 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from hubexport import lora, lora_export, mcore_lora
+from hubexport import lora, lora_export, mcore_lora, merge_recipe
 from hubexport.core import FileSlices, TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
-from hubexport.mapping.hf_native import architecture_for, is_value_checkpoint, meta_model, native_groups
+from hubexport.mapping.hf_native import TiedCheck, architecture_for, is_value_checkpoint, meta_model, native_groups
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
+from hubexport.merge_recipe import Recipe
+from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.result import OnFile, Result, WrittenFile
-from hubexport.safetensors_format import index_json, read_header
+from hubexport.safetensors_format import INDEX_NAME, check_complete, header_bytes, index_json
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.writers.safetensors import write_file
@@ -41,6 +43,8 @@ class Prepared:
     value_model: bool
     tied: bool
     lora: LoraExport | None = None
+    recipe_key: str | None = None  # where this merge's recipe is cached for the fast path, when it can be
+    planning_notes: tuple[str, ...] = ()  # the notes planning added to detect's
 
 
 def open_source(layout: Layout) -> Source:
@@ -74,6 +78,7 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
     o = options
     max_bytes = shard_bytes(o.max_shard_size)
     layout = detect(Path(local_dir), o.backend)
+    detected = len(layout.notes)
     config = load_config(layout.hf_dir, layout.root, trust_remote_code=o.trust_remote_code)
     source, mcore_peft = _open(layout, config, o)
     specs = source.metas()
@@ -99,7 +104,19 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
             base_model=o.lora_base_model, cast=o.cast, value_model=value_model)
     plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
     config.architectures = [architecture]
-    return Prepared(layout, source, config, plan, architecture, value_model, tied, exported)
+    key = _recipe_key(layout, specs, plan, o) if exported is None else None
+    return Prepared(layout, source, config, plan, architecture, value_model, tied, exported, key,
+                    tuple(layout.notes[detected:]))
+
+
+def _recipe_key(layout: Layout, specs: dict[str, TensorSpec], plan: Plan, o: MergeOptions) -> str | None:
+    """A merge the fast path can repeat: every output a checkpoint tensor unchanged, every other group a tie check."""
+    for g in plan.groups:
+        unchanged = g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),)
+        if not (unchanged or isinstance(g.convert, TiedCheck)):
+            return None
+    shapes = merge_recipe.shapes_of((s.name, s.shape, s.dtype) for s in specs.values())
+    return merge_recipe.key(layout.format, layout.version, layout.hf_dir, shapes, o)
 
 
 def _open(layout: Layout, config: PretrainedConfig, o: MergeOptions) -> tuple[Source, bool]:
@@ -219,10 +236,7 @@ class HfJob:
 
     def describe(self, result: Result) -> list[str]:
         p = self.prep
-        lines = [*result.notes,
-                 f"{p.layout.format} {p.layout.version} checkpoint, {_fmt_parallel(p.layout.parallel)}: "
-                 f"{p.architecture}, {result.num_parameters:,} parameters → {len(p.plan.files)} file(s), "
-                 f"{p.plan.total_size / 1e9:.2f} GB, at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight"]
+        lines = [*result.notes, plan_line(result, len(p.plan.files), p.plan.total_size)]
         return lines + ([lora_export.describe(p.lora)] if p.lora else [])
 
     def planned_files(self) -> list[WrittenFile]:
@@ -275,11 +289,25 @@ class HfJob:
         for f in p.plan.files:
             _check_complete(tmp / f.name, f.tensors)
         if p.plan.sharded:
-            (tmp / "model.safetensors.index.json").write_text(index_json(p.plan.weight_map(), p.plan.total_size))
+            (tmp / INDEX_NAME).write_text(index_json(p.plan.weight_map(), p.plan.total_size))
         p.config.dtype = dominant_dtype(p.plan)
         p.config.save_pretrained(tmp)
         if p.layout.hf_dir is not None:
             copy_support_files(p.layout.hf_dir, tmp)
+        if p.recipe_key is not None:
+            merge_recipe.store(p.recipe_key, self._recipe(tmp))
+
+    def _recipe(self, tmp: Path) -> Recipe:
+        """What the fast path needs to write this folder again: read back from what was just written."""
+        p, r = self.prep, self.result("merge", tmp)
+        index = tmp / INDEX_NAME
+        return Recipe(architecture=r.architecture, dtype=r.dtype, num_parameters=r.num_parameters, tied=r.tied_embeddings,
+                      value_model=r.value_model, peak_tensor_bytes=r.peak_tensor_bytes, notes=p.planning_notes,
+                      files=tuple((f.name, header_bytes(f.tensors).decode("latin-1")) for f in p.plan.files),
+                      index=index.read_bytes().decode() if index.exists() else None,
+                      config=(tmp / "config.json").read_bytes().decode(),
+                      checks=tuple((g.convert.alias, g.convert.canonical) for g in p.plan.groups
+                                   if isinstance(g.convert, TiedCheck)))
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """Every shard's header was checked against the plan in finish(); nothing more to read back."""
@@ -288,14 +316,9 @@ class HfJob:
         self.prep.source.close()
 
     def done(self, result: Result) -> str:
-        extra = f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else ""
-        return f"wrote {result.target_dir} ({len(self.prep.plan.files)} weight file(s){extra}; {result.throughput})"
+        return done_line(result, len(self.prep.plan.files), f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else "")
 
 
 def _check_complete(path: Path, tensors: tuple[TensorSpec, ...]) -> None:
-    if set(read_header(path)) != {t.name for t in tensors}:
-        raise CheckpointError(f"{path.name} was written incompletely", hint="re-run the merge")
+    check_complete(path, {t.name for t in tensors})
 
-
-def _fmt_parallel(parallel: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in parallel.items()) or "single file"

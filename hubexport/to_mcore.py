@@ -15,7 +15,7 @@ from hubexport.errors import ConfigError, MappingError
 from hubexport.hfdir import load_config
 from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
-from hubexport.options import DTYPE_NAMES, MegatronOptions
+from hubexport.options import MegatronOptions, torch_dtype
 from hubexport.resolve import ResolvedModel
 from hubexport.result import MegatronFacts, OnFile, Result, WrittenFile
 from hubexport.sources.hf import SafetensorsSource
@@ -37,7 +37,7 @@ class McoreJob:
         config = load_config(hf_dir, hf_dir, trust_remote_code=options.trust_remote_code)
         self.files = SafetensorsSource(hf_dir)
         # FP8 block-quantized weights (DeepSeek-V3 as published) are dequantized as they are read; scales never leave
-        self.source = dequantized(self.files, config, dtype=DTYPE_NAMES[options.dtype or "bf16"],
+        self.source = dequantized(self.files, config, dtype=torch_dtype(options.dtype or "bf16"),
                                   where=str(hf_dir / "config.json"))
         self.config = without_quantization(config)
         self.hf = self.source.metas()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The session's own Hugging Face home: hubexport's caches (native names, merge recipes) start empty on every run, and
+# no test reads or writes the user's cache or saved login.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hubexport-tests-hf-")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The torchrun tests exercise every rank, not the small-work fallback (hubexport/launch.py; test_launch.py tests that).

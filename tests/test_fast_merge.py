@@ -170,9 +170,11 @@ print(json.dumps({"modeling": "transformers.modeling_utils" in sys.modules,
 
 def test_a_cached_merge_imports_no_modeling_code(fsdp_root, tmp_path):
     """The first merge of a config builds the meta model; the next one reads the cache and leaves transformers'
-    modeling code and torch.distributed.checkpoint unimported; both write the same bytes."""
+    modeling code and torch.distributed.checkpoint unimported; both write the same bytes. (The torch-free path,
+    which would take the second run, is tested in test_fast_merge_path.py.)"""
     actor = actor_dir(fsdp_root, "qwen2_fsdp2_w4")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "HUBEXPORT_NO_FAST_PATH": "1"}
     seen = []
     for run in ("cold", "warm"):
         out = subprocess.run([sys.executable, "-c", MODULES, str(actor), str(tmp_path / run)], env=env, check=True,

@@ -16,6 +16,7 @@ from hubexport.core import Group, Tensors, TensorSpec
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping import native_cache
 from hubexport.mapping.archnames import model_class
+from hubexport.mapping.ops import same_bytes
 
 if TYPE_CHECKING:  # importing them loads transformers' modeling code: only done when a model is built
     from transformers import PretrainedConfig, PreTrainedModel
@@ -61,13 +62,21 @@ def _revert(model: PreTrainedModel, tensors: Tensors) -> Tensors:
     return revert_weight_conversion(model, dict(tensors))
 
 
-def _assert_tied(alias: str, canonical: str, tensors: Tensors) -> Tensors:
-    if not torch.equal(tensors[alias], tensors[canonical]):
-        raise ConfigError(
-            f"config.json says tie_word_embeddings=true, but {alias} differs from {canonical} in the checkpoint",
-            hint="the model was trained untied: set tie_word_embeddings=false in the checkpoint's config.json",
-        )
-    return {}
+@dataclass(frozen=True)
+class TiedCheck:
+    """A group with no outputs: a tied alias save_pretrained drops must hold its canonical weight's bytes."""
+
+    alias: str
+    canonical: str
+
+    def __call__(self, tensors: Tensors) -> Tensors:
+        if not same_bytes(tensors[self.alias], tensors[self.canonical]):
+            raise ConfigError(
+                f"config.json says tie_word_embeddings=true, but {self.alias} differs from {self.canonical} in the "
+                "checkpoint",
+                hint="the model was trained untied: set tie_word_embeddings=false in the checkpoint's config.json",
+            )
+        return {}
 
 
 def check_keys(
@@ -150,7 +159,7 @@ def groups_for(names: SavedNames, specs: dict[str, TensorSpec], model: PreTraine
     per tensor (the model is not needed)."""
     check_keys(names.shapes, specs, names.model_class, optional=names.tied)
     groups: list[Group] = [
-        Group((alias, canonical), (), partial(_assert_tied, alias, canonical))
+        Group((alias, canonical), (), TiedCheck(alias, canonical))
         for alias, canonical in names.tied.items() if alias in specs and canonical is not None
     ]
     kept = [n for n in names.shapes if n not in names.tied]

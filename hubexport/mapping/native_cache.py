@@ -15,14 +15,12 @@ from typing import Any
 FORMAT = 1
 
 
-def cache_dir() -> Path:
-    """`$HF_HOME/hubexport/native` (read at call time, as huggingface_hub resolves it)."""
-    home = os.environ.get("HF_HOME")
-    if not home:
-        from huggingface_hub import constants
-
-        home = constants.HF_HOME
-    return Path(home) / "hubexport" / "native"
+def cache_dir(kind: str = "native") -> Path:
+    """`$HF_HOME/hubexport/<kind>`, resolved at call time as huggingface_hub resolves HF_HOME (without importing
+    it: the fast merge path reads this cache before anything heavy is imported)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "hubexport" / kind
 
 
 def entry_key(config_json: str, architecture: str) -> str:
@@ -34,17 +32,17 @@ def entry_key(config_json: str, architecture: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()
 
 
-def load(key: str) -> dict[str, Any] | None:
+def load(key: str, kind: str = "native") -> dict[str, Any] | None:
     try:
-        data = json.loads((cache_dir() / f"{key}.json").read_text())
+        data = json.loads((cache_dir(kind) / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("key") == key else None
 
 
-def store(key: str, data: dict[str, Any]) -> None:
+def store(key: str, data: dict[str, Any], kind: str = "native") -> None:
     """Written whole or not at all (a temporary file renamed); a read-only cache is no error."""
-    folder = cache_dir()
+    folder = cache_dir(kind)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:

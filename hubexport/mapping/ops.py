@@ -85,3 +85,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> 
     """megatron's `_vocab_size_with_padding`."""
     m = divisible_by * tp
     return -(-vocab_size // m) * m
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and bits (NaN equals the same NaN, -0.0 differs from 0.0): what a copy of a tensor is, and
+    what the fast merge path compares without torch."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))

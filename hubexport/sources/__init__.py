@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from hubexport.core import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Source(Protocol):

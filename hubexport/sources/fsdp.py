@@ -14,6 +14,7 @@ import torch
 
 from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
+from hubexport.mapping.ops import same_bytes
 from hubexport.sources.pages import MappedFiles
 from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
 
@@ -173,7 +174,7 @@ class FsdpSource:
         t = self._sds[0][name]
         for path, sd in zip(self.files[1:], self._sds[1:], strict=True):
             other = sd[name]
-            if isinstance(other, self._dtensor) or other.shape != t.shape or not torch.equal(other, t):
+            if isinstance(other, self._dtensor) or not same_bytes(other, t):
                 raise CheckpointError(
                     f"{name} differs between {self.files[0].name} and {path.name}",
                     hint="an unsharded tensor must be identical on every rank; the files are from different steps",

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from hubexport.core import TensorSpec
 from hubexport.errors import CheckpointError
-from hubexport.safetensors_format import CODE_DTYPES
+from hubexport.safetensors_format import CODE_NAMES, code_dtype
 from hubexport.sources.dcp import DcpTensor, StoredChunk, read_region
 
 SHARD_RE = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
@@ -59,9 +59,9 @@ def _pieces(path: Path) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tor
     out = []
     for name, shape, code in pieces:
         offsets = (info.get(name) or {}).get("saved_offsets")
-        if not isinstance(offsets, list) or len(offsets) != len(shape) or code not in CODE_DTYPES:
+        if not isinstance(offsets, list) or len(offsets) != len(shape) or code not in CODE_NAMES:
             raise CheckpointError(f"{path} has no valid offsets or dtype for {name}", hint=f"the file is corrupt; {RECOPY}")
-        out.append((name, tuple(int(o) for o in offsets), tuple(shape), CODE_DTYPES[code]))
+        out.append((name, tuple(int(o) for o in offsets), tuple(shape), code_dtype(code)))
     return out
 
 

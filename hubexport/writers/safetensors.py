@@ -10,19 +10,24 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Union
 
 from hubexport.core import FileSlices, TensorSpec
 from hubexport.safetensors_format import header_bytes
 
+if TYPE_CHECKING:  # a file made of copied slices alone (the fast merge path) is written without torch
+    import torch
+
 CHUNK = 16 << 20  # read-back and fallback copy buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-Fetched = torch.Tensor | FileSlices
+Fetched = Union["torch.Tensor", FileSlices]
+Part = memoryview | FileSlices  # bytes in memory, or bytes to copy from checkpoint files
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a tensor without a copy when it is already contiguous."""
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -36,13 +41,35 @@ def write_file(
 ) -> str:
     """Write one safetensors file, asking `fetch` for each tensor in order (a tensor, or the file slices holding
     its bytes). Returns the file's sha256."""
+    return write_parts(path, header_bytes(specs), _checked(specs, fetch), fsync=fsync)
+
+
+def write_parts(path: Path, head: bytes, parts: Iterator[Part], *, fsync: bool = True) -> str:
+    """Write `head` then each part, in order, and return the file's sha256. A part in memory is hashed before the
+    next one is asked for, so the iterator may drop it."""
     try:
-        return _write(path, specs, fetch, fsync=fsync)
+        return _write(path, head, parts, fsync=fsync)
     except OSError as e:  # name the file: a failed write() does not
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], Fetched], *, fsync: bool) -> str:
+def _checked(specs: list[TensorSpec], fetch: Callable[[TensorSpec], Fetched]) -> Iterator[Part]:
+    """Each fetched tensor's bytes, after checking it is what the plan (and so the header) says."""
+    for spec, item in _one_ahead(specs, fetch):
+        if isinstance(item, FileSlices):
+            if item.nbytes != spec.nbytes:
+                raise AssertionError(f"{spec.name}: {item.nbytes} bytes in the checkpoint, planned {spec.nbytes}")
+            yield item
+            continue
+        if tuple(item.shape) != spec.shape or item.dtype != spec.dtype:
+            raise AssertionError(
+                f"{spec.name}: produced {tuple(item.shape)} {item.dtype}, planned {spec.shape} {spec.dtype}"
+            )
+        yield tensor_bytes(item)
+        del item  # hashed and written: the tensor may go
+
+
+def _write(path: Path, head: bytes, parts: Iterator[Part], *, fsync: bool) -> str:
     digest = hashlib.sha256()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     back = os.open(path, os.O_RDONLY)
@@ -50,26 +77,18 @@ def _write(path: Path, specs: list[TensorSpec], fetch: Callable[[TensorSpec], Fe
         # One hashing thread, fed in file order: memory while it is written, copied slices read back from the page
         # cache once they are in the file.
         with ThreadPoolExecutor(1, thread_name_prefix="hubexport-sha256") as hasher:
-            head = header_bytes(specs)
             jobs: list[Future] = [hasher.submit(digest.update, head)]
             _write_all(fd, memoryview(head))
-            for spec, item in _one_ahead(specs, fetch):
+            for item in parts:
                 if isinstance(item, FileSlices):
-                    if item.nbytes != spec.nbytes:
-                        raise AssertionError(f"{spec.name}: {item.nbytes} bytes in the checkpoint, planned {spec.nbytes}")
                     start = os.lseek(fd, 0, os.SEEK_CUR)
                     copy_slices(item, fd)
                     jobs.append(hasher.submit(_hash_back, digest, back, start, item.nbytes))
                     continue
-                if tuple(item.shape) != spec.shape or item.dtype != spec.dtype:
-                    raise AssertionError(
-                        f"{spec.name}: produced {tuple(item.shape)} {item.dtype}, planned {spec.shape} {spec.dtype}"
-                    )
-                data = tensor_bytes(item)
-                jobs.append(hasher.submit(digest.update, data))
-                _write_all(fd, data)
-                jobs[-1].result()  # hashed too: the tensor may go
-                del item, data
+                jobs.append(hasher.submit(digest.update, item))
+                _write_all(fd, item)
+                jobs[-1].result()  # hashed too: the part may go
+                del item
             if fsync:
                 os.fsync(fd)  # while the last bytes are hashed
             for job in jobs:

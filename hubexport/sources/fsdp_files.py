@@ -1,0 +1,155 @@
+"""verl FSDP rank files as byte ranges, without torch: for each tensor, the runs of rank-file bytes that are its
+global bytes back to back (FSDP2's and FSDP1-with-a-mesh's Shard(0) DTensors on a 1-D mesh, and plain tensors every
+rank holds whole). Anything else (HSDP meshes, Shard(d>0), _StridedShard, Partial, padding, a file torch's loader
+would refuse) is `None`: the torch source (`sources/fsdp.py`) handles it, and raises its errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
+from hubexport.sources.torchsave import ITEMSIZE, Archive, Stub, Tensor, Unreadable, Wrapper, read_archive
+
+Run = tuple[int, int, int]  # (index of the rank file, file offset, length)
+
+
+@dataclass(frozen=True)
+class Located:
+    shape: tuple[int, ...]
+    dtype: str  # torch's dtype name
+    runs: tuple[Run, ...]  # the tensor's bytes, in order
+    replicas: tuple[Run, ...] = ()  # other ranks' copies of a plain tensor: must equal `runs` byte for byte
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def locate(files: list[Path]) -> dict[str, Located] | None:
+    """Every tensor of the rank files, located; None when the files are not all of the simple kinds above."""
+    try:
+        archives = [read_archive(f) for f in files]
+    except (Unreadable, OSError):
+        return None
+    first = archives[0].obj
+    if not isinstance(first, dict) or any(not isinstance(a.obj, dict) or a.obj.keys() != first.keys() for a in archives):
+        return None
+    out = {}
+    for name, entry in first.items():
+        found = _dtensor(archives, name, entry) if isinstance(entry, Wrapper) else _plain(archives, name, entry)
+        if found is None:
+            return None
+        out[name] = found
+    return out
+
+
+def _plain(archives: list[Archive], name: str, t: object) -> Located | None:
+    if not isinstance(t, Tensor):
+        return None
+    runs = []
+    for i, a in enumerate(archives):
+        other = a.obj[name]
+        where = a.byte_range(other) if isinstance(other, Tensor) else None
+        if where is None or (other.shape, other.dtype) != (t.shape, t.dtype):
+            return None
+        runs.append((i, *where))
+    return Located(t.shape, t.dtype, tuple(runs[:1]), tuple(runs[1:]))
+
+
+def _dtensor(archives: list[Archive], name: str, t: Wrapper) -> Located | None:
+    spec = t.state.get("_spec")
+    geometry = _mesh(archives[0], spec) if isinstance(spec, Stub) else None
+    if t.cls.kind != "DTensor" or geometry is None or t.dtype not in ITEMSIZE:
+        return None
+    ranks, placements = geometry
+    mesh_shape = (len(ranks),)
+    pieces = []
+    for coord in covering_coords(mesh_shape, placements):
+        rank = ranks[coord[0]]
+        if rank >= len(archives):
+            return None
+        local = archives[rank].obj[name]
+        if not isinstance(local, Wrapper) or local.shape != t.shape or not _saved_by(local, rank):
+            return None
+        lt = local.state.get("_local_tensor")
+        offsets, sizes = local_region(t.shape, mesh_shape, coord, placements)
+        if not isinstance(lt, Tensor) or lt.shape != sizes or lt.dtype != t.dtype:
+            return None
+        if not _one_run(t.shape, offsets, sizes):
+            return None  # not a run of the global tensor's bytes: assembled in memory by the torch source
+        if lt.numel:
+            where = archives[rank].byte_range(lt)
+            if where is None:
+                return None
+            pieces.append((offsets, (rank, *where), lt.numel))
+    pieces.sort()
+    if sum(n for *_, n in pieces) != math.prod(t.shape):
+        return None
+    return Located(t.shape, t.dtype, tuple(run for _, run, _ in pieces))
+
+
+def _one_run(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+    """A region is one run of the global tensor's row-major bytes when it spans every dimension but one, and the
+    dimensions before that one have size 1 (Shard(0), or Shard(1) of a [1, H] value head)."""
+    cut = [i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full]
+    return len(cut) <= 1 and all(shape[i] == 1 for i in range(cut[0] if cut else 0))
+
+
+def _saved_by(local: Wrapper, rank: int) -> bool:
+    spec = local.state.get("_spec")
+    mesh = spec.get("mesh") if isinstance(spec, Stub) else None
+    saved = mesh.get("_rank") if isinstance(mesh, Stub) else None
+    return saved is None or saved == rank
+
+
+def _mesh(archive: Archive, spec: Stub) -> tuple[list[int], tuple[MeshPlacement, ...]] | None:
+    """The ranks along a 1-D device mesh, and its placement; None for any other mesh."""
+    mesh, placements = spec.get("mesh"), spec.get("placements")
+    if not isinstance(mesh, Stub) or not isinstance(placements, tuple) or len(placements) != 1:
+        return None
+    [p] = placements
+    if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
+        return None
+    ranks = _mesh_ranks(archive, mesh)
+    if ranks is None:
+        return None
+    if p.kind == "Replicate":
+        return ranks, (MeshPlacement("replicate"),)
+    dim = p.get("dim")
+    ndim = len(spec.get("tensor_meta").args[0]) if isinstance(spec.get("tensor_meta"), Stub) else None
+    if not isinstance(dim, int) or not ndim:
+        return None
+    return ranks, (MeshPlacement("shard", dim % ndim),)
+
+
+def _mesh_ranks(archive: Archive, mesh: Stub) -> list[int] | None:
+    """torch < 2.9 pickles the mesh tensor itself; later releases a rank map and a layout over it."""
+    if isinstance(mesh.get("mesh"), Tensor):
+        t = mesh.get("mesh")
+        return _ints(archive, t) if len(t.shape) == 1 else None
+    rank_map, layout = mesh.get("_rank_map"), mesh.get("_layout")
+    axes = layout.get("axes") if isinstance(layout, Stub) else None
+    if not isinstance(rank_map, Tensor) or not isinstance(axes, tuple) or len(axes) != 1 or not isinstance(axes[0], Stub):
+        return None
+    shape, stride = axes[0].get("shape"), axes[0].get("stride")
+    if not (isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride) == 1
+            and all(isinstance(x, int) for x in (*shape, *stride))):
+        return None
+    values = _ints(archive, rank_map)
+    if values is None or (shape[0] - 1) * stride[0] >= len(values):
+        return None
+    return [values[i * stride[0]] for i in range(shape[0])]
+
+
+def _ints(archive: Archive, t: Tensor) -> list[int] | None:
+    where = archive.byte_range(t)
+    code = {"int64": "q", "int32": "i"}.get(t.dtype)
+    if where is None or code is None:
+        return None
+    with open(archive.path, "rb") as f:
+        raw = os.pread(f.fileno(), where[1], where[0])
+    return list(struct.unpack(f"<{t.numel}{code}", raw)) if len(raw) == where[1] else None

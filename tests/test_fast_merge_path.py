@@ -1,0 +1,198 @@
+"""The torch-free merge (`hubexport/fast_merge.py`) against the full path it repeats: for every FSDP layout of the
+test matrix, a second merge of the same checkpoint writes the first merge's folder byte for byte and reports the
+same result; it imports neither torch nor transformers; and whatever it cannot vouch for (a changed tensor, config
+or rank file, a pickle naming anything else) goes to the full path, whose checks and errors stay as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hubexport import fast_merge
+from hubexport.cli_output import jsonable
+from hubexport.errors import CheckpointError, ConfigError
+from hubexport.executor import merge
+from hubexport.options import MergeOptions, Output
+from hubexport.sources.fsdp_files import locate
+from hubexport.sources.torchsave import Unreadable, read_archive
+from tests.fsdp_cases import CASES, actor_dir
+from tests.tree import tree_hash
+
+# HSDP's 2-D meshes, dim-1 sharding (odd vocab) and the MoE models whose experts transformers converts on saving
+# take the full path; every other layout verl writes is repeated without torch.
+FULL_PATH_ONLY = {"qwen2_fsdp2_w2_dim1", "qwen2_hsdp_fsdp2_w4", "llama_hsdp_fsdp1_w4_tied", "qwen3moe_fsdp2_w2",
+                  "qwen3moe_fsdp1_w4_bf16", "dsv3_fsdp2_w2"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _facts(result) -> dict:
+    facts = jsonable(result)
+    for moving in ("target_dir", "throughput"):
+        facts.pop(moving)
+    return facts
+
+
+@pytest.fixture(scope="module")
+def runs(fsdp_root, tmp_path_factory):
+    """Each case merged by the full path (which records the recipe), then again with the fast path allowed."""
+    out = tmp_path_factory.mktemp("fastpath")
+    done = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(out / "hf-home"))
+        for name in CASES:
+            actor = actor_dir(fsdp_root, name)
+            mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
+            full = merge(actor, Output(out / name / "full"), log=_silent)
+            mp.delenv("HUBEXPORT_NO_FAST_PATH")
+            job = fast_merge.job(actor, MergeOptions())
+            took = job is not None
+            if job is not None:
+                job.close()
+            before = tree_hash(actor.parent)
+            again = merge(actor, Output(out / name / "again"), log=_silent)
+            done[name] = (took, full, again, out / name, before == tree_hash(actor.parent))
+    return done
+
+
+def test_the_layouts_that_take_the_fast_path(runs):
+    assert {name for name, (took, *_) in runs.items() if not took} == FULL_PATH_ONLY
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
+    _, full, again, folder, untouched = runs[name]
+    assert _files(folder / "again") == _files(folder / "full")
+    assert _facts(again) == _facts(full)
+    assert untouched  # nothing under the checkpoint was written, renamed or deleted
+
+
+MODULES = """
+import json, sys
+from hubexport.cli import main
+sys.argv = ["hubexport", "merge", "--local-dir", sys.argv[1], "--target-dir", sys.argv[2], "--json"]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps(sorted(m for m in ("torch", "transformers", "huggingface_hub", "safetensors") if m in sys.modules)))
+"""
+
+
+def test_a_repeated_merge_imports_neither_torch_nor_transformers(fsdp_root, tmp_path):
+    actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    seen = []
+    for run in ("first", "second"):
+        out = subprocess.run([sys.executable, "-c", MODULES, str(actor), str(tmp_path / run)], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip().splitlines()
+        seen.append((json.loads(out[-1]), json.loads("\n".join(out[:-1]))))
+    assert {"torch", "transformers"} <= set(seen[0][0])
+    assert seen[1][0] == []
+    assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
+    assert _files(tmp_path / "second") == _files(tmp_path / "first")
+
+
+@pytest.fixture
+def primed(fsdp_root, tmp_path, monkeypatch):
+    """A tied FSDP1 checkpoint copied into tmp_path, merged once (its recipe recorded in a fresh cache)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    step = tmp_path / "ckpt" / "global_step_1"
+    shutil.copytree(actor_dir(fsdp_root, "llama_fsdp1_w2_tied_bf16").parent, step)
+    actor = step / "actor"
+    merge(actor, Output(tmp_path / "first"), log=_silent)
+    job = fast_merge.job(actor, MergeOptions())
+    assert job is not None and job.recipe.checks == (("lm_head.weight", "model.embed_tokens.weight"),)
+    job.close()
+    return actor
+
+
+def _flip_byte(actor: Path, name: str) -> None:
+    rank, offset, _ = locate(sorted(actor.glob("model_world_size_*_rank_*.pt")))[name].runs[0]
+    path = sorted(actor.glob("model_world_size_*_rank_*.pt"))[rank]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_an_untied_lm_head_goes_to_the_full_path_which_refuses_it(primed, tmp_path):
+    _flip_byte(primed, "lm_head.weight")
+    assert fast_merge.job(primed, MergeOptions()) is None
+    with pytest.raises(ConfigError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight"):
+        merge(primed, Output(tmp_path / "second"), log=_silent)
+    assert not (tmp_path / "second").exists()
+
+
+def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
+    """The recipe holds names, shapes and headers, never bytes: a later step of the same run is merged fast."""
+    _flip_byte(primed, "model.norm.weight")
+    assert fast_merge.job(primed, MergeOptions()) is not None
+    merge(primed, Output(tmp_path / "second"), log=_silent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
+        merge(primed, Output(tmp_path / "full"), log=_silent)
+    assert _files(tmp_path / "second") == _files(tmp_path / "full") != _files(tmp_path / "first")
+
+
+def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):
+    config = primed / "huggingface" / "config.json"
+    data = json.loads(config.read_text())
+    assert fast_merge.job(primed, MergeOptions(max_shard_size="1MB")) is None
+    assert fast_merge.job(primed, MergeOptions(dtype="fp32")) is None
+    config.write_text(json.dumps({**data, "rms_norm_eps": 1e-5}, indent=2))
+    assert fast_merge.job(primed, MergeOptions()) is None
+    result = merge(primed, Output(tmp_path / "second"), log=_silent)
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["rms_norm_eps"] == 1e-5
+    assert result.architecture == "LlamaForCausalLM"
+
+
+def test_a_rank_file_the_reader_does_not_know_goes_to_the_full_path(primed, tmp_path):
+    """A rank file torch's weights-only loader refuses: the fast path never opens it as a checkpoint, and the full
+    path's error names the file."""
+    evil = primed / "model_world_size_2_rank_1.pt"
+    torch.save({"x": torch.zeros(2), "why": Path("/")}, evil)
+    assert fast_merge.job(primed, MergeOptions()) is None
+    with pytest.raises(CheckpointError, match=r"model_world_size_2_rank_1\.pt .* was refused"):
+        merge(primed, Output(tmp_path / "second"), log=_silent)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch hubexport-pwned",))
+
+
+def test_the_reader_calls_nothing_the_file_names(tmp_path):
+    """A pickle that would run a command when unpickled is refused by the allowlist before anything runs."""
+    torch.save({"w": torch.ones(3), "x": _Payload()}, tmp_path / "model_world_size_1_rank_0.pt")
+    with pytest.raises(Unreadable, match="system"):
+        read_archive(tmp_path / "model_world_size_1_rank_0.pt")
+    assert not (tmp_path / "hubexport-pwned").exists() and not Path("hubexport-pwned").exists()
+
+
+def test_the_reader_finds_each_storage_where_torch_maps_it(tmp_path):
+    """Byte ranges from the zip's local headers hold exactly the tensor bytes torch itself loads."""
+    tensors = {"a": torch.randn(5, 7), "b": torch.arange(12, dtype=torch.int64)[3:9], "c": torch.ones(2, dtype=torch.bfloat16)}
+    torch.save(tensors, tmp_path / "t.pt")
+    archive = read_archive(tmp_path / "t.pt")
+    raw = (tmp_path / "t.pt").read_bytes()
+    for name, t in tensors.items():
+        offset, length = archive.byte_range(archive.obj[name])
+        assert raw[offset:offset + length] == t.contiguous().view(torch.uint8).numpy().tobytes(), name
+    assert archive.byte_range(archive.obj["a"]) is not None
+    assert read_archive(tmp_path / "t.pt").obj["b"].offset == 3
