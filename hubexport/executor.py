@@ -71,7 +71,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
         base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
         options = replace(options, lora_base_model=base.path)
-    job = dist.run(lambda: _hf_job(local_dir, options, fast=push is None and dist.world_size == 1))
+    job = dist.run(lambda: _hf_job(local_dir, options, fast=dist.world_size == 1))
     proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
     files = _file_gate(proof, push) if publisher is not None and not out.dry_run else None
     stream = publisher.stream(files and files.admit) if publisher is not None and not out.dry_run else None  # rank 0
@@ -114,7 +114,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
 
 
 def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool) -> Job:
-    """The fast path's job when it can repeat a recorded merge (one process, no push), else the full path's."""
+    """The fast path's job when it can repeat a recorded merge (one process), else the full path's."""
     from hubexport import fast_merge
 
     if fast and (job := fast_merge.job(local_dir, options)) is not None:
@@ -135,7 +135,7 @@ def _evidence(job, local_dir: Path, lora_base, push: PushOptions, selection: str
     """The base the gate will diff against and the run's evaluation results, before the merge."""
     from hubexport import evidence, gate
 
-    layout = job.prep.layout
+    layout = job.layout
     named = gate.Base(lora_base.path, lora_base.repo_id or lora_base.path.name, "--lora-base-model") \
         if lora_base is not None else None
     return evidence.for_checkpoint(local_dir, step=layout.global_step, config_dir=layout.hf_dir, lora_base=named,

@@ -216,6 +216,10 @@ class HfJob:
             self.inputs += (prep.lora.base_model,)
 
     @property
+    def layout(self) -> Layout:
+        return self.prep.layout
+
+    @property
     def writes_adapter(self) -> bool:
         return self.prep.lora is not None and self.prep.lora.mode != "fuse"
 

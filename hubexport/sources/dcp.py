@@ -4,6 +4,7 @@ allow-listing unpickler, and any rectangular region of a tensor assembled from i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 from collections.abc import Callable
@@ -11,65 +12,103 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_md
 
 from hubexport.errors import CheckpointError
+from hubexport.sources.pread import read_into, read_tensor
+from hubexport.sources.torchsave import Tensor, Unreadable, read_archive
 
 
-class _MCoreMetadata(dcp_md.Metadata):
-    """Stands in for megatron-core 0.15's pickled `MCoreMetadata(Metadata)`: same fields plus `mcore_data`."""
+class _Record:
+    """A pickled plain-data class of DCP's metadata, read as its fields (torch.distributed.checkpoint is never
+    imported to read a checkpoint: ~1.5 s and ~50 MB)."""
 
+    def __new__(cls, *args: object, **kwargs: object) -> _Record:
+        obj = super().__new__(cls)
+        obj.args = args
+        return obj
 
-class _Stub:
-    """Stands in for helper classes that only matter to a writer (e.g. mcore's old `MCoreSavePlan`)."""
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
 
     def __setstate__(self, state: object) -> None:
-        self.state = state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (__dict__, slots)
+            state = {**(state[0] or {}), **state[1]}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"{type(self).__name__} with state {type(state).__name__}")
+        self.__dict__.update(state)
+
+    def __getattr__(self, name: str) -> object:  # a field an older writer did not pickle
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class Metadata(_Record):
+    """`torch.distributed.checkpoint.metadata.Metadata` (and megatron-core's `MCoreMetadata`, which adds
+    `mcore_data`): state_dict_metadata, planner_data, storage_data, storage_meta."""
+
+
+class TensorStorageMetadata(_Record):
+    """properties, size, chunks."""
+
+
+class TensorProperties(_Record):
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple):  # (dtype, layout, requires_grad, memory_format, pin_memory)
+            state = {"dtype": state[0]}
+        super().__setstate__(state)
+
+
+class MetadataIndex(_Record):
+    """A storage_data key: (fqn, offset), compared and hashed as DCP's own (its `index` is only a lookup hint)."""
+
+    def __hash__(self) -> int:
+        return hash((self.fqn, self.offset))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MetadataIndex) and (self.fqn, self.offset) == (other.fqn, other.offset)
+
+
+def _size(*dims: object) -> tuple[int, ...]:
+    return tuple(int(d) for d in (dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims))
 
 
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DCP = "torch.distributed.checkpoint"
 _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-    ("torch", "Size"): torch.Size,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,  # strided layouts pickle through it
+    ("torch", "Size"): _size,
+    ("torch.serialization", "_get_layout"): str,  # strided layouts pickle through it
     # StorageMeta.checkpoint_id may be the writer's path object
     **{("pathlib", n): getattr(__import__("pathlib"), n) for n in ("Path", "PosixPath", "PurePosixPath",
                                                                    "WindowsPath", "PureWindowsPath")},
-}
-for _mod, _names in {
-    "torch.distributed.checkpoint.metadata": ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-                                              "StorageMeta", "_MEM_FORMAT_ENCODING"),
-    "torch.distributed.checkpoint.planner": ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
-                                             "BytesIOWriteData"),
-    "torch.distributed.checkpoint.filesystem": ("_StorageInfo",),
-}.items():
-    _m = __import__(_mod, fromlist=list(_names))
-    for _n in _names:
-        if hasattr(_m, _n):
-            _ALLOWED[(_mod, _n)] = getattr(_m, _n)
-_STUBS = {
-    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): _MCoreMetadata,
-    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"): _Stub,
+    (f"{_DCP}.metadata", "Metadata"): Metadata,
+    (f"{_DCP}.metadata", "TensorStorageMetadata"): TensorStorageMetadata,
+    (f"{_DCP}.metadata", "TensorProperties"): TensorProperties,
+    (f"{_DCP}.metadata", "MetadataIndex"): MetadataIndex,
+    **{(f"{_DCP}.metadata", n): type(n, (_Record,), {}) for n in ("BytesStorageMetadata", "ChunkStorageMetadata",
+                                                                  "StorageMeta", "_MEM_FORMAT_ENCODING")},
+    **{(f"{_DCP}.planner", n): type(n, (_Record,), {}) for n in ("SavePlan", "WriteItem", "WriteItemType",
+                                                                 "TensorWriteData", "BytesIOWriteData")},
+    (f"{_DCP}.filesystem", "_StorageInfo"): type("_StorageInfo", (_Record,), {}),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): Metadata,
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Only the plain-data classes DCP metadata is made of; anything else is refused, never imported."""
+    """Only the plain-data classes DCP metadata is made of, as records; anything else is refused, never imported."""
 
     def find_class(self, module: str, name: str) -> object:
         if module == "torch" and name in _TORCH_DTYPES:
             return _TORCH_DTYPES[name]
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        if (module, name) in _STUBS:
-            return _STUBS[(module, name)]
-        if module.startswith("megatron.") and name.startswith("MCore"):  # later mcore planner/metadata helpers
-            return _Stub
+        if module.startswith("megatron.") and name.startswith("MCore"):  # mcore planner/metadata helpers
+            return _Record
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> dcp_md.Metadata:
+def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> Metadata:
     """`recopy` names what to re-copy in the hints (the torch_dist folder, or a DCP checkpoint directory)."""
     path = dist_dir / ".metadata"
     if not path.is_file():
@@ -80,12 +119,12 @@ def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> dcp_md.Metadata
     except Exception as e:  # a damaged pickle fails in many ways (KeyError, IndexError, struct.error, ...)
         raise CheckpointError(f"{path} cannot be read: {e}",
                               hint=f"the file is corrupt or from an unknown writer; re-copy {recopy}") from e
-    if not isinstance(md, dcp_md.Metadata):
+    if not isinstance(md, Metadata):
         raise CheckpointError(f"{path} holds a {type(md).__name__}, not DCP metadata", hint=f"re-copy {recopy}")
     return md
 
 
-def check_files(dist_dir: Path, md: dcp_md.Metadata, recopy: str) -> None:
+def check_files(dist_dir: Path, md: Metadata, recopy: str) -> None:
     """Every data file `.metadata` names exists and is long enough for the byte ranges it lists (stat only), so a
     missing or cut-short file is reported before any output is written."""
     ends: dict[str, int] = {}
@@ -121,14 +160,14 @@ class DcpTensor:
     chunks: tuple[StoredChunk, ...]
 
 
-def open_checked(dist_dir: Path, recopy: str) -> tuple[dcp_md.Metadata, dict[str, DcpTensor]]:
+def open_checked(dist_dir: Path, recopy: str) -> tuple[Metadata, dict[str, DcpTensor]]:
     """A DCP checkpoint's metadata, with every file it names checked present and long enough, and its tensor index."""
     md = read_metadata(dist_dir, recopy=recopy)
     check_files(dist_dir, md, recopy)
     return md, tensor_index(md)
 
 
-def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
+def tensor_index(md: Metadata) -> dict[str, DcpTensor]:
     """Every tensor key with its global shape, dtype and the storage of each of its chunks."""
     chunks: dict[str, list[StoredChunk]] = {}
     for idx, info in md.storage_data.items():
@@ -144,7 +183,7 @@ def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
         )
     out = {}
     for key, tmd in md.state_dict_metadata.items():
-        if not isinstance(tmd, dcp_md.TensorStorageMetadata):
+        if not isinstance(tmd, TensorStorageMetadata):
             continue
         sizes = {tuple(c.offsets): tuple(c.sizes) for c in tmd.chunks}
         stored = [StoredChunk(c.offsets, sizes[c.offsets], c.file, c.start, c.length) for c in chunks.get(key, [])
@@ -155,6 +194,9 @@ def tensor_index(md: dcp_md.Metadata) -> dict[str, DcpTensor]:
 
 def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
     path = dist_dir / c.file
+    if (found := _stored(path, c)) is not None:  # one copy, straight from the storage's bytes
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            return read_tensor(f.fileno(), found[0], getattr(torch, found[1].dtype), found[1].shape)
     try:
         with open(path, "rb") as f:
             f.seek(c.start)
@@ -167,11 +209,40 @@ def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
+def _stored(path: Path, c: StoredChunk) -> tuple[int, Tensor] | None:
+    """Where the chunk's blob (a torch.save archive) keeps its tensor's bytes, when it holds one plain contiguous
+    tensor of the chunk's shape; None otherwise (torch.load then reads the blob, and explains a damaged one)."""
+    try:
+        archive = read_archive(path, c.start, c.length)
+    except (Unreadable, OSError):
+        return None
+    t = archive.obj
+    where = archive.byte_range(t) if isinstance(t, Tensor) and t.shape == c.sizes else None
+    return None if where is None or where[0] + where[1] > c.start + c.length else (where[0], t)
+
+
+def _read_into(path: Path, c: StoredChunk, lead: tuple[int, ...], dst: torch.Tensor) -> bool:
+    """Read the chunk's part of `t[lead]` straight into `dst`, the contiguous slice of the output it fills: no copy
+    of the chunk in memory at all. False when the blob is not a plain tensor of the output's dtype."""
+    found = _stored(path, c) if dst.is_contiguous() else None
+    if found is None or found[1].dtype != str(dst.dtype).removeprefix("torch."):
+        return False
+    offset, t = found
+    skip = sum((i - o) * s for i, o, s in zip(lead, c.offsets, t.stride, strict=False)) * dst.element_size()
+    try:
+        with open(path, "rb") as f:
+            read_into(f.fileno(), offset + skip, dst)
+    except OSError:
+        return False
+    return True
+
+
 def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
                 load: Callable[[Path, StoredChunk, str], torch.Tensor] = _load_blob) -> torch.Tensor:
     """The sub-tensor `t[lead]` (fixed indices on the leading axes), pasted from every chunk that overlaps it.
     Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes. `load` reads one
-    chunk (a torch.save blob by default; safetensors-serialised DCP passes its own)."""
+    chunk (a torch.save blob by default; safetensors-serialised DCP passes its own). A torch.save chunk whose part
+    is a contiguous slice of the output (row blocks, one layer of a stacked key) is read straight into it."""
     n = len(lead)
     out_shape = t.shape[n:]
     out = torch.empty(out_shape, dtype=t.dtype)
@@ -179,12 +250,15 @@ def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
+        dst = tuple(slice(o, o + s) for o, s in zip(c.offsets[n:], c.sizes[n:], strict=True))
+        if load is _load_blob and _read_into(dist_dir / c.file, c, lead, out[dst]):
+            covered += out[dst].numel()
+            continue
         data = load(dist_dir, c, t.key)
         if tuple(data.shape) != c.sizes:
             raise CheckpointError(f"chunk of {t.key} at {c.offsets} has shape {tuple(data.shape)}, "
                                   f"metadata says {c.sizes}", hint="the checkpoint is corrupt; re-copy it")
         sel = data[tuple(i - o for i, o in zip(lead, c.offsets, strict=False))]
-        dst = tuple(slice(o, o + s) for o, s in zip(c.offsets[n:], c.sizes[n:], strict=True))
         out[dst] = sel
         covered += sel.numel()
     if covered != out.numel():

@@ -1,10 +1,12 @@
 """verl FSDP rank files as byte ranges, without torch: for each tensor, the runs of rank-file bytes that are its
-global bytes back to back (FSDP2's and FSDP1-with-a-mesh's Shard(0) DTensors on a 1-D mesh, and plain tensors every
-rank holds whole). Anything else (HSDP meshes, Shard(d>0), _StridedShard, Partial, padding, a file torch's loader
-would refuse) is `None`: the torch source (`sources/fsdp.py`) handles it, and raises its errors."""
+global bytes back to back (FSDP2's and FSDP1-with-a-mesh's Shard(0) DTensors on flat and HSDP meshes, and plain
+tensors every rank holds whole). Anything else (Shard(d) of a tensor whose leading dims are not 1, _StridedShard,
+Partial, padding, nested mesh layouts, a file torch's loader would refuse) is `None`: the torch source
+(`sources/fsdp.py`) handles it, and raises its errors."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -62,14 +64,13 @@ def _plain(archives: list[Archive], name: str, t: object) -> Located | None:
 
 def _dtensor(archives: list[Archive], name: str, t: Wrapper) -> Located | None:
     spec = t.state.get("_spec")
-    geometry = _mesh(archives[0], spec) if isinstance(spec, Stub) else None
+    geometry = _mesh(archives[0], spec, len(t.shape)) if isinstance(spec, Stub) else None
     if t.cls.kind != "DTensor" or geometry is None or t.dtype not in ITEMSIZE:
         return None
-    ranks, placements = geometry
-    mesh_shape = (len(ranks),)
+    mesh, mesh_shape, placements = geometry
     pieces = []
     for coord in covering_coords(mesh_shape, placements):
-        rank = ranks[coord[0]]
+        rank = mesh[coord]
         if rank >= len(archives):
             return None
         local = archives[rank].obj[name]
@@ -106,43 +107,52 @@ def _saved_by(local: Wrapper, rank: int) -> bool:
     return saved is None or saved == rank
 
 
-def _mesh(archive: Archive, spec: Stub) -> tuple[list[int], tuple[MeshPlacement, ...]] | None:
-    """The ranks along a 1-D device mesh, and its placement; None for any other mesh."""
+Mesh = tuple[dict[tuple[int, ...], int], tuple[int, ...], tuple[MeshPlacement, ...]]  # coord → rank, shape, placements
+
+
+def _mesh(archive: Archive, spec: Stub, ndim: int) -> Mesh | None:
+    """The device mesh (flat FSDP or HSDP's replicate × shard) and the placements along it; None for any other."""
     mesh, placements = spec.get("mesh"), spec.get("placements")
-    if not isinstance(mesh, Stub) or not isinstance(placements, tuple) or len(placements) != 1:
+    if not isinstance(mesh, Stub) or not isinstance(placements, tuple) or not placements:
         return None
-    [p] = placements
-    if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
+    out = []
+    for p in placements:
+        if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
+            return None
+        if p.kind == "Shard" and not (isinstance(p.get("dim"), int) and ndim and -ndim <= p.get("dim") < ndim):
+            return None
+        out.append(MeshPlacement("shard", p.get("dim") % ndim) if p.kind == "Shard" else MeshPlacement("replicate"))
+    grid = _mesh_ranks(archive, mesh)
+    if grid is None or len(grid[1]) != len(out):
         return None
-    ranks = _mesh_ranks(archive, mesh)
-    if ranks is None:
-        return None
-    if p.kind == "Replicate":
-        return ranks, (MeshPlacement("replicate"),)
-    dim = p.get("dim")
-    ndim = len(spec.get("tensor_meta").args[0]) if isinstance(spec.get("tensor_meta"), Stub) else None
-    if not isinstance(dim, int) or not ndim:
-        return None
-    return ranks, (MeshPlacement("shard", dim % ndim),)
+    return grid[0], grid[1], tuple(out)
 
 
-def _mesh_ranks(archive: Archive, mesh: Stub) -> list[int] | None:
-    """torch < 2.9 pickles the mesh tensor itself; later releases a rank map and a layout over it."""
-    if isinstance(mesh.get("mesh"), Tensor):
+def _mesh_ranks(archive: Archive, mesh: Stub) -> tuple[dict[tuple[int, ...], int], tuple[int, ...]] | None:
+    """Each mesh coordinate's rank. torch < 2.9 pickles the mesh tensor itself; later releases a flat rank map and
+    one (size, stride) layout per mesh dimension over it."""
+    if isinstance(mesh.get("mesh"), Tensor):  # contiguous (else _ints refuses it): its elements in row-major order
         t = mesh.get("mesh")
-        return _ints(archive, t) if len(t.shape) == 1 else None
-    rank_map, layout = mesh.get("_rank_map"), mesh.get("_layout")
-    axes = layout.get("axes") if isinstance(layout, Stub) else None
-    if not isinstance(rank_map, Tensor) or not isinstance(axes, tuple) or len(axes) != 1 or not isinstance(axes[0], Stub):
+        values, shape = _ints(archive, t), t.shape
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    else:
+        rank_map, layout = mesh.get("_rank_map"), mesh.get("_layout")
+        axes = layout.get("axes") if isinstance(layout, Stub) else None
+        if not isinstance(rank_map, Tensor) or not isinstance(axes, tuple) or not all(isinstance(a, Stub) for a in axes):
+            return None
+        sizes, strides = [a.get("shape") for a in axes], [a.get("stride") for a in axes]
+        if not all(isinstance(x, tuple) and len(x) == 1 and isinstance(x[0], int) for x in (*sizes, *strides)):
+            return None  # a nested (hierarchical) layout
+        values, shape, stride = _ints(archive, rank_map), tuple(x[0] for x in sizes), tuple(x[0] for x in strides)
+    if values is None or not shape:
         return None
-    shape, stride = axes[0].get("shape"), axes[0].get("stride")
-    if not (isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride) == 1
-            and all(isinstance(x, int) for x in (*shape, *stride))):
-        return None
-    values = _ints(archive, rank_map)
-    if values is None or (shape[0] - 1) * stride[0] >= len(values):
-        return None
-    return [values[i * stride[0]] for i in range(shape[0])]
+    grid = {}
+    for coord in itertools.product(*(range(n) for n in shape)):
+        at = sum(c * s for c, s in zip(coord, stride, strict=True))
+        if not 0 <= at < len(values):
+            return None
+        grid[coord] = values[at]
+    return grid, shape
 
 
 def _ints(archive: Archive, t: Tensor) -> list[int] | None:

@@ -16,6 +16,7 @@ from hubexport.core import TensorSpec, natural_key
 from hubexport.errors import CheckpointError
 from hubexport.safetensors_format import INDEX_NAME, Stored, read_index, read_layout
 from hubexport.sources import Source
+from hubexport.sources.pread import read_tensor
 
 
 def _files(folder: Path, notes: list[str]) -> tuple[list[Path], dict[str, str] | None]:
@@ -84,20 +85,11 @@ class SafetensorsSource(Source):
         """The tensor's bytes read into fresh memory (pread, not a memory map: mapped pages would stay resident and
         count towards this process's memory for every byte of the folder ever read)."""
         path, stored = self._where[name], self._stored[name]
-        spec = stored.spec
-        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
-        view, done = memoryview(buf.numpy()), 0
         try:
-            fd = self._fd(path)
-            while done < spec.nbytes:
-                n = os.preadv(fd, [view[done:]], stored.offset + done)
-                if n == 0:
-                    raise OSError(f"{name} ends past the end of the file")
-                done += n
+            return read_tensor(self._fd(path), stored.offset, stored.spec.dtype, stored.spec.shape)
         except OSError as e:
-            raise CheckpointError(f"{path} cannot be read ({e})", hint="the file is corrupt or truncated; "
+            raise CheckpointError(f"{path} cannot be read for {name} ({e})", hint="the file is corrupt or truncated; "
                                   "re-copy it") from None
-        return buf.view(spec.dtype).reshape(spec.shape)
 
     def close(self) -> None:
         with self._lock:

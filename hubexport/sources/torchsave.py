@@ -6,6 +6,8 @@ caller falls back to torch's own weights-only loader, which then explains what i
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
 import struct
 import zipfile
@@ -203,31 +205,67 @@ class Archive:
         return start + begin, length
 
 
-def read_archive(path: Path) -> Archive:
-    """Unpickle `path` with the allowlist and locate its storages. Raises Unreadable (or OSError)."""
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a file of their own (a torch.save blob inside a .distcp)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = min(max(base + offset, 0), self.length)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")[:max(self.length - self.pos, 0)]
+        n = os.preadv(self.fd, [view], self.start + self.pos) if len(view) else 0
+        self.pos += n
+        return n
+
+
+def read_archive(path: Path, start: int = 0, length: int | None = None) -> Archive:
+    """Unpickle `path` (or the archive at bytes [start, start + length) of it) with the allowlist and locate its
+    storages; offsets are the file's. Raises Unreadable (or OSError)."""
     try:
-        with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
-            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-            if len(pickles) != 1:
-                raise Unreadable("not one data.pkl")
-            prefix = pickles[0].filename.removesuffix("data.pkl")
-            if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
-                raise Unreadable("a big-endian archive")
-            with z.open(pickles[0]) as f:
-                obj = _Unpickler(f).load()
-            offsets = {}
-            for info in z.infolist():
-                if not info.filename.startswith(prefix + "data/"):
-                    continue
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise Unreadable(f"{info.filename} is compressed")
-                raw.seek(info.header_offset)
-                sig, name_len, extra_len = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
-                if sig != b"PK\x03\x04":
-                    raise Unreadable(f"{info.filename} has no local header")
-                start = info.header_offset + 30 + name_len + extra_len
-                offsets[info.filename.removeprefix(prefix + "data/")] = (start, info.file_size)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size - start if length is None else length
+            window = _Window(f.fileno(), start, size)
+            with zipfile.ZipFile(window) as z:
+                return _read(path, z, window)
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError,
             AttributeError, IndexError, KeyError) as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from None
+
+
+def _read(path: Path, z: zipfile.ZipFile, window: _Window) -> Archive:
+    pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+    if len(pickles) != 1:
+        raise Unreadable("not one data.pkl")
+    prefix = pickles[0].filename.removesuffix("data.pkl")
+    if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
+        raise Unreadable("a big-endian archive")
+    with z.open(pickles[0]) as f:
+        obj = _Unpickler(f).load()
+    offsets = {}
+    for info in z.infolist():
+        if not info.filename.startswith(prefix + "data/"):
+            continue
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise Unreadable(f"{info.filename} is compressed")
+        window.seek(info.header_offset)
+        sig, name_len, extra_len = _LOCAL_HEADER.unpack(window.read(_LOCAL_HEADER.size))
+        if sig != b"PK\x03\x04":
+            raise Unreadable(f"{info.filename} has no local header")
+        data = window.start + info.header_offset + 30 + name_len + extra_len
+        offsets[info.filename.removeprefix(prefix + "data/")] = (data, info.file_size)
     return Archive(path, obj, offsets)

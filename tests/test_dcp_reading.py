@@ -1,0 +1,91 @@
+"""Reading megatron-core's torch_dist checkpoints without torch.distributed.checkpoint: the `.metadata` records equal
+what DCP's own reader returns, every chunk is read from its storage's bytes (straight into the output where it
+fills a contiguous slice of it) and equals torch.load of its blob, and DCP is never imported to merge."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from hubexport.sources import dcp
+from hubexport.sources.dcp import read_metadata, read_region, tensor_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torch_load(dist_dir: Path, c: dcp.StoredChunk, key: str) -> torch.Tensor:
+    with open(dist_dir / c.file, "rb") as f:
+        f.seek(c.start)
+        return torch.load(io.BytesIO(f.read(c.length)), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(params=[("mcore_tp1", "untied"), ("mcore_tp2pp2", "v1"), ("mcore_moe_ep2", "ep2")],
+                ids=["tp1", "tp2pp2", "moe_ep2"])
+def dist_dir(request) -> Path:
+    fixture, name = request.param
+    cases = request.getfixturevalue(fixture)
+    case = cases[name]
+    return next(p.parent for p in case.actor.rglob(".metadata"))
+
+
+def test_metadata_records_equal_dcps_own_reader(dist_dir):
+    ours, theirs = read_metadata(dist_dir), FileSystemReader(dist_dir).read_metadata()
+    assert set(ours.state_dict_metadata) == set(theirs.state_dict_metadata)
+    tensors = 0
+    for key, want in theirs.state_dict_metadata.items():
+        got = ours.state_dict_metadata[key]
+        if not hasattr(want, "chunks"):
+            assert not isinstance(got, dcp.TensorStorageMetadata), key
+            continue
+        tensors += 1
+        assert isinstance(got, dcp.TensorStorageMetadata), key
+        assert (tuple(got.size), got.properties.dtype) == (tuple(want.size), want.properties.dtype), key
+        assert [(tuple(c.offsets), tuple(c.sizes)) for c in got.chunks] == \
+            [(tuple(c.offsets), tuple(c.sizes)) for c in want.chunks], key
+    assert tensors > 5
+    stored = {(i.fqn, None if i.offset is None else tuple(i.offset)): (s.relative_path, s.offset, s.length)
+              for i, s in theirs.storage_data.items()}
+    assert {(i.fqn, None if i.offset is None else tuple(i.offset)): (s.relative_path, s.offset, s.length)
+            for i, s in ours.storage_data.items()} == stored
+    assert getattr(ours, "mcore_data", None) == getattr(theirs, "mcore_data", None)
+
+
+def test_every_chunk_is_read_from_its_storage_bytes(dist_dir):
+    index = tensor_index(read_metadata(dist_dir))
+    chunks = 0
+    for t in index.values():
+        for c in t.chunks:
+            assert dcp._stored(dist_dir / c.file, c) is not None, (t.key, c)
+            got, want = dcp._load_blob(dist_dir, c, t.key), _torch_load(dist_dir, c, t.key)
+            assert got.dtype == want.dtype and torch.equal(got, want), t.key
+            chunks += 1
+        lead = [()] if len(t.shape) < 3 else [(i,) for i in range(t.shape[0])]  # stacked layers, one at a time
+        for at in lead:
+            direct, pasted = read_region(dist_dir, t, at), read_region(dist_dir, t, at, load=_torch_load)
+            assert direct.dtype == pasted.dtype and torch.equal(direct, pasted), (t.key, at)
+    assert chunks > len(index) / 2
+
+
+READ = """
+import json, sys
+from pathlib import Path
+from hubexport.sources.dcp import read_metadata, read_region, tensor_index
+d = Path(sys.argv[1])
+for t in tensor_index(read_metadata(d)).values():
+    read_region(d, t, (0,) * (len(t.shape) >= 3))
+print(json.dumps("torch.distributed.checkpoint" in sys.modules))
+"""
+
+
+def test_reading_never_imports_torch_distributed_checkpoint(dist_dir):
+    out = subprocess.run([sys.executable, "-c", READ, str(dist_dir)], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert json.loads(out.strip().splitlines()[-1]) is False
