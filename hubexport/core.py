@@ -39,6 +39,9 @@ class Group:
     outputs: tuple[TensorSpec, ...]
     convert: Callable[[Tensors], Tensors]
     passthrough: bool = False  # outputs are the inputs unchanged, so their bytes may be copied without being read
+    # A one-input group whose every output is rows of its input (a row gather: split q/k/v, gate/up, a vocabulary
+    # trimmed): per output, its (start, stop) row ranges in order, so their bytes may be copied without being read.
+    rows: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class FileSlices:
     @property
     def nbytes(self) -> int:
         return sum(n for _, _, n in self.parts)
+
+    def take(self, ranges: tuple[tuple[int, int], ...]) -> FileSlices:
+        """The bytes [start, stop) of each range, in order, of what the parts hold back to back."""
+        out = []
+        for start, stop in ranges:
+            at = 0
+            for fd, offset, n in self.parts:
+                lo, hi = max(start, at), min(stop, at + n)
+                if lo < hi:
+                    out.append((fd, offset + lo - at, hi - lo))
+                at += n
+        return FileSlices(tuple(out))
 
 
 def natural_key(name: str) -> tuple:

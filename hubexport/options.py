@@ -21,6 +21,8 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, DTYPE_NAMES[name])
+
+
 LORA_MODES = ("adapter", "fuse", "both")
 
 

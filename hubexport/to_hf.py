@@ -12,7 +12,7 @@ import torch
 from transformers import PretrainedConfig
 
 from hubexport import lora, lora_export, mcore_lora, merge_recipe
-from hubexport.core import FileSlices, TensorSpec
+from hubexport.core import FileSlices, Group, TensorSpec
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
@@ -187,21 +187,28 @@ class GroupCache:
 
     def fetch(self, spec: TensorSpec) -> torch.Tensor | FileSlices:
         index = self.group_of[spec.name]
-        if self.plan.groups[index].passthrough and (found := self._slices(spec)) is not None:
+        if (found := self._slices(self.plan.groups[index], spec)) is not None:
             return found
         if index != self._index:
             self._outputs, self._index = self.run(index), index
         t = self._outputs.pop(spec.name)
         return t.to(spec.dtype) if t.dtype != spec.dtype else t
 
-
-    def _slices(self, spec: TensorSpec) -> FileSlices | None:
-        """An output that is a source tensor unchanged, in its own dtype, whose bytes the source can point at."""
+    def _slices(self, group: Group, spec: TensorSpec) -> FileSlices | None:
+        """An output that is a source tensor unchanged, or rows of one (a row gather), in its own dtype, whose
+        bytes the source can point at: copied file to file, never read."""
         slices = getattr(self.source, "slices", None)
-        source_spec = self.specs.get(spec.name)
-        if slices is None or source_spec is None or source_spec.dtype != spec.dtype:
+        if slices is None or len(group.inputs) != 1 or not (group.passthrough or group.rows is not None):
             return None
-        return slices(spec.name)
+        source_spec = self.specs.get(group.inputs[0])
+        if source_spec is None or source_spec.dtype != spec.dtype:
+            return None
+        whole = slices(group.inputs[0])
+        if whole is None or group.rows is None:
+            return whole
+        row_bytes = source_spec.nbytes // source_spec.shape[0] if source_spec.shape[0] else 0
+        ranges = group.rows[next(i for i, o in enumerate(group.outputs) if o.name == spec.name)]
+        return whole.take(tuple((a * row_bytes, b * row_bytes) for a, b in ranges))
 
 
 class HfJob:

@@ -1,6 +1,7 @@
 """Reading megatron-core's torch_dist checkpoints without torch.distributed.checkpoint: the `.metadata` records equal
 what DCP's own reader returns, every chunk is read from its storage's bytes (straight into the output where it
-fills a contiguous slice of it) and equals torch.load of its blob, and DCP is never imported to merge."""
+fills a contiguous slice of it) and equals torch.load of its blob, DCP is never imported to merge, and what is rows
+of a stored tensor is copied file to file."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from hubexport.core import FileSlices
 from hubexport.sources import dcp
 from hubexport.sources.dcp import read_metadata, read_region, tensor_index
+from hubexport.to_hf import GroupCache, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +81,7 @@ READ = """
 import json, sys
 from pathlib import Path
 from hubexport.sources.dcp import read_metadata, read_region, tensor_index
+from hubexport.to_hf import GroupCache, prepare
 d = Path(sys.argv[1])
 for t in tensor_index(read_metadata(d)).values():
     read_region(d, t, (0,) * (len(t.shape) >= 3))
@@ -89,3 +93,21 @@ def test_reading_never_imports_torch_distributed_checkpoint(dist_dir):
     out = subprocess.run([sys.executable, "-c", READ, str(dist_dir)], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert json.loads(out.strip().splitlines()[-1]) is False
+
+
+@pytest.mark.parametrize(("fixture", "name", "in_memory"), [
+    ("mcore_tp1", "untied", ()),
+    # TP splits row-parallel weights along their columns: each row's bytes are in two chunks
+    ("mcore_tp2pp2", "v1", (".self_attn.o_proj.", ".mlp.down_proj.")),
+])
+def test_megatron_tensors_are_copied_file_to_file(request, fixture, name, in_memory):
+    """Every output that is rows of one checkpoint tensor (norms, q/k/v, gate/up, the trimmed vocabulary) is copied
+    from the .distcp files without being read; only what TP split along columns is assembled in memory."""
+    prep = prepare(request.getfixturevalue(fixture)[name].actor)
+    cache = GroupCache(prep.plan, prep.source)
+    try:
+        copied = {s.name: isinstance(cache.fetch(s), FileSlices) for f in prep.plan.files for s in f.tensors}
+    finally:
+        prep.source.close()
+    assert {n for n, c in copied.items() if not c} == {n for n in copied if any(p in n for p in in_memory)}
+    assert any(".q_proj." in n for n, c in copied.items() if c) and any(".up_proj." in n for n, c in copied.items() if c)

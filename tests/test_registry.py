@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import MappingError
 from hubexport.mapping.hf_to_mcore import hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
-from hubexport.mapping.registry import Arch, R, config_flag, expand, expand_to_mcore
+from hubexport.mapping.registry import OPS, ROW_OPS, Arch, Dims, R, config_flag, expand, expand_to_mcore, row_plan
 
 M, H = "decoder.layers.{L}.", "model.layers.{L}."
 TOY = Arch(
@@ -275,3 +275,41 @@ def test_qwen3_vl_moe_expert_layout(hidden, inter, cfg_inter, published, want) -
         assert torch.equal(out[o.name], fused[e].T if want else fused[e])
     groups, _ = megatron_to_hf_groups({o.name: o for o in plan.outputs}, config, experts_transposed=want)
     assert {o.name: o.shape for g in groups for o in g.outputs} == {k: v.shape for k, v in specs.items()}
+
+
+ROW_CASES = [  # (op, dims, input shape)
+    ("copy", Dims(2, 3, 4, 10), (7, 5)),
+    ("copy", Dims(2, 3, 4, 10), (7,)),
+    ("qkv", Dims(2, 3, 4, 10), (2 * (3 + 2) * 4, 5)),  # GQA: 2 groups of 3 query heads, head_dim 4
+    ("qkv", Dims(2, 3, 4, 10), (2 * (3 + 2) * 4,)),  # its bias
+    ("qkv", Dims(4, 1, 2, 10), (4 * 3 * 2, 6)),  # MHA
+    ("vision_qkv", Dims(1, 1, 1, 10, vision_heads=3), (3 * 3 * 4, 5)),
+    ("gate_up", Dims(2, 3, 4, 10), (12, 5)),
+    ("vocab", Dims(2, 3, 4, 10), (16, 5)),  # padded vocabulary trimmed to 10 rows
+]
+
+
+@pytest.mark.parametrize(("op", "dims", "shape"), ROW_CASES)
+def test_a_row_plan_is_the_op_itself(op, dims, shape):
+    """The rows the writer copies for each output are the op's own output, bit for bit, on random weights."""
+    x = torch.randn(shape).to(torch.bfloat16)
+    outputs = OPS[op].to_hf((x,), dims)
+    plan = row_plan(op, dims, shape)
+    assert len(plan) == len(outputs)
+    for out, ranges in zip(outputs, plan, strict=True):
+        gathered = torch.cat([x[a:b] for a, b in ranges])
+        assert gathered.shape == out.shape and torch.equal(gathered, out)
+
+
+def test_ops_that_are_not_row_gathers_have_no_plan():
+    assert row_plan("experts", Dims(2, 3, 4, 10), (4, 5, 6)) is None
+    assert {"copy", "qkv", "gate_up", "vocab"} <= ROW_OPS
+
+
+def test_file_slices_take_byte_ranges_across_parts():
+    parts = FileSlices(((3, 100, 10), (4, 0, 5), (3, 50, 20)))  # 35 bytes back to back
+    flat = [(fd, off + i) for fd, off, n in parts.parts for i in range(n)]
+    ranges = ((0, 3), (8, 17), (34, 35), (20, 20))
+    taken = parts.take(ranges)
+    assert [(fd, off + i) for fd, off, n in taken.parts for i in range(n)] == [x for a, b in ranges for x in flat[a:b]]
+    assert taken.nbytes == 3 + 9 + 1

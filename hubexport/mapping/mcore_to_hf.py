@@ -12,7 +12,7 @@ from hubexport.core import Group, TensorSpec
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
-from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes
+from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes, row_plan
 
 OUTPUT = "output_layer.weight"
 EMBED = "embedding.word_embeddings.weight"
@@ -142,8 +142,9 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
             ) from e
         dtype = metas[b.mcore[0]].dtype
         outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.hf, shapes, strict=True))
+        rows = row_plan(b.op, dims, metas[b.mcore[0]].shape) if len(b.mcore) == 1 else None
         groups.append(Group(inputs=b.mcore, outputs=outputs,
-                            convert=functools.partial(apply_to_hf, b.op, dims, b.mcore, b.hf)))
+                            convert=functools.partial(apply_to_hf, b.op, dims, b.mcore, b.hf), rows=rows))
     if "score.weight" in {n for b in heads for n in b.hf}:
         # HF's score head has a bias; verl's value head has none, so the exact equivalent is a zero bias
         spec = TensorSpec("score.bias", (1,), metas[OUTPUT].dtype)

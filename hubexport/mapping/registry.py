@@ -305,6 +305,29 @@ def apply_to_mcore(op: str, dims: Dims, hf_names: tuple[str, ...], mcore_names: 
     return {name: t.contiguous() for name, t in zip(mcore_names, results, strict=True)}
 
 
+# The ops whose every output is whole rows (dim-0 slices) of their one input, concatenated: bytes the writer can copy.
+ROW_OPS = frozenset({"copy", "qkv", "vision_qkv", "gate_up", "vocab"})
+
+
+def row_plan(op: str, dims: Dims, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """For a ROW_OPS op on one input of `shape`: each output's input rows as (start, stop) ranges, found by running
+    the op itself on the row numbers (so the plan cannot drift from the op); None for any other op."""
+    if op not in ROW_OPS or not shape:
+        return None
+    index = torch.arange(shape[0]).reshape(shape[0], *([1] * (len(shape) - 1)))
+    plans = []
+    for out in OPS[op].to_hf((index,), dims):
+        rows = out.reshape(-1).tolist()
+        ranges: list[list[int]] = []
+        for r in rows:
+            if ranges and ranges[-1][1] == r:
+                ranges[-1][1] += 1
+            else:
+                ranges.append([r, r + 1])
+        plans.append(tuple((a, b) for a, b in ranges))
+    return tuple(plans)
+
+
 def output_shapes(op: str, dims: Dims, shapes: list[tuple[int, ...]], *,
                   to_mcore: bool = False) -> list[tuple[int, ...]]:
     """Run the op on meta tensors: output shapes without bytes, and shape errors surface before any read."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 
 from hubexport.errors import CheckpointError
 from hubexport.sources.pread import read_into, read_tensor
+from hubexport.sources.shards import one_run
 from hubexport.sources.torchsave import Tensor, Unreadable, read_archive
 
 
@@ -221,6 +223,11 @@ def _stored(path: Path, c: StoredChunk) -> tuple[int, Tensor] | None:
     return None if where is None or where[0] + where[1] > c.start + c.length else (where[0], t)
 
 
+def _lead_skip(c: StoredChunk, lead: tuple[int, ...], stored: Tensor) -> int:
+    """Elements from the start of the chunk's tensor to its part at the fixed leading indices `lead`."""
+    return sum((i - o) * s for i, o, s in zip(lead, c.offsets, stored.stride, strict=False))
+
+
 def _read_into(path: Path, c: StoredChunk, lead: tuple[int, ...], dst: torch.Tensor) -> bool:
     """Read the chunk's part of `t[lead]` straight into `dst`, the contiguous slice of the output it fills: no copy
     of the chunk in memory at all. False when the blob is not a plain tensor of the output's dtype."""
@@ -228,13 +235,36 @@ def _read_into(path: Path, c: StoredChunk, lead: tuple[int, ...], dst: torch.Ten
     if found is None or found[1].dtype != str(dst.dtype).removeprefix("torch."):
         return False
     offset, t = found
-    skip = sum((i - o) * s for i, o, s in zip(lead, c.offsets, t.stride, strict=False)) * dst.element_size()
+    skip = _lead_skip(c, lead, t) * dst.element_size()
     try:
         with open(path, "rb") as f:
             read_into(f.fileno(), offset + skip, dst)
     except OSError:
         return False
     return True
+
+
+def region_runs(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[tuple[str, int, int]] | None:
+    """Where `t[lead]`'s bytes lie back to back in the .distcp files, as (file, offset, length) runs: when every
+    chunk's part is one run of the region's row-major bytes (chunks split along its first axis, or one chunk) and a
+    plain torch.save blob. None otherwise (read_region then assembles it in memory)."""
+    n = len(lead)
+    shape = t.shape[n:]
+    pieces = []
+    for c in t.chunks:
+        if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
+            continue
+        found = _stored(dist_dir / c.file, c)
+        if found is None or found[1].dtype != str(t.dtype).removeprefix("torch.") or not one_run(shape, c.offsets[n:],
+                                                                                                  c.sizes[n:]):
+            return None
+        offset, stored = found
+        skip = _lead_skip(c, lead, stored) * t.dtype.itemsize
+        pieces.append((c.offsets[n:], (c.file, offset + skip, math.prod(c.sizes[n:]) * t.dtype.itemsize)))
+    pieces.sort()
+    if sum(length for _, (_, _, length) in pieces) != math.prod(shape) * t.dtype.itemsize:
+        return None
+    return [run for _, run in pieces]
 
 
 def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region, one_run
 from hubexport.sources.torchsave import ITEMSIZE, Archive, Stub, Tensor, Unreadable, Wrapper, read_archive
 
 Run = tuple[int, int, int]  # (index of the rank file, file offset, length)
@@ -80,7 +80,7 @@ def _dtensor(archives: list[Archive], name: str, t: Wrapper) -> Located | None:
         offsets, sizes = local_region(t.shape, mesh_shape, coord, placements)
         if not isinstance(lt, Tensor) or lt.shape != sizes or lt.dtype != t.dtype:
             return None
-        if not _one_run(t.shape, offsets, sizes):
+        if not one_run(t.shape, offsets, sizes):
             return None  # not a run of the global tensor's bytes: assembled in memory by the torch source
         if lt.numel:
             where = archives[rank].byte_range(lt)
@@ -91,13 +91,6 @@ def _dtensor(archives: list[Archive], name: str, t: Wrapper) -> Located | None:
     if sum(n for *_, n in pieces) != math.prod(t.shape):
         return None
     return Located(t.shape, t.dtype, tuple(run for _, run, _ in pieces))
-
-
-def _one_run(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
-    """A region is one run of the global tensor's row-major bytes when it spans every dimension but one, and the
-    dimensions before that one have size 1 (Shard(0), or Shard(1) of a [1, H] value head)."""
-    cut = [i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full]
-    return len(cut) <= 1 and all(shape[i] == 1 for i in range(cut[0] if cut else 0))
 
 
 def _saved_by(local: Wrapper, rank: int) -> bool:

@@ -10,15 +10,16 @@ so mappings never see the storage layout and a read costs one layer (or one expe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hubexport.core import TensorSpec
+from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources import Source
-from hubexport.sources.dcp import DcpTensor, read_metadata, read_region, tensor_index
+from hubexport.sources.dcp import DcpTensor, read_metadata, read_region, region_runs, tensor_index
 
 NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "lr_scheduler", "common_state")
 GROUPED_EXPERTS = ".mlp.experts.experts."
@@ -81,6 +82,8 @@ class TorchDistSource(Source):
         self._tensors: dict[str, DcpTensor] = {}
         self._entries: dict[str, _Entry] = {}
         self._specs: dict[str, TensorSpec] = {}
+        self._fds: dict[str, int] = {}
+        self._runs: dict[str, list[tuple[str, int, int]] | None] = {}
         for key, t in index.items():
             if not _is_model_key(key):
                 continue
@@ -111,8 +114,24 @@ class TorchDistSource(Source):
             raise KeyError(name)
         return read_region(self.dir, self._tensors[entry.key], entry.lead)
 
+    def slices(self, name: str) -> FileSlices | None:
+        """Where the tensor's bytes already lie back to back in the .distcp files (copied file to file by the
+        writer); None when they do not (a row-parallel weight split along its columns by TP...)."""
+        entry = self._entries[name]
+        if name not in self._runs:  # a group's outputs ask for the same input one after another
+            self._runs = {name: region_runs(self.dir, self._tensors[entry.key], entry.lead)}
+        runs = self._runs[name]
+        return None if runs is None else FileSlices(tuple((self._fd(f), o, n) for f, o, n in runs))
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.dir / file, os.O_RDONLY)
+        return self._fds[file]
+
     def close(self) -> None:
-        pass
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def check_complete(dist_dir: Path) -> None:

@@ -41,3 +41,10 @@ def covering_coords(mesh_shape: tuple[int, ...], placements: tuple[MeshPlacement
         span = range(n) if p.kind == "shard" else range(1)
         coords = [(*c, i) for c in coords for i in span]
     return coords
+
+
+def one_run(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+    """A region is one run of the global tensor's row-major bytes when it spans every dimension but one, and the
+    dimensions before that one have size 1 (Shard(0), or Shard(1) of a [1, H] value head)."""
+    cut = [i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full]
+    return len(cut) <= 1 and all(shape[i] == 1 for i in range(cut[0] if cut else 0))
