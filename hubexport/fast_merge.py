@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from hubexport import merge_recipe
@@ -44,16 +45,21 @@ def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
     if files is None:
         return None
     fast = FastJob(Path(local_dir), layout, recipe, found, files)
-    if not fast.checks_hold():  # the full path reads them again, and says which tensors differ
-        fast.close()
-        return None
-    return fast
+    try:
+        if fast.checks_hold():
+            return fast
+    except OSError:  # a rank file shorter than its index: the full path says which
+        pass
+    fast.close()  # the full path reads them again, and says which tensors differ
+    return None
 
 
 def _files(recipe: Recipe, found: dict[str, Located]) -> list[tuple[str, bytes, list[str]]] | None:
     """(name, header, tensor names in order) of each output file; None when the recipe does not fit the tensors."""
     out = []
     for name, text in recipe.files:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            return None  # a file name next to the others, never a path
         head = text.encode("latin-1")
         try:
             (n,) = struct.unpack("<Q", head[:8])
@@ -109,7 +115,7 @@ class FastJob:
         return sum(n for *_, n in a) == sum(n for *_, n in b) and all(
             x == y for x, y in zip(self._chunks(a), self._chunks(b), strict=False))
 
-    def _chunks(self, runs: tuple[Run, ...]):
+    def _chunks(self, runs: tuple[Run, ...]) -> Iterator[bytes]:
         """The bytes of `runs` in pieces of at most CHUNK, cut at the same places for any runs of equal length."""
         pending = b""
         for rank, offset, n in runs:

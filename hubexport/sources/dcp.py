@@ -17,7 +17,7 @@ import torch
 from hubexport.errors import CheckpointError
 from hubexport.sources.pread import read_into, read_tensor
 from hubexport.sources.shards import one_run
-from hubexport.sources.torchsave import Tensor, Unreadable, read_archive
+from hubexport.sources.torchsave import Tensor, Unreadable, object_state, read_archive
 
 
 class _Record:
@@ -33,11 +33,10 @@ class _Record:
         pass
 
     def __setstate__(self, state: object) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (__dict__, slots)
-            state = {**(state[0] or {}), **state[1]}
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"{type(self).__name__} with state {type(state).__name__}")
-        self.__dict__.update(state)
+        try:
+            self.__dict__.update(object_state(state))
+        except Unreadable as e:
+            raise pickle.UnpicklingError(f"{type(self).__name__}: {e}") from None
 
     def __getattr__(self, name: str) -> object:  # a field an older writer did not pickle
         if name.startswith("__"):

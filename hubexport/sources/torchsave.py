@@ -81,7 +81,7 @@ class Stub:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        self.state = _state(state)
+        self.state = object_state(state)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.state.get(key, default)
@@ -115,7 +115,7 @@ def _rebuild_wrapper_subclass(cls: Any, dtype: str, size: tuple, stride: tuple, 
     return Wrapper(cls, dtype, tuple(int(s) for s in size))
 
 
-def _state(state: Any) -> dict[str, Any]:
+def object_state(state: Any) -> dict[str, Any]:
     """A pickled object state: a dict, or (dict, slots) as `copyreg` writes it for classes with slots."""
     if isinstance(state, tuple) and len(state) == 2:
         state = {**(state[0] or {}), **(state[1] or {})}
@@ -130,12 +130,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> 
     obj = func(*args)
     if obj.cls is not new_type:
         raise Unreadable("tensor subclass changed on rebuild")
-    obj.state = _state(state)
+    obj.state = object_state(state)
     return obj
-
-
-def _dtype(name: str) -> str:
-    return name
 
 
 def _size(*shape: Any) -> tuple[int, ...]:
