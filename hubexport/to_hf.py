@@ -28,6 +28,8 @@ from hubexport.result import OnFile, Result, WrittenFile
 from hubexport.safetensors_format import INDEX_NAME, check_complete, header_bytes, index_json
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
+from hubexport.sources.fsdp_files import locate
+from hubexport.sources.fsdp_located import LocatedFsdpSource
 from hubexport.writers.safetensors import write_file
 
 
@@ -48,8 +50,9 @@ class Prepared:
 
 
 def open_source(layout: Layout) -> Source:
-    if layout.format == "fsdp":
-        return FsdpSource(layout.files)
+    if layout.format == "fsdp":  # without torch's unpickler (and the DTensor import) when every tensor is byte runs
+        located = locate(layout.files)
+        return FsdpSource(layout.files) if located is None else LocatedFsdpSource(layout.files, located)
     if layout.format == "megatron":  # torch.distributed.checkpoint takes ~1.5 s to import: only for these
         from hubexport.sources.mcore import open_megatron_source
 

@@ -1,12 +1,15 @@
 """The torch-free merge (`hubexport/fast_merge.py`) against the full path it repeats: for every FSDP layout of the
 test matrix, a second merge of the same checkpoint writes the first merge's folder byte for byte and reports the
 same result; it imports neither torch nor transformers; and whatever it cannot vouch for (a changed tensor, config
-or rank file, a pickle naming anything else) goes to the full path, whose checks and errors stay as they were."""
+or rank file, a pickle naming anything else) goes to the full path, whose checks and errors stay as they were. The
+full path itself reads such rank files without torch's unpickler (`sources/fsdp_located.py`), bit for bit as the
+DTensor source does."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +20,14 @@ import torch
 
 from hubexport import fast_merge
 from hubexport.cli_output import jsonable
+from hubexport.detect import detect
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.executor import merge
+from hubexport.mapping.ops import same_bytes
 from hubexport.options import MergeOptions, Output
+from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.fsdp_files import locate
+from hubexport.sources.fsdp_located import LocatedFsdpSource
 from hubexport.sources.torchsave import Unreadable, read_archive
 from tests.fsdp_cases import CASES, actor_dir
 from tests.tree import tree_hash
@@ -197,3 +204,42 @@ def test_the_reader_finds_each_storage_where_torch_maps_it(tmp_path):
         assert raw[offset:offset + length] == t.contiguous().view(torch.uint8).numpy().tobytes(), name
     assert archive.byte_range(archive.obj["a"]) is not None
     assert read_archive(tmp_path / "t.pt").obj["b"].offset == 3
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_located_source_reads_what_torch_reads(name, fsdp_root):
+    """The full path reads rank files without torch's unpickler when every tensor is byte runs: the same specs and
+    the same bits as the DTensor source, tensor by tensor (only dim-1 sharding is left to the DTensor source)."""
+    files = detect(actor_dir(fsdp_root, name)).files
+    located = locate(files)
+    assert (located is None) == (name == "qwen2_fsdp2_w2_dim1")
+    if located is None:
+        return
+    ours, torchs = LocatedFsdpSource(files, located), FsdpSource(files)
+    try:
+        assert ours.metas() == torchs.metas()
+        for n in ours.metas():
+            assert same_bytes(ours.read(n), torchs.read(n)), n
+    finally:
+        ours.close()
+        torchs.close()
+
+
+def test_a_buffer_that_differs_between_ranks_is_refused(fsdp_root, tmp_path):
+    """A plain tensor every rank holds must be the same on every rank, whichever source reads it."""
+    shutil.copytree(actor_dir(fsdp_root, "dsv3_fsdp2_w2"), tmp_path / "actor")
+    files = detect(tmp_path / "actor").files
+    name, t = next((n, t) for n, t in locate(files).items() if t.replicas)
+    rank, offset, _ = t.replicas[0]
+    with open(files[rank], "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    for source in (LocatedFsdpSource(files, locate(files)), FsdpSource(files)):
+        try:
+            with pytest.raises(CheckpointError, match=re.escape(f"{name} differs between {files[0].name} and "
+                                                                f"{files[rank].name}")):
+                source.read(name)
+        finally:
+            source.close()

@@ -52,6 +52,11 @@ def load_rank_file(path: Path) -> dict[str, Any]:
     return sd
 
 
+def replica_mismatch(name: str, first: Path, other: Path) -> CheckpointError:
+    return CheckpointError(f"{name} differs between {first.name} and {other.name}",
+                           hint="an unsharded tensor must be identical on every rank; the files are from different steps")
+
+
 def _placements(t: Any, path: Path, name: str) -> tuple[MeshPlacement, ...]:
     out = []
     for p in t.placements:
@@ -175,10 +180,7 @@ class FsdpSource:
         for path, sd in zip(self.files[1:], self._sds[1:], strict=True):
             other = sd[name]
             if isinstance(other, self._dtensor) or not same_bytes(other, t):
-                raise CheckpointError(
-                    f"{name} differs between {self.files[0].name} and {path.name}",
-                    hint="an unsharded tensor must be identical on every rank; the files are from different steps",
-                )
+                raise replica_mismatch(name, self.files[0], path)
             self._pages.release(other)
         out = t.clone()
         self._pages.release(t)
