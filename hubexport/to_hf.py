@@ -291,7 +291,7 @@ class HfJob:
         [planned] = exp.plan.files
         path = folder / "adapter_model.safetensors"
         sha = write_file(path, list(planned.tensors), GroupCache(exp.plan, self.prep.source).fetch)
-        _check_complete(path, planned.tensors)
+        check_complete(path, {t.name for t in planned.tensors})
         (folder / "adapter_config.json").write_text(json.dumps(exp.config, indent=2, sort_keys=True) + "\n")
         return WrittenFile(f"{lora.ADAPTER_DIR}/{path.name}", path.stat().st_size, sha)
 
@@ -301,7 +301,7 @@ class HfJob:
         if p.lora is not None and not p.lora.writes_base:
             return  # the adapter alone: a config.json without weights would pass for a broken model
         for f in p.plan.files:
-            _check_complete(tmp / f.name, f.tensors)
+            check_complete(tmp / f.name, {t.name for t in f.tensors})
         if p.plan.sharded:
             (tmp / INDEX_NAME).write_text(index_json(p.plan.weight_map(), p.plan.total_size))
         p.config.dtype = dominant_dtype(p.plan)
@@ -332,7 +332,4 @@ class HfJob:
     def done(self, result: Result) -> str:
         return done_line(result, len(self.prep.plan.files), f" + {lora.ADAPTER_DIR}/" if self.writes_adapter else "")
 
-
-def _check_complete(path: Path, tensors: tuple[TensorSpec, ...]) -> None:
-    check_complete(path, {t.name for t in tensors})
 

@@ -17,31 +17,17 @@ import torch
 from hubexport.errors import CheckpointError
 from hubexport.sources.pread import read_into, read_tensor
 from hubexport.sources.shards import one_run
-from hubexport.sources.torchsave import Tensor, Unreadable, object_state, read_archive
+from hubexport.sources.torchsave import Stub, Tensor, Unreadable, as_size, read_archive
 
 
-class _Record:
-    """A pickled plain-data class of DCP's metadata, read as its fields (torch.distributed.checkpoint is never
-    imported to read a checkpoint: ~1.5 s and ~50 MB)."""
+class _Record(Stub):
+    """A pickled plain-data class of DCP's metadata, its fields read as attributes (torch.distributed.checkpoint is
+    never imported to read a checkpoint: ~1.5 s and ~50 MB). A field an older writer did not pickle is None."""
 
-    def __new__(cls, *args: object, **kwargs: object) -> _Record:
-        obj = super().__new__(cls)
-        obj.args = args
-        return obj
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        try:
-            self.__dict__.update(object_state(state))
-        except Unreadable as e:
-            raise pickle.UnpicklingError(f"{type(self).__name__}: {e}") from None
-
-    def __getattr__(self, name: str) -> object:  # a field an older writer did not pickle
+    def __getattr__(self, name: str) -> object:
         if name.startswith("__"):
             raise AttributeError(name)
-        return None
+        return self.state.get(name)
 
 
 class Metadata(_Record):
@@ -70,15 +56,11 @@ class MetadataIndex(_Record):
         return isinstance(other, MetadataIndex) and (self.fqn, self.offset) == (other.fqn, other.offset)
 
 
-def _size(*dims: object) -> tuple[int, ...]:
-    return tuple(int(d) for d in (dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims))
-
-
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _DCP = "torch.distributed.checkpoint"
 _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-    ("torch", "Size"): _size,
+    ("torch", "Size"): as_size,
     ("torch.serialization", "_get_layout"): str,  # strided layouts pickle through it
     # StorageMeta.checkpoint_id may be the writer's path object
     **{("pathlib", n): getattr(__import__("pathlib"), n) for n in ("Path", "PosixPath", "PurePosixPath",

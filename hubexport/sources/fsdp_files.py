@@ -6,6 +6,7 @@ Partial, padding, nested mesh layouts, a file torch's loader would refuse) is `N
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -32,9 +33,20 @@ class Located:
 
 
 def locate(files: list[Path]) -> dict[str, Located] | None:
-    """Every tensor of the rank files, located; None when the files are not all of the simple kinds above."""
+    """Every tensor of the rank files, located; None when the files are not all of the simple kinds above. The fast
+    path and then the full path ask for the same files: they are read once while unchanged (path, inode, size,
+    mtime). Callers must not change what it returns."""
     try:
-        archives = [read_archive(f) for f in files]
+        stamps = tuple((str(f), st.st_ino, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)])
+    except OSError:
+        return None
+    return _locate(stamps)
+
+
+@functools.lru_cache(maxsize=1)
+def _locate(stamps: tuple[tuple[str, int, int, int], ...]) -> dict[str, Located] | None:
+    try:
+        archives = [read_archive(Path(f)) for f, *_ in stamps]
     except (Unreadable, OSError):
         return None
     first = archives[0].obj

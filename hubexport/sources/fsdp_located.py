@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hubexport.core import FileSlices, TensorSpec
+from hubexport.mapping.ops import same_bytes
 from hubexport.sources.fsdp import replica_mismatch
 from hubexport.sources.fsdp_files import Located, Run
 from hubexport.sources.pread import read_into
@@ -28,7 +29,7 @@ class LocatedFsdpSource:
         t, spec = self._located[name], self._specs[name]
         out = self._read_runs(t.runs, spec)
         for replica in t.replicas:  # a plain tensor every rank holds: all copies must agree
-            if not torch.equal(self._read_runs((replica,), spec).view(torch.uint8), out.view(torch.uint8)):
+            if not same_bytes(self._read_runs((replica,), spec), out):
                 raise replica_mismatch(name, self.files[t.runs[0][0]], self.files[replica[0]])
         return out
 

@@ -134,7 +134,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> 
     return obj
 
 
-def _size(*shape: Any) -> tuple[int, ...]:
+def as_size(*shape: Any) -> tuple[int, ...]:
+    """`torch.Size(...)` as the plain tuple it is."""
     return tuple(int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape))
 
 
@@ -146,7 +147,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch.serialization", "_get_layout"): str,
     ("torch", "device"): str,
-    ("torch", "Size"): _size,
+    ("torch", "Size"): as_size,
     **{("torch", n): n for n in ITEMSIZE},
     **{(m, "DTensor"): _stub("DTensor") for m in (f"{_DIST}.tensor", f"{_DIST}.tensor._api", f"{_DIST}._tensor.api")},
     **{(m, n): _stub(n) for n in ("DTensorSpec", "TensorMeta", "ShardOrderEntry")
