@@ -39,15 +39,19 @@ class Group:
     outputs: tuple[TensorSpec, ...]
     convert: Callable[[Tensors], Tensors]
     passthrough: bool = False  # outputs are the inputs unchanged, so their bytes may be copied without being read
-    # A one-input group whose every output is rows of its input (a row gather: split q/k/v, gate/up, a vocabulary
-    # trimmed): per output, its (start, stop) row ranges in order, so their bytes may be copied without being read.
+    # A group whose every output is rows of its inputs (a row gather: q/k/v split or joined, gate/up, a vocabulary
+    # trimmed or padded): per output, its (start, stop) ranges of the inputs' rows back to back (rows past them are
+    # zeros), so their bytes may be copied without being read.
     rows: tuple[tuple[tuple[int, int], ...], ...] | None = None
+
+
+ZEROS = -1  # a FileSlices part from this "file descriptor" is that many zero bytes
 
 
 @dataclass(frozen=True)
 class FileSlices:
     """A tensor's bytes as they already lie in checkpoint files: (fd, offset, length) parts, back to back, so a
-    writer can copy them file to file (kernel-side) instead of through memory."""
+    writer can copy them file to file (kernel-side) instead of through memory. A part of fd ZEROS is zeros."""
 
     parts: tuple[tuple[int, int, int], ...]
 

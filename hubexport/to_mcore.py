@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hubexport.core import Group
+from hubexport.core import ZEROS, FileSlices, Group
 from hubexport.dist import Dist
 from hubexport.errors import ConfigError, MappingError
 from hubexport.hfdir import load_config
@@ -21,7 +21,20 @@ from hubexport.result import MegatronFacts, OnFile, Result, WrittenFile
 from hubexport.sources.hf import SafetensorsSource
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.sources.quantized import dequantized, without_quantization
-from hubexport.writers.mcore import Chunk, assign_ranks, extra_state_modules, placement, process_group, save_torch_dist
+from hubexport.writers.mcore import (
+    Chunk,
+    Entry,
+    Produced,
+    assign_ranks,
+    extra_state_blob,
+    extra_state_modules,
+    file_name,
+    metadata_bytes,
+    placement,
+    plan_files,
+    write_common,
+    write_rank,
+)
 
 
 class McoreJob:
@@ -35,9 +48,9 @@ class McoreJob:
         self.model, self.options, self.dist = model, options, dist
         self.inputs = (hf_dir,)
         config = load_config(hf_dir, hf_dir, trust_remote_code=options.trust_remote_code)
-        self.files = SafetensorsSource(hf_dir)
+        self.hf_files = SafetensorsSource(hf_dir)
         # FP8 block-quantized weights (DeepSeek-V3 as published) are dequantized as they are read; scales never leave
-        self.source = dequantized(self.files, config, dtype=torch_dtype(options.dtype or "bf16"),
+        self.source = dequantized(self.hf_files, config, dtype=torch_dtype(options.dtype or "bf16"),
                                   where=str(hf_dir / "config.json"))
         self.config = without_quantization(config)
         self.hf = self.source.metas()
@@ -45,8 +58,9 @@ class McoreJob:
         where = {"num_layers": self.plan.stacks, "num_experts": self.plan.num_experts, "stacked": self.plan.stacked}
         self.chunks = [Chunk(o, placement(o.name, **where)) for o in self.plan.outputs]
         self.owners = assign_ranks([c.spec.nbytes for c in self.chunks], dist.world_size)
-        self.extra = [placement(m + "._extra_state", **where)
-                      for m in extra_state_modules([c.spec.name for c in self.chunks], options.spec)]
+        extra = [placement(m + "._extra_state", **where)
+                 for m in extra_state_modules([c.spec.name for c in self.chunks], options.spec)]
+        self.files = plan_files(self.chunks, self.owners, dist.world_size, extra, extra_state_blob(options.spec))
 
     def result(self, command: str, target: Path) -> Result:
         plan, hf = self.plan, self.hf
@@ -65,7 +79,7 @@ class McoreJob:
             dtype=str(max(dtypes, key=dtypes.__getitem__)).removeprefix("torch."),
             num_parameters=sum(math.prod(s.shape) for s in hf.values()), tied_embeddings=plan.tied,
             value_model=plan.value_model, global_step=None, peak_tensor_bytes=peak,
-            notes=[*self.files.notes, *plan.notes],
+            notes=[*self.hf_files.notes, *plan.notes],
             megatron=facts, resolved=self.model.as_json() if self.model.repo_id else None,
         )
 
@@ -86,27 +100,39 @@ class McoreJob:
                 g.convert({n: self.source.read(n) for n in g.inputs})
 
     def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
-        """Every rank saves its chunks (torch_dist files are not told one by one: nothing uploads them)."""
-        with process_group():
-            save_torch_dist(tmp, self.chunks, [o == dist.rank for o in self.owners], self._produce(),
-                            extra_states=self.extra, spec=self.options.spec)
+        """Every rank writes its own file (torch_dist files are not told one by one: nothing uploads them)."""
+        write_rank(tmp / file_name(dist.rank), self.files[dist.rank], self._produce())
         return []
 
-    def _produce(self) -> Callable[[str], torch.Tensor]:
+    def _produce(self) -> Callable[[Entry], Produced]:
         group_of: dict[str, Group] = {o.name: g for g in self.plan.groups for o in g.outputs}
         pending: dict[str, torch.Tensor] = {}  # the rest of the last group (a fused tensor's experts): read it once
 
-        def produce(name: str) -> torch.Tensor:
-            if name not in pending:
-                g = group_of[name]
+        def produce(entry: Entry) -> Produced:
+            g = group_of[entry.name]
+            if (rows := self._rows(g, entry.name)) is not None:
+                return rows
+            if entry.name not in pending:
                 pending.clear()
                 pending.update(g.convert({n: self.source.read(n) for n in g.inputs}))
-            return pending.pop(name)
+            return pending.pop(entry.name)
 
         return produce
 
+    def _rows(self, g: Group, name: str) -> FileSlices | None:
+        """An output made of the HF tensors' rows (and zero rows): their bytes, copied from the HF files."""
+        if g.rows is None or self.source is not self.hf_files:  # dequantized weights are made in memory
+            return None
+        specs = [self.hf[n] for n in g.inputs]
+        row_bytes = specs[0].nbytes // specs[0].shape[0] if specs[0].shape[0] else 0
+        ranges = g.rows[next(i for i, o in enumerate(g.outputs) if o.name == name)]
+        zeros = max((b for _, b in ranges), default=0) * row_bytes - sum(s.nbytes for s in specs)
+        parts = (*(p for n in g.inputs for p in self.hf_files.slices(n).parts), (ZEROS, 0, max(zeros, 0)))
+        return FileSlices(parts).take(tuple((a * row_bytes, b * row_bytes) for a, b in ranges))
+
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
-        """dist_checkpointing.save wrote every file, metadata included."""
+        """Rank 0, once every rank's file is in place: the checkpoint's metadata."""
+        write_common(tmp, metadata_bytes(self.files))
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """--test: re-read the written checkpoint through the reader and the tables' forward direction; every HF

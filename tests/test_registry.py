@@ -4,6 +4,7 @@ MTP); the real llama table checks the coverage errors both directions raise."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,18 @@ from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import MappingError
 from hubexport.mapping.hf_to_mcore import hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
-from hubexport.mapping.registry import OPS, ROW_OPS, Arch, Dims, R, config_flag, expand, expand_to_mcore, row_plan
+from hubexport.mapping.registry import (
+    OPS,
+    ROW_OPS,
+    Arch,
+    Dims,
+    R,
+    config_flag,
+    expand,
+    expand_to_mcore,
+    row_plan,
+    row_plan_to_mcore,
+)
 
 M, H = "decoder.layers.{L}.", "model.layers.{L}."
 TOY = Arch(
@@ -299,6 +311,27 @@ def test_a_row_plan_is_the_op_itself(op, dims, shape):
     for out, ranges in zip(outputs, plan, strict=True):
         gathered = torch.cat([x[a:b] for a, b in ranges])
         assert gathered.shape == out.shape and torch.equal(gathered, out)
+
+
+@pytest.mark.parametrize(("op", "dims", "shape"), ROW_CASES)
+def test_a_row_plan_to_mcore_is_the_op_itself(op, dims, shape):
+    """The other direction: the HF inputs (the op's to_hf outputs) joined again, padding rows taken from past the
+    inputs' rows as zeros, equal the op's to_mcore output on random weights."""
+    if op == "vocab":  # padded back to the rows it had
+        dims = dataclasses.replace(dims, padded_vocab=shape[0])
+    inputs = OPS[op].to_hf((torch.randn(shape).to(torch.bfloat16),), dims)
+    outputs = OPS[op].to_mcore(inputs, dims)
+    plan = row_plan_to_mcore(op, dims, [tuple(x.shape) for x in inputs])
+    rows = torch.cat([*inputs, torch.zeros((dims.padded_vocab or 0) + 16, *inputs[0].shape[1:], dtype=torch.bfloat16)])
+    assert len(plan) == len(outputs)
+    for out, ranges in zip(outputs, plan, strict=True):
+        gathered = torch.cat([rows[a:b] for a, b in ranges])
+        assert gathered.shape == out.shape and torch.equal(gathered, out)
+
+
+def test_a_row_plan_to_mcore_needs_rows_of_one_width():
+    assert row_plan_to_mcore("gate_up", Dims(2, 3, 4, 10), [(6, 5), (6, 4)]) is None
+    assert row_plan_to_mcore("experts", Dims(2, 3, 4, 10), [(4, 5, 6)]) is None
 
 
 def test_ops_that_are_not_row_gathers_have_no_plan():

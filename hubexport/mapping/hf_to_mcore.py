@@ -28,6 +28,7 @@ from hubexport.mapping.registry import (
     expand_to_mcore,
     hf_mtp_layers,
     output_shapes,
+    row_plan_to_mcore,
 )
 
 SPECS = ("te", "local")
@@ -191,7 +192,8 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
         dtype = dtypes.pop()
         outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.mcore, shapes, strict=True))
         groups.append(Group(inputs=b.hf, outputs=outputs,
-                            convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore)))
+                            convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore),
+                            rows=row_plan_to_mcore(b.op, dims, [hf[n].shape for n in b.hf])))
     assert arch.lm_prefix + EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
     return McorePlan(arch, groups + checks, n_layers, arch.num_experts(text), arch.stacked(config),
                      arch.layer_stacks(config), padded, tied, value, notes, architecture, transposed, mtp)

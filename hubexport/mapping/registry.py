@@ -309,22 +309,43 @@ def apply_to_mcore(op: str, dims: Dims, hf_names: tuple[str, ...], mcore_names: 
 ROW_OPS = frozenset({"copy", "qkv", "vision_qkv", "gate_up", "vocab"})
 
 
+def _ranges(rows: list[int]) -> tuple[tuple[int, int], ...]:
+    """Row numbers in order as (start, stop) ranges of consecutive rows."""
+    ranges: list[list[int]] = []
+    for r in rows:
+        if ranges and ranges[-1][1] == r:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([r, r + 1])
+    return tuple((a, b) for a, b in ranges)
+
+
 def row_plan(op: str, dims: Dims, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], ...] | None:
     """For a ROW_OPS op on one input of `shape`: each output's input rows as (start, stop) ranges, found by running
     the op itself on the row numbers (so the plan cannot drift from the op); None for any other op."""
     if op not in ROW_OPS or not shape:
         return None
     index = torch.arange(shape[0]).reshape(shape[0], *([1] * (len(shape) - 1)))
+    return tuple(_ranges(out.reshape(-1).tolist()) for out in OPS[op].to_hf((index,), dims))
+
+
+def row_plan_to_mcore(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """The HF → megatron direction of `row_plan`: each output's rows as (start, stop) ranges of the inputs' rows
+    back to back, where rows from the inputs' total on are zeros (a padded vocabulary's new rows, numbered in the
+    order they appear). None unless every input has the same row width (rows of different widths do not join)."""
+    if op not in ROW_OPS or not shapes or any(not s or s[1:] != shapes[0][1:] for s in shapes):
+        return None
+    total, base, index = sum(s[0] for s in shapes), 1, []
+    for s in shapes:  # 1-based, so that the zeros the op fills in are told apart from row 0
+        index.append(torch.arange(base, base + s[0]).reshape(s[0], *([1] * (len(s) - 1))))
+        base += s[0]
     plans = []
-    for out in OPS[op].to_hf((index,), dims):
-        rows = out.reshape(-1).tolist()
-        ranges: list[list[int]] = []
-        for r in rows:
-            if ranges and ranges[-1][1] == r:
-                ranges[-1][1] += 1
-            else:
-                ranges.append([r, r + 1])
-        plans.append(tuple((a, b) for a, b in ranges))
+    for out in OPS[op].to_mcore(tuple(index), dims):
+        rows, zeros = [], total
+        for r in out.reshape(-1).tolist():
+            rows.append(r - 1 if r else zeros)
+            zeros += not r
+        plans.append(_ranges(rows))
     return tuple(plans)
 
 

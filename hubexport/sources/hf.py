@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hubexport.core import TensorSpec, natural_key
+from hubexport.core import FileSlices, TensorSpec, natural_key
 from hubexport.errors import CheckpointError
 from hubexport.safetensors_format import INDEX_NAME, Stored, read_index, read_layout
 from hubexport.sources import Source
@@ -90,6 +90,11 @@ class SafetensorsSource(Source):
         except OSError as e:
             raise CheckpointError(f"{path} cannot be read for {name} ({e})", hint="the file is corrupt or truncated; "
                                   "re-copy it") from None
+
+    def slices(self, name: str) -> FileSlices:
+        """Where the tensor's bytes lie in its file (copied file to file by the torch_dist writer)."""
+        stored = self._stored[name]
+        return FileSlices(((self._fd(self._where[name]), stored.offset, stored.spec.nbytes),))
 
     def close(self) -> None:
         with self._lock:

@@ -1,30 +1,36 @@
-"""megatron-core `torch_dist` writer: ShardedTensors with the global shapes, offsets and replica ids that megatron-core's
-own `sharded_state_dict()` gives (formats doc §3.2, §3.3), written with `dist_checkpointing.save`.
+"""megatron-core `torch_dist` checkpoints, written without megatron-core or torch.distributed.checkpoint: the files
+`dist_checkpointing.save` writes for ShardedTensors with the global shapes, offsets and replica ids that
+megatron-core's own `sharded_state_dict()` gives (formats doc §3.2, §3.3), byte for byte
+(`tests/test_distcp_writer.py`).
 
 Every logical tensor (one layer, one expert) is one chunk of its stored key, so `dist_checkpointing.load` reshards it
-to whatever TP/PP/EP the loading model uses. The ShardedTensors hold meta tensors; a chunk's bytes are produced
-only when torch's file writer asks for that chunk, so memory holds one tensor group at a time, never a rank's share.
+to whatever TP/PP/EP the loading model uses. Each rank writes `__<rank>_0.distcp`: its ShardedObjects' bytes, then a
+torch.save archive per chunk, its chunks grouped by key in first-seen order (torch's save plan). The layout depends
+on shapes alone, so every rank knows every file's and rank 0 writes `.metadata` without gathering anything. A chunk
+whose bytes lie in the HF files (rows of them, `Group.rows`) is copied file to file; only its CRC-32 is computed
+from it, read back from the page cache on another thread. Anything else is produced one group at a time.
 """
 
 from __future__ import annotations
 
-import math
+import io
+import json
+import os
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Union
 
-import torch
-import torch.distributed as tdist
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint import save as dcp_save
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from hubexport.core import FileSlices, TensorSpec
+from hubexport.sources.torchsave import ITEMSIZE
+from hubexport.writers import torchsave_zip
+from hubexport.writers.safetensors import copy_slices, read_back, tensor_bytes
 
-from hubexport.core import TensorSpec
-from hubexport.errors import HubexportError, TargetError
+if TYPE_CHECKING:  # a checkpoint made of copied rows alone (the recorded to-megatron) is written without torch
+    import torch
 
 LAYER = re.compile(r"^(.*decoder\.layers)\.(\d+)\.(.+)$")  # also `language_model.` / `vision_model.decoder.layers`
 EXPERT = ".mlp.experts.local_experts."
@@ -81,60 +87,6 @@ def extra_state_modules(names: list[str], spec: str) -> list[str]:
     return list(dict.fromkeys(modules))
 
 
-def _lazy_planner(produce: Callable[[WriteItem], torch.Tensor]):
-    """megatron-core's save planner, except that tensor data comes from `produce` when the writer needs it."""
-    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
-
-    class LazyPlanner(MCoreSavePlanner):
-        def resolve_data(self, write_item: WriteItem) -> Any:
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            return produce(write_item)
-
-    return LazyPlanner(flatten_state_dict=False)
-
-
-class _Writer(FileSystemWriter):
-    """torch's file writer, minus the run-specific record in `.metadata` (the staging folder's path and a random
-    save id): the same input then gives the same bytes, and no temporary path outlives the run."""
-
-    def storage_meta(self) -> None:
-        return None
-
-
-def _lazy_strategy(produce: Callable[[WriteItem], torch.Tensor]):
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-
-    class LazyTorchDistSave(TorchDistSaveShardedStrategy):
-        """The torch_dist backend (same files, metadata and version tag). megatron's own writer copies every tensor
-        before writing; torch's synchronous FileSystemWriter resolves one item at a time."""
-
-        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-            dcp_save(mcore_to_pyt_state_dict(flat, False), storage_writer=_Writer(str(checkpoint_dir)),
-                     planner=_lazy_planner(produce))
-
-    return LazyTorchDistSave("torch_dist", 1)
-
-
-@contextmanager
-def process_group() -> Iterator[None]:
-    """dist_checkpointing needs torch.distributed: under torchrun it is already up (hubexport.dist), a single process
-    gets a private one-rank gloo group."""
-    if tdist.is_initialized():
-        yield
-        return
-    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        tdist.destroy_process_group()
-
-
 @dataclass(frozen=True)
 class Chunk:
     """One logical tensor as a chunk of its stored key."""
@@ -158,52 +110,180 @@ def assign_ranks(sizes: list[int], world_size: int) -> list[int]:
     return owner
 
 
-def _unwrap_failure(e: BaseException) -> BaseException:
-    """torch wraps each rank's exception; find a HubexportError to report as itself."""
-    failures = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
-    return next((f for f in failures if isinstance(f, HubexportError)), failures[0] if failures else e)
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                 "common_backend_version": 1}
+DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint's CURRENT_DCP_VERSION for this layout
+Produced = Union["torch.Tensor", FileSlices]
 
 
-def save_torch_dist(out_dir: Path, chunks: list[Chunk], mine: list[bool], produce: Callable[[str], torch.Tensor],
-                    *, extra_states: list[Placement], spec: str) -> None:
-    """Collective: every rank passes the same chunk list and its own `mine` mask. `produce(name)` returns the logical
-    tensor `name` (shape and dtype as planned)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+@dataclass(frozen=True)
+class Entry:
+    """One item of a rank's `.distcp` file, where it lies there, and what the metadata says of it."""
 
-    rank = tdist.get_rank()
-    state: dict[str, Any] = {}
-    by_offset: dict[tuple[str, tuple[int, ...]], Chunk] = {}
-    for c, own in zip(chunks, mine, strict=True):
-        if not own:
-            continue
-        axes = [(a, i, n) for a, (i, n) in enumerate(zip(c.where.lead, c.where.lead_sizes, strict=True))]
-        state[c.spec.name] = ShardedTensor.from_rank_offsets(
-            c.where.key, torch.empty(c.spec.shape, dtype=c.spec.dtype, device="meta"), *axes,
-            replica_id=0, prepend_axis_num=len(c.where.lead))
-        by_offset[(c.where.key, c.offsets)] = c
-    if rank == 0:  # TE writes an empty byte tensor when it has no FP8 state; megatron's local linears write None
-        value = torch.empty(0, dtype=torch.uint8) if spec == "te" else None
-        for p in extra_states:
-            state[f"{p.key}@{p.lead}"] = ShardedObject(p.key, value, p.lead_sizes or (1,), p.lead or (0,),
-                                                       replica_id=0)
+    key: str  # the storage key (a ShardedObject's `unique_key`)
+    name: str | None  # the logical tensor whose bytes it holds; None for a ShardedObject
+    offsets: tuple[int, ...]  # of the chunk in the stored tensor (with the prepended layer / expert axes)
+    sizes: tuple[int, ...]  # the chunk's shape, as stored
+    global_shape: tuple[int, ...]
+    dtype: str  # torch dtype name
+    index: int  # among this rank's chunks of `key` (torch's MetadataIndex hint)
+    start: int  # in the file
+    length: int
+    blob: bytes | None = None  # a ShardedObject's torch.save bytes
 
-    def resolve(item: WriteItem) -> torch.Tensor:
-        c = by_offset[(item.index.fqn, tuple(item.index.offset))]
-        t = produce(c.spec.name)
-        if tuple(t.shape) != c.spec.shape or t.dtype != c.spec.dtype:
-            raise AssertionError(f"{c.spec.name}: produced {tuple(t.shape)} {t.dtype}, planned {c.spec}")
-        size = tuple(item.tensor_data.chunk.sizes)  # with the prepended (layer, expert) axes, or without
-        assert math.prod(size) == t.numel(), (c.spec.name, size)
-        return t.reshape(size)
+    def archive(self) -> torchsave_zip.Layout:
+        return torchsave_zip.layout(self.dtype, self.sizes, ITEMSIZE[self.dtype])
 
+
+def file_name(rank: int) -> str:
+    return f"__{rank}_0.distcp"
+
+
+def plan_files(chunks: list[Chunk], owners: list[int], world_size: int, extra: list[Placement],
+               blob: bytes) -> list[list[Entry]]:
+    """Each rank's entries in file order: rank 0's ShardedObjects (`blob`, the torch.save of one `_extra_state`),
+    then the rank's chunks grouped by key."""
+    files: list[list[Entry]] = []
+    for rank in range(world_size):
+        entries, at = [], 0
+        for p in extra if rank == 0 else []:
+            lead, sizes = p.lead or (0,), p.lead_sizes or (1,)
+            key = f"{p.key}/shard_{'.'.join(map(str, lead))}_{'.'.join(map(str, sizes))}"
+            entries.append(Entry(key, None, lead, (), sizes, "uint8", 0, at, len(blob), blob))
+            at += len(blob)
+        by_key: dict[str, list[Chunk]] = {}
+        for c, owner in zip(chunks, owners, strict=True):
+            if owner == rank:
+                by_key.setdefault(c.where.key, []).append(c)
+        for key, mine in by_key.items():
+            for i, c in enumerate(mine):
+                sizes = (*(1 for _ in c.where.lead), *c.spec.shape)
+                dtype = str(c.spec.dtype).removeprefix("torch.")
+                size = torchsave_zip.layout(dtype, sizes, ITEMSIZE[dtype]).size
+                entries.append(Entry(key, c.spec.name, c.offsets, sizes, (*c.where.lead_sizes, *c.spec.shape), dtype,
+                                     i, at, size))
+                at += size
+        files.append(entries)
+    return files
+
+
+class _Crc:
+    """zlib's CRC-32 behind hashlib's `update`, so the read-back helper serves both."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+def write_rank(path: Path, entries: list[Entry], produce: Callable[[Entry], Produced], *, fsync: bool = True) -> None:
+    """Write one rank's `.distcp`: each archive's head, its data (copied file to file, or a produced tensor's bytes)
+    and its tail once the data's CRC-32 is known (read back on another thread for copied data)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        dist_checkpointing.save(state, str(out_dir), sharded_strategy=_lazy_strategy(resolve))
-    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
-        inner = _unwrap_failure(e)
-        if isinstance(inner, HubexportError):
-            raise inner from None
-        hint = ("check free disk space and write permission" if isinstance(inner, OSError)
-                else "this is a bug in hubexport; run with --debug and report the traceback")
-        raise TargetError(f"writing the torch_dist checkpoint in {out_dir} failed: "
-                          f"{type(inner).__name__}: {str(inner)[:300]}", hint=hint + "; nothing was published") from None
+        with ThreadPoolExecutor(1, thread_name_prefix="hubexport-crc32") as crcs:
+            tails: list[Future] = []
+            for e in entries:
+                os.lseek(fd, e.start, os.SEEK_SET)
+                if e.blob is not None:
+                    _write_all(fd, e.blob)
+                    continue
+                archive = e.archive()
+                _write_all(fd, archive.head)
+                data_at = e.start + len(archive.head)
+                item = produce(e)
+                if isinstance(item, FileSlices):
+                    if item.nbytes != archive.nbytes:
+                        raise AssertionError(f"{e.name}: {item.nbytes} bytes to copy, planned {archive.nbytes}")
+                    copy_slices(item, fd)
+                    tails.append(crcs.submit(_tail_back, fd, archive, data_at))
+                    continue
+                data = tensor_bytes(item)
+                if data.nbytes != archive.nbytes:
+                    raise AssertionError(f"{e.name}: produced {tuple(item.shape)} {item.dtype}, planned {e.sizes}")
+                _write_all(fd, data)
+                _write_all(fd, archive.tail(zlib.crc32(data)))
+                del item, data
+            for t in tails:
+                t.result()
+        if fsync:
+            os.fsync(fd)
+    except OSError as e:  # name the file: a failed write() does not
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _tail_back(fd: int, archive: torchsave_zip.Layout, data_at: int) -> None:
+    crc = _Crc()
+    read_back(crc, fd, data_at, archive.nbytes)
+    tail = archive.tail(crc.value)
+    os.pwrite(fd, tail, data_at + archive.nbytes)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def extra_state_blob(spec: str) -> bytes:
+    """What megatron saves for each `_extra_state` ShardedObject: torch.save of the list of its data. TE writes an empty
+    byte tensor when it has no FP8 state; megatron's local linears write None."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save([torch.empty(0, dtype=torch.uint8) if spec == "te" else None], buf)
+    return buf.getvalue()
+
+
+def metadata_bytes(files: list[list[Entry]]) -> bytes:
+    """`.metadata` as torch's writer pickles it: every key's properties, shape and chunks (rank order, then each
+    rank's plan order: chunks, then ShardedObjects), and where each item lies."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    state: dict = {}
+    storage: dict = {}
+    for rank, entries in enumerate(files):
+        for e in sorted(entries, key=lambda e: e.blob is not None):  # the plan lists chunks first
+            if e.blob is not None:
+                state[e.key] = BytesStorageMetadata()
+                continue
+            md = state.setdefault(e.key, TensorStorageMetadata(
+                TensorProperties(dtype=getattr(torch, e.dtype)), torch.Size(e.global_shape), []))
+            md.chunks.append(ChunkStorageMetadata(torch.Size(e.offsets), torch.Size(e.sizes)))
+        # the storage index holds its own copy of each key and one file name per rank, as torch's plan does: the
+        # pickle's memo then matches torch's, byte for byte
+        keys: dict[str, str] = {}
+        path = file_name(rank)
+        for e in entries:
+            key = keys.setdefault(e.key, e.key.encode().decode())
+            index = MetadataIndex(key) if e.blob is not None else MetadataIndex(key, torch.Size(e.offsets), e.index)
+            storage[index] = _StorageInfo(path, e.start, e.length)
+    return pickle.dumps(Metadata(state, None, storage, None, DCP_VERSION))
+
+
+def write_common(out_dir: Path, metadata: bytes, common: bytes | None = None) -> None:
+    """Rank 0, after every rank wrote its file: `.metadata`, `common.pt` (megatron's common state dict, empty: every
+    tensor is sharded; torch.save'd to its path, so the archive is named after the file as megatron's is) and
+    `metadata.json`."""
+    (out_dir / ".metadata").write_bytes(metadata)
+    if common is None:
+        import torch
+
+        torch.save({}, out_dir / "common.pt")
+    else:
+        (out_dir / "common.pt").write_bytes(common)
+    (out_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))

@@ -10,9 +10,9 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
-from hubexport.core import FileSlices, TensorSpec
+from hubexport.core import ZEROS, FileSlices, TensorSpec
 from hubexport.safetensors_format import header_bytes
 
 if TYPE_CHECKING:  # a file made of copied slices alone (the fast merge path) is written without torch
@@ -22,6 +22,10 @@ CHUNK = 16 << 20  # read-back and fallback copy buffer
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 Fetched = Union["torch.Tensor", FileSlices]
 Part = memoryview | FileSlices  # bytes in memory, or bytes to copy from checkpoint files
+
+
+class Sink(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -83,7 +87,7 @@ def _write(path: Path, head: bytes, parts: Iterator[Part], *, fsync: bool) -> st
                 if isinstance(item, FileSlices):
                     start = os.lseek(fd, 0, os.SEEK_CUR)
                     copy_slices(item, fd)
-                    jobs.append(hasher.submit(_hash_back, digest, back, start, item.nbytes))
+                    jobs.append(hasher.submit(read_back, digest, back, start, item.nbytes))
                     continue
                 jobs.append(hasher.submit(digest.update, item))
                 _write_all(fd, item)
@@ -105,14 +109,15 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
-def _hash_back(digest: hashlib._Hash, fd: int, start: int, length: int) -> None:
-    buf = memoryview(bytearray(min(CHUNK, length)))
+def read_back(sink: Sink, fd: int, start: int, length: int) -> None:
+    """Feed `length` bytes of `fd` from `start` to `sink` (a hash): what was just written, from the page cache."""
+    buf = memoryview(bytearray(min(CHUNK, length) or 1))
     end = start + length
     while start < end:
         n = os.preadv(fd, [buf[:min(CHUNK, end - start)]], start)
         if n == 0:
             raise OSError(errno.EIO, "the file is shorter than what was written to it")
-        digest.update(buf[:n])
+        sink.update(buf[:n])
         start += n
 
 
@@ -120,6 +125,9 @@ def copy_slices(slices: FileSlices, dst: int, *, kernel: bool = True) -> None:
     """Append the slices to `dst` at its position: copy_file_range (no user-space copy), or pread + write where the
     kernel or filesystem cannot (another filesystem on old kernels, some network filesystems)."""
     for src, offset, length in slices.parts:
+        if src == ZEROS:
+            _write_all(dst, memoryview(bytes(length)))
+            continue
         end = offset + length
         while kernel and offset < end:
             try:
