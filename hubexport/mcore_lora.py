@@ -19,7 +19,7 @@ from hubexport.errors import MappingError
 from hubexport.lora import ADAPTER, PEFT_PREFIX
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.mcore_to_hf import dims_from_config, megatron_to_hf_groups
-from hubexport.mapping.registry import OPS, Dims, expand, output_shapes
+from hubexport.mapping.registry import OPS, Dims, expand, plan_op
 from hubexport.sources import Source
 
 ADAPTER_RE = re.compile(r"^(?P<module>.+)\.adapter\.(?P<part>linear_in|linear_out)\.weight$")
@@ -79,7 +79,7 @@ def peft_groups(modules: dict[str, tuple[str, str]], metas: dict[str, TensorSpec
         b_names = tuple(f"{PEFT_PREFIX}{m}.lora_B.{ADAPTER}.weight" for m in hf)
         a, bm = metas[a_key], metas[b_key]
         try:
-            b_shapes = output_shapes(b.op, dims, [bm.shape])
+            b_shapes, _ = plan_op(b.op, dims, [bm.shape])
         except (RuntimeError, ValueError) as e:
             raise MappingError(f"{b_key} {list(bm.shape)} does not fit the config for {b.op}: {e}",
                                hint="config.json (heads, head_dim) does not match the checkpoint") from e

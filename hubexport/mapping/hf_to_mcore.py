@@ -27,8 +27,7 @@ from hubexport.mapping.registry import (
     apply_to_mcore,
     expand_to_mcore,
     hf_mtp_layers,
-    output_shapes,
-    row_plan_to_mcore,
+    plan_op,
 )
 
 SPECS = ("te", "local")
@@ -179,7 +178,7 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
     groups = []
     for b in bindings:
         try:
-            shapes = output_shapes(b.op, dims, [hf[n].shape for n in b.hf], to_mcore=True)
+            shapes, rows = plan_op(b.op, dims, [hf[n].shape for n in b.hf], to_mcore=True)
         except (RuntimeError, ValueError) as e:
             raise MappingError(
                 f"{', '.join(b.hf)} {[list(hf[n].shape) for n in b.hf]} do not fit the config for {b.op}: {e}",
@@ -193,7 +192,7 @@ def hf_to_megatron_plan(hf: dict[str, TensorSpec], config, *, spec: str = "te",
         outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.mcore, shapes, strict=True))
         groups.append(Group(inputs=b.hf, outputs=outputs,
                             convert=functools.partial(apply_to_mcore, b.op, dims, b.hf, b.mcore),
-                            rows=row_plan_to_mcore(b.op, dims, [hf[n].shape for n in b.hf])))
+                            rows=rows))
     assert arch.lm_prefix + EMBED in {g.outputs[0].name for g in groups}, "every architecture maps the embedding"
     return McorePlan(arch, groups + checks, n_layers, arch.num_experts(text), arch.stacked(config),
                      arch.layer_stacks(config), padded, tied, value, notes, architecture, transposed, mtp)

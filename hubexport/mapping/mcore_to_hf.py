@@ -12,7 +12,7 @@ from hubexport.core import Group, TensorSpec
 from hubexport.errors import ConfigError, MappingError
 from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
-from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, output_shapes, row_plan
+from hubexport.mapping.registry import Binding, Dims, apply_to_hf, expand, plan_op
 
 OUTPUT = "output_layer.weight"
 EMBED = "embedding.word_embeddings.weight"
@@ -134,7 +134,7 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
     groups = []
     for b in bindings:
         try:
-            shapes = output_shapes(b.op, dims, [metas[n].shape for n in b.mcore])
+            shapes, rows = plan_op(b.op, dims, [metas[n].shape for n in b.mcore])
         except (RuntimeError, ValueError) as e:
             raise MappingError(
                 f"{b.mcore[0]} {list(metas[b.mcore[0]].shape)} does not fit the config for {b.op}: {e}",
@@ -142,7 +142,6 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
             ) from e
         dtype = metas[b.mcore[0]].dtype
         outputs = tuple(TensorSpec(n, s, dtype) for n, s in zip(b.hf, shapes, strict=True))
-        rows = row_plan(b.op, dims, metas[b.mcore[0]].shape) if len(b.mcore) == 1 else None
         groups.append(Group(inputs=b.mcore, outputs=outputs,
                             convert=functools.partial(apply_to_hf, b.op, dims, b.mcore, b.hf), rows=rows))
     if "score.weight" in {n for b in heads for n in b.hf}:

@@ -307,6 +307,7 @@ def apply_to_mcore(op: str, dims: Dims, hf_names: tuple[str, ...], mcore_names: 
 
 # The ops whose every output is whole rows (dim-0 slices) of their one input, concatenated: bytes the writer can copy.
 ROW_OPS = frozenset({"copy", "qkv", "vision_qkv", "gate_up", "vocab"})
+Rows = tuple[tuple[tuple[int, int], ...], ...]  # per output, its (start, stop) ranges of input rows
 
 
 def _ranges(rows: list[int]) -> tuple[tuple[int, int], ...]:
@@ -320,7 +321,7 @@ def _ranges(rows: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in ranges)
 
 
-def row_plan(op: str, dims: Dims, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+def row_plan(op: str, dims: Dims, shape: tuple[int, ...]) -> Rows | None:
     """For a ROW_OPS op on one input of `shape`: each output's input rows as (start, stop) ranges, found by running
     the op itself on the row numbers (so the plan cannot drift from the op); None for any other op."""
     if op not in ROW_OPS or not shape:
@@ -329,7 +330,7 @@ def row_plan(op: str, dims: Dims, shape: tuple[int, ...]) -> tuple[tuple[tuple[i
     return tuple(_ranges(out.reshape(-1).tolist()) for out in OPS[op].to_hf((index,), dims))
 
 
-def row_plan_to_mcore(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+def row_plan_to_mcore(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> Rows | None:
     """The HF → megatron direction of `row_plan`: each output's rows as (start, stop) ranges of the inputs' rows
     back to back, where rows from the inputs' total on are zeros (a padded vocabulary's new rows, numbered in the
     order they appear). None unless every input has the same row width (rows of different widths do not join)."""
@@ -349,9 +350,15 @@ def row_plan_to_mcore(op: str, dims: Dims, shapes: list[tuple[int, ...]]) -> tup
     return tuple(plans)
 
 
-def output_shapes(op: str, dims: Dims, shapes: list[tuple[int, ...]], *,
-                  to_mcore: bool = False) -> list[tuple[int, ...]]:
-    """Run the op on meta tensors: output shapes without bytes, and shape errors surface before any read."""
+def plan_op(op: str, dims: Dims, shapes: list[tuple[int, ...]], *,
+            to_mcore: bool = False) -> tuple[list[tuple[int, ...]], Rows | None]:
+    """The op's output shapes, and its row plan when it is a row gather, without bytes: shape errors surface before
+    any read. A row gather's shapes come from its plan (the op run on row numbers); any other op runs on meta tensors
+    (whose Python kernels import torch._dynamo, 1.5 s of start-up, so row gathers avoid them)."""
+    one = row_plan(op, dims, shapes[0]) if len(shapes) == 1 and not to_mcore else None
+    rows = row_plan_to_mcore(op, dims, shapes) if to_mcore else one
+    if rows is not None:
+        return [(sum(b - a for a, b in ranges), *shapes[0][1:]) for ranges in rows], rows
     metas = tuple(torch.empty(s, device="meta") for s in shapes)
     fn = OPS[op].to_mcore if to_mcore else OPS[op].to_hf
-    return [tuple(t.shape) for t in fn(metas, dims)]
+    return [tuple(t.shape) for t in fn(metas, dims)], None
