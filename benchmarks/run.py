@@ -78,12 +78,17 @@ def megatron_suite(args, mcore: Path, env: dict, bases: dict) -> dict:
             "runs": runs}
 
 
-def to_megatron_suite(args, hf_model: Path, env: dict) -> dict:
+def to_megatron_suite(args, hf_model: Path, env: dict, cold: dict) -> dict:
+    hub = to_megatron_cmd(hf_model)
+    subprocess.run([*hub[:-1], str(args.work / "primed-mcore"), "--overwrite"], env=env, check=True,
+                   capture_output=True)  # records the recipe the warm contender repeats
+    full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
     c: dict[str, tuple[Path, Contender]] = {FLOOR_LABEL: (hf_model, floor(hf_model)),
-                                            targets.ONE: (hf_model, (to_megatron_cmd(hf_model), env))}
+                                            targets.ONE: (hf_model, (hub, env)), targets.FULL: (hf_model, (hub, full)),
+                                            targets.COLD: (hf_model, (hub, cold))}
     if not args.no_torchrun:
         c[targets.TORCHRUN] = (hf_model, (to_megatron_cmd(hf_model, TORCHRUN), env))
-    runs = run_suite("to-megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.TORCHRUN))
+    runs = run_suite("to-megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
     print(table(runs, targets.ONE, input_bytes(hf_model)))
     return {"input_bytes": input_bytes(hf_model), "runs": runs}
 
@@ -121,9 +126,9 @@ def main() -> None:
     started = time.time()
     results: dict = {"env": {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
                              "load_average_at_start": load_average()}}
-    # hubexport's caches (save_pretrained names, hubexport/mapping/native_cache.py, and merge recipes,
-    # hubexport/merge_recipe.py): primed by one merge for the warm contenders; the "cold" one starts every run from
-    # an empty HF_HOME.
+    # hubexport's caches (save_pretrained names, hubexport/mapping/native_cache.py, merge and to-megatron recipes,
+    # hubexport/merge_recipe.py and to_mcore_recipe.py): primed by one run for the warm contenders; the "cold" one
+    # starts every run from an empty HF_HOME.
     env = hubexport_env(REPO, args.work / "hf-home")
     cold = hubexport_env(REPO, args.work / "cold-hf-home")
     bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
@@ -138,7 +143,7 @@ def main() -> None:
     if "megatron" in suites:
         results["megatron"] = megatron_suite(args, cases.make_megatron(args.work, hf_model), env, bases)
     if "to-megatron" in suites:
-        results["to-megatron"] = to_megatron_suite(args, hf_model, env)
+        results["to-megatron"] = to_megatron_suite(args, hf_model, env, cold)
     if "flat" in suites:
         results["flat"] = flat_suite(args, env)
     if "push" in suites:

@@ -39,16 +39,20 @@ def rows(results: dict) -> list[str]:
         out.append(_row("Megatron peak RSS ≤ largest group + 300 MB", f"{rss / 1e6:.0f} MB vs {bound / 1e6:.0f} MB",
                         rss <= bound))
     if tomc := results.get("to-megatron", {}).get("runs"):
-        r = _wall(tomc, ONE, FLOOR_LABEL)
-        out.append(_row("to-megatron wall ≤ 1.3× disk floor", f"{r:.2f}×", r <= 1.3))
+        for label in (ONE, FULL, COLD):
+            if label in tomc:
+                r = _wall(tomc, label, FLOOR_LABEL)
+                out.append(_row(f"to-megatron wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
     if flat := results.get("flat", {}).get("runs"):
         for what in ("to-megatron", "merge torch_dist"):
             small, big = flat[f"{what}, 1 GB"]["peak_rss_bytes"], flat[f"{what}, 8 GB"]["peak_rss_bytes"]
             out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% ({what})",
                             f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
-    if (fsdp := results.get("fsdp", {}).get("runs", {})) and FULL in fsdp:
-        same = fsdp[ONE].get("digest") == fsdp[FULL].get("digest") is not None
-        out.append(_row("FSDP: the fast path writes the full path's bytes", "identical" if same else "DIFFERENT", same))
+    for name in ("fsdp", "to-megatron"):
+        if FULL in (runs := results.get(name, {}).get("runs", {})):
+            same = runs[ONE].get("digest") == runs[FULL].get("digest") is not None
+            out.append(_row(f"{name}: the fast path writes the full path's bytes", "identical" if same else "DIFFERENT",
+                            same))
     pairs = [(n, ONE, TORCHRUN) for n in ("fsdp", "megatron", "to-megatron")]
     pairs.append(("flat", "merge torch_dist, 8 GB", f"merge torch_dist, 8 GB, {TORCHRUN}"))
     for name, one, many in pairs:

@@ -31,6 +31,7 @@ from hubexport.targets import TargetLock, check_disjoint, check_target, discard,
 if TYPE_CHECKING:
     from hubexport.evidence import Evidence
     from hubexport.gate import FileGate
+    from hubexport.resolve import ResolvedModel
 
 Log = Callable[[str], None]
 
@@ -124,6 +125,17 @@ def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool) -> Job:
     return HfJob(prepare(local_dir, options), local_dir)
 
 
+def _mcore_job(model: ResolvedModel, options: MegatronOptions, dist: Dist) -> Job:
+    """The fast path's job when it can repeat a recorded conversion (one process), else the full path's."""
+    from hubexport import fast_to_mcore
+
+    if dist.world_size == 1 and (job := fast_to_mcore.job(model, options)) is not None:
+        return job
+    from hubexport.to_mcore import McoreJob
+
+    return McoreJob(model, options, dist)
+
+
 def _file_gate(proof: Evidence, push: PushOptions) -> FileGate | None:
     """The publish gate file by file, when there is a base to compare the weights with."""
     from hubexport import gate
@@ -147,7 +159,6 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
     """Convert a Hugging Face folder, or a Hub id `ORG/NAME[@REVISION]` (downloaded once), into a megatron-core
     torch_dist checkpoint at `out.target`."""
     from hubexport.resolve import resolve_model
-    from hubexport.to_mcore import McoreJob
 
     dist = Dist.from_env()
     log = log if dist.is_main else _silent
@@ -155,7 +166,7 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
     check_target(out.target, overwrite=out.overwrite, option=out.option)
     model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
     check_disjoint(out.target, [model.path], option=out.option)
-    job = dist.run(lambda: McoreJob(model, options, dist))
+    job = dist.run(lambda: _mcore_job(model, options, dist))
     try:
         return execute(job, out, "to-megatron", dist, log)
     finally:

@@ -1,4 +1,5 @@
-"""What a merge says about itself, worded once for the full path (`to_hf`) and the fast one (`fast_merge`)."""
+"""What a merge or a to-megatron run says about itself, worded once for the full paths (`to_hf`, `to_mcore`) and the
+fast ones (`fast_merge`, `fast_to_mcore`)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,16 @@ def done_line(result: Result, num_files: int, extra: str = "") -> str:
 
 def _fmt_parallel(parallel: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in parallel.items()) or "single file"
+
+
+def megatron_plan_line(result: Result) -> str:
+    m = result.megatron
+    assert m is not None
+    return (f"{result.architecture} → megatron-core torch_dist ({m.spec} spec, {m.layer_keys} layer keys): "
+            f"{m.num_tensors} tensors in {m.num_keys} keys, {m.world_size} writer(s), "
+            f"at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight per writer")
+
+
+def megatron_done_line(result: Result) -> str:
+    tested = "; --test: every HF tensor read back bit-exact" if result.megatron and result.megatron.tested else ""
+    return f"wrote {result.target_dir}{tested}"

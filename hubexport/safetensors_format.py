@@ -65,8 +65,8 @@ def header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _header(path: Path) -> tuple[int, dict[str, dict]]:
-    """The byte offset where tensor data starts, and the parsed header. Raises ValueError or OSError."""
+def raw_header(path: Path) -> bytes:
+    """The 8-byte length and the JSON header, as they are in the file. Raises ValueError or OSError."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -74,11 +74,17 @@ def _header(path: Path) -> tuple[int, dict[str, dict]]:
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER:
             raise ValueError(f"{path} has an implausible header length {n}")
-        header = json.loads(f.read(n))
+        return raw + f.read(n)
+
+
+def _header(path: Path) -> tuple[int, dict[str, dict]]:
+    """The byte offset where tensor data starts, and the parsed header. Raises ValueError or OSError."""
+    raw = raw_header(path)
+    header = json.loads(raw[8:])
     if not isinstance(header, dict):
         raise ValueError(f"{path} has a header that is not a JSON object")
     header.pop("__metadata__", None)
-    return 8 + n, header
+    return len(raw), header
 
 
 def read_header(path: Path) -> dict[str, dict]:

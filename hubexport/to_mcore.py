@@ -3,18 +3,21 @@ writes its own chunks into the shared staging folder; --test re-reads them befor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hubexport import to_mcore_recipe
 from hubexport.core import ZEROS, FileSlices, Group
 from hubexport.dist import Dist
 from hubexport.errors import ConfigError, MappingError
 from hubexport.hfdir import load_config
-from hubexport.mapping.hf_to_mcore import McorePlan, hf_to_megatron_plan
+from hubexport.mapping.hf_to_mcore import EqualCheck, McorePlan, ZeroCheck, hf_to_megatron_plan
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
+from hubexport.merge_report import megatron_done_line, megatron_plan_line
 from hubexport.options import MegatronOptions, torch_dtype
 from hubexport.resolve import ResolvedModel
 from hubexport.result import MegatronFacts, OnFile, Result, WrittenFile
@@ -60,7 +63,8 @@ class McoreJob:
         self.owners = assign_ranks([c.spec.nbytes for c in self.chunks], dist.world_size)
         extra = [placement(m + "._extra_state", **where)
                  for m in extra_state_modules([c.spec.name for c in self.chunks], options.spec)]
-        self.files = plan_files(self.chunks, self.owners, dist.world_size, extra, extra_state_blob(options.spec))
+        self.copied: dict[str, tuple[tuple[int, int, int], ...]] = {}  # chunk → its (weight file, offset, n) parts
+        self.entries = plan_files(self.chunks, self.owners, dist.world_size, extra, extra_state_blob(options.spec))
 
     def result(self, command: str, target: Path) -> Result:
         plan, hf = self.plan, self.hf
@@ -84,11 +88,7 @@ class McoreJob:
         )
 
     def describe(self, result: Result) -> list[str]:
-        m = result.megatron
-        return [*result.notes,
-                f"{result.architecture} → megatron-core torch_dist ({m.spec} spec, {m.layer_keys} layer keys): "
-                f"{m.num_tensors} tensors in {m.num_keys} keys, {m.world_size} writer(s), "
-                f"at most {result.peak_tensor_bytes / 1e6:.0f} MB of tensors in flight per writer"]
+        return [*result.notes, megatron_plan_line(result)]
 
     def planned_files(self) -> list[WrittenFile]:
         return []  # torch_dist file names and sizes are the writer's to choose
@@ -101,7 +101,7 @@ class McoreJob:
 
     def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
         """Every rank writes its own file (torch_dist files are not told one by one: nothing uploads them)."""
-        write_rank(tmp / file_name(dist.rank), self.files[dist.rank], self._produce())
+        write_rank(tmp / file_name(dist.rank), self.entries[dist.rank], self._produce())
         return []
 
     def _produce(self) -> Callable[[Entry], Produced]:
@@ -111,7 +111,8 @@ class McoreJob:
         def produce(entry: Entry) -> Produced:
             g = group_of[entry.name]
             if (rows := self._rows(g, entry.name)) is not None:
-                return rows
+                self.copied[entry.name] = rows.parts
+                return FileSlices(tuple((f if f == ZEROS else self.hf_files.fd(f), o, n) for f, o, n in rows.parts))
             if entry.name not in pending:
                 pending.clear()
                 pending.update(g.convert({n: self.source.read(n) for n in g.inputs}))
@@ -120,19 +121,52 @@ class McoreJob:
         return produce
 
     def _rows(self, g: Group, name: str) -> FileSlices | None:
-        """An output made of the HF tensors' rows (and zero rows): their bytes, copied from the HF files."""
+        """An output made of the HF tensors' rows (and zero rows): where their bytes lie, as (index of the weight
+        file, offset, length) parts."""
         if g.rows is None or self.source is not self.hf_files:  # dequantized weights are made in memory
             return None
         specs = [self.hf[n] for n in g.inputs]
         row_bytes = specs[0].nbytes // specs[0].shape[0] if specs[0].shape[0] else 0
         ranges = g.rows[next(i for i, o in enumerate(g.outputs) if o.name == name)]
         zeros = max((b for _, b in ranges), default=0) * row_bytes - sum(s.nbytes for s in specs)
-        parts = (*(p for n in g.inputs for p in self.hf_files.slices(n).parts), (ZEROS, 0, max(zeros, 0)))
+        parts = (*(self.hf_files.location(n) for n in g.inputs), (ZEROS, 0, max(zeros, 0)))
         return FileSlices(parts).take(tuple((a * row_bytes, b * row_bytes) for a, b in ranges))
 
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
-        """Rank 0, once every rank's file is in place: the checkpoint's metadata."""
-        write_common(tmp, metadata_bytes(self.files))
+        """Rank 0, once every rank's file is in place: the checkpoint's metadata; and, for one process whose every
+        chunk was copied from the HF files, the recipe the next conversion of such a folder repeats without torch."""
+        metadata = metadata_bytes(self.entries)
+        write_common(tmp, metadata)
+        if self.dist.world_size != 1:
+            return
+        key = to_mcore_recipe.key(self.model.path, self.hf_files.files, self.options)
+        recipe = self._recipe(metadata, (tmp / "common.pt").read_bytes()) if key else None
+        if key and recipe:
+            to_mcore_recipe.store(key, recipe)
+
+    def _recipe(self, metadata: bytes, common: bytes) -> to_mcore_recipe.Recipe | None:
+        objects = [e for e in self.entries[0] if e.blob is not None]
+        chunks = [e for e in self.entries[0] if e.blob is None]
+        checks = []
+        for g in self.plan.groups:
+            if g.outputs:
+                continue
+            if isinstance(g.convert, EqualCheck):
+                checks.append(("equal", (self.hf_files.location(g.convert.a),), (self.hf_files.location(g.convert.b),)))
+            elif isinstance(g.convert, ZeroCheck):
+                checks.append(("zero", (self.hf_files.location(g.convert.name),), ()))
+            else:
+                return None
+        if any(e.name not in self.copied for e in chunks):
+            return None  # made in memory: nothing to repeat without torch
+        result = self.result("to-megatron", Path())
+        facts = {k: getattr(result, k) for k in ("architecture", "dtype", "num_parameters", "tied_embeddings",
+                                                 "value_model", "peak_tensor_bytes", "notes")}
+        facts["megatron"] = dataclasses.asdict(result.megatron)
+        return to_mcore_recipe.Recipe(
+            len(objects), objects[0].blob.decode("latin-1") if objects else "",
+            tuple((e.dtype, e.sizes, self.copied[e.name]) for e in chunks),
+            metadata.decode("latin-1"), common.decode("latin-1"), tuple(checks), facts)
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """--test: re-read the written checkpoint through the reader and the tables' forward direction; every HF
@@ -168,5 +202,4 @@ class McoreJob:
         self.source.close()
 
     def done(self, result: Result) -> str:
-        tested = "; --test: every HF tensor read back bit-exact" if self.options.test else ""
-        return f"wrote {result.target_dir}{tested}"
+        return megatron_done_line(result)

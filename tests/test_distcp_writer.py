@@ -117,7 +117,7 @@ def _megatron_save(job: McoreJob, out: Path) -> None:
         state[c.spec.name] = ShardedTensor.from_rank_offsets(c.where.key, tensors[c.spec.name], *axes, replica_id=0,
                                                              prepend_axis_num=len(c.where.lead))
     value = torch.empty(0, dtype=torch.uint8) if job.options.spec == "te" else None
-    for e in job.files[0]:
+    for e in job.entries[0]:
         if e.blob is not None:
             key = e.key.split("/shard_")[0]
             state[e.key] = ShardedObject(key, value, e.global_shape, e.offsets, replica_id=0)
@@ -162,7 +162,7 @@ def test_row_groups_are_copied_from_the_hf_files(hf_models) -> None:
     produce = job._produce()
     copied = set()
     try:
-        for e in job.files[0]:
+        for e in job.entries[0]:
             if e.name is None:
                 continue
             g = next(g for g in job.plan.groups if any(o.name == e.name for o in g.outputs))

@@ -19,7 +19,7 @@ from hubexport.errors import MappingError
 from hubexport.mapping.archnames import model_class
 from hubexport.mapping.archs import arch_for
 from hubexport.mapping.mcore_to_hf import EMBED, OUTPUT, dims_from_config
-from hubexport.mapping.ops import padded_vocab_size
+from hubexport.mapping.ops import padded_vocab_size, same_bytes
 from hubexport.mapping.registry import (
     HF_LAYER,
     Arch,
@@ -69,17 +69,32 @@ TIE_HINT = "fix tie_word_embeddings in config.json: megatron would keep only one
 MTP_HINT = "megatron keeps one embedding and one output head: convert a checkpoint whose MTP copies are the originals"
 
 
-def _check_equal(a: str, b: str, what: str, hint: str, tensors: dict[str, torch.Tensor]) -> dict:
-    if not torch.equal(tensors[a], tensors[b]):
-        raise MappingError(f"{b} differs from {a} although {what}", hint=hint)
-    return {}
+@dataclass(frozen=True)
+class EqualCheck:
+    """A group with no outputs: HF tensor `b` must hold `a`'s bytes (megatron keeps one of them)."""
+
+    a: str
+    b: str
+    what: str
+    hint: str
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict:
+        if not same_bytes(tensors[self.a], tensors[self.b]):
+            raise MappingError(f"{self.b} differs from {self.a} although {self.what}", hint=self.hint)
+        return {}
 
 
-def _check_zero(name: str, tensors: dict[str, torch.Tensor]) -> dict:
-    if torch.count_nonzero(tensors[name]):
-        raise MappingError(f"{name} is not zero: verl's value head has no bias, so it would be lost",
-                           hint="only critics trained with verl (a bias-free [1, hidden] head) convert exactly")
-    return {}
+@dataclass(frozen=True)
+class ZeroCheck:
+    """A group with no outputs: verl's value head has no bias, so the HF score bias must be zero."""
+
+    name: str
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict:
+        if torch.count_nonzero(tensors[self.name]):
+            raise MappingError(f"{self.name} is not zero: verl's value head has no bias, so it would be lost",
+                               hint="only critics trained with verl (a bias-free [1, hidden] head) convert exactly")
+        return {}
 
 
 def _heads(hf: dict[str, TensorSpec], config, hidden: int) -> tuple[list[Binding], list[Group], bool, bool]:
@@ -93,14 +108,13 @@ def _heads(hf: dict[str, TensorSpec], config, hidden: int) -> tuple[list[Binding
         if hf[HF_SCORE].shape != (1, hidden):
             raise MappingError(f"{HF_SCORE} has shape {list(hf[HF_SCORE].shape)}, not a [1, {hidden}] value head",
                                hint="only single-label token-classification models (critics) convert")
-        checks = [Group(("score.bias",), (), functools.partial(_check_zero, "score.bias"))] \
-            if "score.bias" in hf else []
+        checks = [Group(("score.bias",), (), ZeroCheck("score.bias"))] if "score.bias" in hf else []
         return [Binding((output,), (HF_SCORE,), "copy")], checks, False, True
     if bool(getattr(config, "tie_word_embeddings", False)):
         checks = []
         if HF_HEAD in hf:  # some writers keep the alias; megatron stores the embedding once
-            checks.append(Group((hf_embed, HF_HEAD), (), functools.partial(
-                _check_equal, hf_embed, HF_HEAD, "config.json says tie_word_embeddings=true", TIE_HINT)))
+            checks.append(Group((hf_embed, HF_HEAD), (), EqualCheck(
+                hf_embed, HF_HEAD, "config.json says tie_word_embeddings=true", TIE_HINT)))
         return [], checks, True, False
     if HF_HEAD not in hf:
         raise MappingError(f"{HF_HEAD} is missing and config.json says tie_word_embeddings=false",
@@ -119,9 +133,8 @@ def _mtp_copies(hf: dict[str, TensorSpec], arch: Arch, n_layers: int, mtp: int, 
             if copy not in hf:
                 raise MappingError(f"{copy} is missing from MTP layer {n_layers + m}",
                                    hint="the HF folder is incomplete (DeepSeek-V3 stores both copies in each MTP layer)")
-            checks.append(Group((original, copy), (), functools.partial(
-                _check_equal, original, copy, "megatron's MTP block shares the model's embedding and output head",
-                MTP_HINT)))
+            checks.append(Group((original, copy), (), EqualCheck(
+                original, copy, "megatron's MTP block shares the model's embedding and output head", MTP_HINT)))
     return checks
 
 

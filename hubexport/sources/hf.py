@@ -9,17 +9,18 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from hubexport.core import FileSlices, TensorSpec, natural_key
+from hubexport.core import TensorSpec, natural_key
 from hubexport.errors import CheckpointError
 from hubexport.safetensors_format import INDEX_NAME, Stored, read_index, read_layout
 from hubexport.sources import Source
-from hubexport.sources.pread import read_tensor
+
+if TYPE_CHECKING:  # the recorded to-megatron (fast_to_mcore) lists the files without torch
+    import torch
 
 
-def _files(folder: Path, notes: list[str]) -> tuple[list[Path], dict[str, str] | None]:
+def weight_files(folder: Path, notes: list[str]) -> tuple[list[Path], dict[str, str] | None]:
     """The files to read and the index's weight_map (None without an index)."""
     present = sorted(folder.glob("*.safetensors"))
     index = folder / INDEX_NAME
@@ -43,12 +44,12 @@ class SafetensorsSource(Source):
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.notes: list[str] = []
-        files, weight_map = _files(self.folder, self.notes)
-        if not files:
+        self.files, weight_map = weight_files(self.folder, self.notes)
+        if not self.files:
             raise CheckpointError(f"{self.folder} has no .safetensors files", hint="point at the folder with weights")
         self._where: dict[str, Path] = {}
         self._stored: dict[str, Stored] = {}
-        for f in files:
+        for f in self.files:
             for name, stored in read_layout(f).items():
                 if name in self._where:
                     raise CheckpointError(f"{name} is in both {self._where[name].name} and {f.name}",
@@ -84,6 +85,8 @@ class SafetensorsSource(Source):
     def read(self, name: str) -> torch.Tensor:
         """The tensor's bytes read into fresh memory (pread, not a memory map: mapped pages would stay resident and
         count towards this process's memory for every byte of the folder ever read)."""
+        from hubexport.sources.pread import read_tensor
+
         path, stored = self._where[name], self._stored[name]
         try:
             return read_tensor(self._fd(path), stored.offset, stored.spec.dtype, stored.spec.shape)
@@ -91,10 +94,14 @@ class SafetensorsSource(Source):
             raise CheckpointError(f"{path} cannot be read for {name} ({e})", hint="the file is corrupt or truncated; "
                                   "re-copy it") from None
 
-    def slices(self, name: str) -> FileSlices:
-        """Where the tensor's bytes lie in its file (copied file to file by the torch_dist writer)."""
+    def location(self, name: str) -> tuple[int, int, int]:
+        """(index in `files`, offset, length) of the tensor's bytes."""
         stored = self._stored[name]
-        return FileSlices(((self._fd(self._where[name]), stored.offset, stored.spec.nbytes),))
+        return self.files.index(self._where[name]), stored.offset, stored.spec.nbytes
+
+    def fd(self, index: int) -> int:
+        """An open descriptor of `files[index]` (closed by close())."""
+        return self._fd(self.files[index])
 
     def close(self) -> None:
         with self._lock:
