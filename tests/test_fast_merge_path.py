@@ -11,15 +11,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from hubexport import fast_merge
-from hubexport.cli_output import jsonable
 from hubexport.detect import detect
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.executor import merge
@@ -29,29 +26,17 @@ from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.fsdp_files import locate
 from hubexport.sources.fsdp_located import LocatedFsdpSource
 from hubexport.sources.torchsave import Unreadable, read_archive
+from tests.fastpath import facts, folder_bytes, full_then_fast, run_twice
 from tests.fsdp_cases import CASES, actor_dir
-from tests.tree import tree_hash
 
 # Dim-1 sharding (odd vocab) and the MoE models whose experts transformers converts on saving take the full path;
 # every other layout verl writes (world size 1, FSDP1 and FSDP2, uneven shards, HSDP, critics) is repeated without
 # torch.
 FULL_PATH_ONLY = {"qwen2_fsdp2_w2_dim1", "qwen3moe_fsdp2_w2", "qwen3moe_fsdp1_w4_bf16", "dsv3_fsdp2_w2"}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _silent(_: str) -> None:
     pass
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _facts(result) -> dict:
-    facts = jsonable(result)
-    for moving in ("target_dir", "throughput"):
-        facts.pop(moving)
-    return facts
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +48,10 @@ def runs(fsdp_root, tmp_path_factory):
         mp.setenv("HF_HOME", str(out / "hf-home"))
         for name in CASES:
             actor = actor_dir(fsdp_root, name)
-            mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
-            full = merge(actor, Output(out / name / "full"), log=_silent)
-            mp.delenv("HUBEXPORT_NO_FAST_PATH")
-            job = fast_merge.job(actor, MergeOptions())
-            took = job is not None
-            if job is not None:
-                job.close()
-            before = tree_hash(actor.parent)
-            again = merge(actor, Output(out / name / "again"), log=_silent)
-            done[name] = (took, full, again, out / name, before == tree_hash(actor.parent))
+            took, full, again, untouched = full_then_fast(
+                mp, lambda run, a=actor, n=name: merge(a, Output(out / n / run), log=_silent),
+                lambda a=actor: fast_merge.job(a, MergeOptions()), actor.parent)
+            done[name] = (took, full, again, out / name, untouched)
     return done
 
 
@@ -83,35 +62,18 @@ def test_the_layouts_that_take_the_fast_path(runs):
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
     _, full, again, folder, untouched = runs[name]
-    assert _files(folder / "again") == _files(folder / "full")
-    assert _facts(again) == _facts(full)
+    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
+    assert facts(again) == facts(full)
     assert untouched  # nothing under the checkpoint was written, renamed or deleted
-
-
-MODULES = """
-import json, sys
-from hubexport.cli import main
-sys.argv = ["hubexport", "merge", "--local-dir", sys.argv[1], "--target-dir", sys.argv[2], "--json"]
-try:
-    main()
-except SystemExit as e:
-    assert not e.code, e.code
-print(json.dumps(sorted(m for m in ("torch", "transformers", "huggingface_hub", "safetensors") if m in sys.modules)))
-"""
 
 
 def test_a_repeated_merge_imports_neither_torch_nor_transformers(fsdp_root, tmp_path):
     actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    seen = []
-    for run in ("first", "second"):
-        out = subprocess.run([sys.executable, "-c", MODULES, str(actor), str(tmp_path / run)], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        seen.append((json.loads(out[-1]), json.loads("\n".join(out[:-1]))))
+    seen = run_twice(lambda out: ["merge", "--local-dir", str(actor), "--target-dir", str(out)], tmp_path)
     assert {"torch", "transformers"} <= set(seen[0][0])
     assert seen[1][0] == []
     assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
-    assert _files(tmp_path / "second") == _files(tmp_path / "first")
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
 
 
 @pytest.fixture
@@ -159,7 +121,7 @@ def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
         merge(primed, Output(tmp_path / "full"), log=_silent)
-    assert _files(tmp_path / "second") == _files(tmp_path / "full") != _files(tmp_path / "first")
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "full") != folder_bytes(tmp_path / "first")
 
 
 def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):

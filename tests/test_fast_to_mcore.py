@@ -6,9 +6,6 @@ alias or a critic's bias that changed, a truncated file) goes to the full path, 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hubexport import fast_to_mcore
-from hubexport.cli_output import jsonable
 from hubexport.errors import CheckpointError, MappingError
 from hubexport.executor import to_megatron
 from hubexport.options import MegatronOptions, Output
 from hubexport.resolve import ResolvedModel
+from tests.fastpath import facts, folder_bytes, full_then_fast, run_twice
 from tests.fixtures_mcore import tiny_hf
 from tests.fixtures_vl import tiny_vl
-from tests.tree import tree_hash
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # name: (how to make the HF folder, spec)
     "qwen3_te": (lambda out: tiny_hf("qwen3", out), "te"),
     "qwen2_padded_vocab_local": (lambda out: tiny_hf("qwen2", out, vocab_size=200), "local"),
@@ -43,17 +38,6 @@ def _silent(_: str) -> None:
     pass
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def _facts(result) -> dict:
-    facts = jsonable(result)
-    for moving in ("target_dir", "throughput"):
-        facts.pop(moving)
-    return facts
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each case converted by the full path (which records the recipe), then again with the fast path allowed."""
@@ -64,16 +48,10 @@ def runs(tmp_path_factory):
         for name, (make, spec) in CASES.items():
             hf = make(out / "hf" / name)
             options = MegatronOptions(spec=spec)
-            mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
-            full = to_megatron(hf, Output(out / name / "full"), options, log=_silent)
-            mp.delenv("HUBEXPORT_NO_FAST_PATH")
-            job = fast_to_mcore.job(ResolvedModel(hf), options)
-            took = job is not None
-            if job is not None:
-                job.close()
-            before = tree_hash(hf)
-            again = to_megatron(hf, Output(out / name / "again"), options, log=_silent)
-            done[name] = (took, full, again, out / name, before == tree_hash(hf))
+            took, full, again, untouched = full_then_fast(
+                mp, lambda run, h=hf, n=name, o=options: to_megatron(h, Output(out / n / run), o, log=_silent),
+                lambda h=hf, o=options: fast_to_mcore.job(ResolvedModel(h), o), hf)
+            done[name] = (took, full, again, out / name, untouched)
     return done
 
 
@@ -84,35 +62,18 @@ def test_the_models_that_take_the_fast_path(runs):
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_second_conversion_writes_the_first_ones_checkpoint_byte_for_byte(name, runs):
     _, full, again, folder, untouched = runs[name]
-    assert _files(folder / "again") == _files(folder / "full")
-    assert _facts(again) == _facts(full)
+    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
+    assert facts(again) == facts(full)
     assert untouched  # nothing under the HF folder was written, renamed or deleted
-
-
-MODULES = """
-import json, sys
-from hubexport.cli import main
-sys.argv = ["hubexport", "to-megatron", "--hf-model-path", sys.argv[1], "--output-path", sys.argv[2], "--json"]
-try:
-    main()
-except SystemExit as e:
-    assert not e.code, e.code
-print(json.dumps(sorted(m for m in ("torch", "transformers", "megatron", "safetensors") if m in sys.modules)))
-"""
 
 
 def test_a_repeated_conversion_imports_neither_torch_nor_transformers(tmp_path):
     hf = tiny_hf("qwen2", tmp_path / "hf")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)}
-    seen = []
-    for run in ("first", "second"):
-        out = subprocess.run([sys.executable, "-c", MODULES, str(hf), str(tmp_path / run)], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        seen.append((json.loads(out[-1]), json.loads("\n".join(out[:-1]))))
+    seen = run_twice(lambda out: ["to-megatron", "--hf-model-path", str(hf), "--output-path", str(out)], tmp_path)
     assert {"torch", "transformers"} <= set(seen[0][0])
     assert seen[1][0] == []
     assert seen[1][1]["megatron"] == seen[0][1]["megatron"]
-    assert _files(tmp_path / "second") == _files(tmp_path / "first")
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
 
 
 @pytest.fixture
@@ -148,7 +109,7 @@ def test_new_weights_of_the_same_shapes_are_repeated_and_equal_the_full_path(pri
     to_megatron(primed, Output(tmp_path / "fast"), log=_silent)
     monkeypatch.setenv("HUBEXPORT_NO_FAST_PATH", "1")
     to_megatron(primed, Output(tmp_path / "full"), log=_silent)
-    assert _files(tmp_path / "fast") == _files(tmp_path / "full") != _files(tmp_path / "first")
+    assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "full") != folder_bytes(tmp_path / "first")
 
 
 def test_a_tied_alias_that_differs_gets_the_full_paths_error(primed, tmp_path):
@@ -190,7 +151,7 @@ def test_test_and_changed_options_take_the_full_path(primed, tmp_path):
     assert fast_to_mcore.job(ResolvedModel(primed), MegatronOptions(test=True)) is None
     assert fast_to_mcore.job(ResolvedModel(primed), MegatronOptions(spec="local")) is None
     r = to_megatron(primed, Output(tmp_path / "tested"), MegatronOptions(test=True), log=_silent)
-    assert r.megatron.tested and _files(tmp_path / "tested") == _files(tmp_path / "first")
+    assert r.megatron.tested and folder_bytes(tmp_path / "tested") == folder_bytes(tmp_path / "first")
 
 
 def test_a_changed_config_takes_the_full_path(primed, tmp_path):
