@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +34,7 @@ ALL = ("fsdp", "megatron", "to-megatron", "flat", "push")
 SHARDS = ["--max-shard-size", "400MB"]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN_1 = [*TORCHRUN[:-1], "--nproc_per_node=1"]  # the same launcher, one process: what the launcher costs
 
 
 def hubexport_env(repo: Path, hf_home: Path) -> dict[str, str]:
@@ -48,15 +50,29 @@ def to_megatron_cmd(hf_model: Path, launcher: list[str] | None = None) -> list[s
             "{out}"]
 
 
+def one_process(make: Callable[[Path, list[str] | None], list[str]], source: Path, env: dict, cold: dict,
+                work: Path, primed: str) -> dict[str, tuple[Path, Contender]]:
+    """The disk floor and one process three ways: repeating a recorded run (primed here by one real run), the full
+    path (HUBEXPORT_NO_FAST_PATH=1) and from an empty HF_HOME."""
+    hub = make(source, None)
+    subprocess.run([*hub[:-1], str(work / primed), "--overwrite"], env=env, check=True, capture_output=True)
+    full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
+    return {FLOOR_LABEL: (source, floor(source)), targets.ONE: (source, (hub, env)),
+            targets.FULL: (source, (hub, full)), targets.COLD: (source, (hub, cold))}
+
+
+def torchrun(make: Callable[[Path, list[str] | None], list[str]], source: Path, env: dict) -> dict:
+    return {targets.TORCHRUN: (source, (make(source, TORCHRUN), env)),
+            targets.TORCHRUN_1: (source, (make(source, TORCHRUN_1), env))}
+
+
 def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     hub = merge_cmd(actor)
-    full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
-    c: dict[str, tuple[Path, Contender]] = {FLOOR_LABEL: (actor, floor(actor)), targets.ONE: (actor, (hub, env)),
-                                            targets.FULL: (actor, (hub, full)), targets.COLD: (actor, (hub, cold))}
+    c = one_process(merge_cmd, actor, env, cold, args.work, "primed")
     c |= {label: (actor, (hub, e)) for label, e in bases.items()}
     if not args.no_torchrun:
-        c |= {targets.TORCHRUN: (actor, (merge_cmd(actor, TORCHRUN), env)),
-              "hubexport --dtype fp32, 1 process": (actor, ([*hub, "--dtype", "fp32"], env)),
+        c |= torchrun(merge_cmd, actor, env)
+        c |= {"hubexport --dtype fp32, 1 process": (actor, ([*hub, "--dtype", "fp32"], env)),
               "hubexport --dtype fp32, torchrun 2": (actor, ([*merge_cmd(actor, TORCHRUN), "--dtype", "fp32"], env))}
     if args.verl_python:
         c[targets.VERL] = (actor, ([args.verl_python, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
@@ -66,35 +82,30 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     return {"input_bytes": input_bytes(actor), "runs": runs}
 
 
-def megatron_suite(args, mcore: Path, env: dict, bases: dict) -> dict:
-    c: dict[str, tuple[Path, Contender]] = {FLOOR_LABEL: (mcore, floor(mcore)),
-                                            targets.ONE: (mcore, (merge_cmd(mcore), env))}
+def megatron_suite(args, mcore: Path, env: dict, cold: dict, bases: dict) -> dict:
+    c = one_process(merge_cmd, mcore, env, cold, args.work, "primed-megatron")
     c |= {label: (mcore, (merge_cmd(mcore), e)) for label, e in bases.items()}
     if not args.no_torchrun:
-        c[targets.TORCHRUN] = (mcore, (merge_cmd(mcore, TORCHRUN), env))
-    runs = run_suite("megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.TORCHRUN))
+        c |= torchrun(merge_cmd, mcore, env)
+    runs = run_suite("megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
     print(table(runs, targets.ONE, input_bytes(mcore)))
     return {"input_bytes": input_bytes(mcore), "largest_group_bytes": cases.largest_group_bytes(env, mcore, args.work),
             "runs": runs}
 
 
 def to_megatron_suite(args, hf_model: Path, env: dict, cold: dict) -> dict:
-    hub = to_megatron_cmd(hf_model)
-    subprocess.run([*hub[:-1], str(args.work / "primed-mcore"), "--overwrite"], env=env, check=True,
-                   capture_output=True)  # records the recipe the warm contender repeats
-    full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
-    c: dict[str, tuple[Path, Contender]] = {FLOOR_LABEL: (hf_model, floor(hf_model)),
-                                            targets.ONE: (hf_model, (hub, env)), targets.FULL: (hf_model, (hub, full)),
-                                            targets.COLD: (hf_model, (hub, cold))}
+    c = one_process(to_megatron_cmd, hf_model, env, cold, args.work, "primed-mcore")
     if not args.no_torchrun:
-        c[targets.TORCHRUN] = (hf_model, (to_megatron_cmd(hf_model, TORCHRUN), env))
+        c |= torchrun(to_megatron_cmd, hf_model, env)
     runs = run_suite("to-megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
     print(table(runs, targets.ONE, input_bytes(hf_model)))
     return {"input_bytes": input_bytes(hf_model), "runs": runs}
 
 
 def flat_suite(args, env: dict) -> dict:
-    """The same architecture at 1 GB and 8 GB (synthetic weights; made once, kept in --work)."""
+    """The same architecture at 1 GB and 8 GB (synthetic weights; made once, kept in --work), by the full path (the
+    fast path's peak RSS is the interpreter's whatever the size)."""
+    env = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
     c: dict[str, tuple[Path, Contender]] = {}
     for gb in (1, 8):
         hf = cases.make_synthetic(args.work, gb)
@@ -133,15 +144,13 @@ def main() -> None:
     cold = hubexport_env(REPO, args.work / "cold-hf-home")
     bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
     actor = cases.make_fsdp(args.work)
-    subprocess.run([*merge_cmd(actor)[:-1], str(args.work / "primed"), "--overwrite"], env=env, check=True,
-                   capture_output=True)
     hf_model = args.work / "hf_model"
     if suites & {"megatron", "to-megatron"} and not (hf_model / "config.json").is_file():
         subprocess.run([*merge_cmd(actor)[:-1], str(hf_model)], env=env, check=True)
     if "fsdp" in suites:
         results["fsdp"] = fsdp_suite(args, actor, env, cold, bases)
     if "megatron" in suites:
-        results["megatron"] = megatron_suite(args, cases.make_megatron(args.work, hf_model), env, bases)
+        results["megatron"] = megatron_suite(args, cases.make_megatron(args.work, hf_model), env, cold, bases)
     if "to-megatron" in suites:
         results["to-megatron"] = to_megatron_suite(args, hf_model, env, cold)
     if "flat" in suites:

@@ -1,30 +1,36 @@
-"""The merge without torch or transformers: when a verl FSDP checkpoint's tensors are runs of rank-file bytes
-(`sources/fsdp_files`) and an earlier merge of the same tensors, config and options left its recipe
-(`merge_recipe`), every output file is its recorded header plus those runs, copied kernel-side. The output is the
-full path's, byte for byte (`tests/test_fast_merge_path.py`); start-up drops from ~6 s of imports to ~0.3 s.
+"""The merge without torch or transformers: when a checkpoint's tensors are runs of file bytes (verl FSDP rank
+files, `sources/fsdp_files`; a megatron-core torch_dist checkpoint's .distcp chunks, `sources/mcore` reading
+dtypes by name) and an earlier merge of the same tensors, config and options left its recipe (`merge_recipe`), every
+output file is its recorded header plus those runs (or the recorded byte ranges of them: a q/k/v split, a trimmed
+vocabulary), copied kernel-side. The output is the full path's, byte for byte (`tests/test_fast_merge_path.py`,
+`tests/test_fast_mcore_merge.py`); start-up drops from ~6 s of imports to ~0.3 s.
 
 Anything else returns None and the full path (`to_hf`) runs, with its checks and its errors: the fast path never
 refuses a checkpoint itself. `HUBEXPORT_NO_FAST_PATH=1` always takes the full path."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from hubexport import merge_recipe
 from hubexport.core import FileSlices
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
+from hubexport.errors import CheckpointError
 from hubexport.hfdir import copy_support_files
-from hubexport.merge_recipe import Recipe
+from hubexport.merge_recipe import Copy, Recipe
 from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.result import OnFile, Result, WrittenFile
-from hubexport.safetensors_format import INDEX_NAME, check_complete, dtype_code
+from hubexport.safetensors_format import INDEX_NAME, check_complete
 from hubexport.sources.fsdp_files import Located, Run, locate
+from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.safetensors import CHUNK, write_parts
 
 
@@ -33,18 +39,16 @@ def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
     if os.environ.get("HUBEXPORT_NO_FAST_PATH") == "1":
         return None
     layout = detect(Path(local_dir), options.backend)
-    if layout.format != "fsdp" or not layout.files:
+    tensors = _tensors(layout)
+    if tensors is None:
         return None
-    found = locate(layout.files)
-    if found is None:
-        return None
-    shapes = merge_recipe.shapes_of((n, t.shape, t.dtype) for n, t in found.items())
-    key = merge_recipe.key(layout.format, layout.version, layout.hf_dir, shapes, options)
+    key = merge_recipe.key(layout.format, layout.version, layout.hf_dir, tensors.shapes(), options)
     recipe = merge_recipe.load(key) if key else None
-    files = _files(recipe, found) if recipe else None
+    files = _files(recipe, tensors) if recipe else None
     if files is None:
+        tensors.close()
         return None
-    fast = FastJob(Path(local_dir), layout, recipe, found, files)
+    fast = FastJob(Path(local_dir), layout, recipe, tensors, files)
     try:
         if fast.checks_hold():
             return fast
@@ -54,8 +58,69 @@ def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
     return None
 
 
-def _files(recipe: Recipe, found: dict[str, Located]) -> list[tuple[str, bytes, list[str]]] | None:
-    """(name, header, tensor names in order) of each output file; None when the recipe does not fit the tensors."""
+class Tensors(Protocol):
+    """The checkpoint's tensors as byte runs of its files."""
+
+    def shapes(self) -> merge_recipe.Shapes: ...
+    def slices(self, name: str) -> FileSlices | None: ...  # None: not runs of file bytes (the full path decides)
+    def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]: ...  # copies that must hold the same bytes
+    def close(self) -> None: ...
+
+
+class _RankFiles:
+    """verl FSDP rank files (`sources/fsdp_files`)."""
+
+    def __init__(self, files: list[Path], found: dict[str, Located]) -> None:
+        self.found = found
+        self._fds = [os.open(f, os.O_RDONLY) for f in files]
+
+    def _runs(self, runs: tuple[Run, ...]) -> FileSlices:
+        return FileSlices(tuple((self._fds[rank], offset, n) for rank, offset, n in runs))
+
+    def shapes(self) -> merge_recipe.Shapes:
+        return merge_recipe.shapes_of((n, t.shape, t.dtype) for n, t in self.found.items())
+
+    def slices(self, name: str) -> FileSlices | None:
+        return self._runs(self.found[name].runs) if name in self.found else None
+
+    def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]:
+        return ((self._runs(t.runs), self._runs((r,))) for t in self.found.values() for r in t.replicas)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class _TorchDist(TorchDistSource):
+    """A torch_dist checkpoint's tensors (megatron's names, one layer each), read without torch."""
+
+    def shapes(self) -> merge_recipe.Shapes:
+        return merge_recipe.shapes_of((n, s.shape, s.dtype) for n, s in self.metas().items())
+
+    def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]:
+        return iter(())
+
+
+def _tensors(layout: Layout) -> Tensors | None:
+    """The checkpoint's tensors for the fast path, or None for a checkpoint it does not read."""
+    if layout.format == "fsdp" and layout.files:
+        found = locate(layout.files)
+        return None if found is None else _RankFiles(layout.files, found)
+    if layout.format == "megatron" and layout.version in ("v1", "v2") and layout.adapter is None:
+        try:
+            return _TorchDist(layout.files[0], dtype_names=True)
+        except CheckpointError:  # the full path says what is wrong
+            return None
+    return None
+
+
+Output = tuple[str, FileSlices]  # an output tensor's name and its bytes
+
+
+def _files(recipe: Recipe, tensors: Tensors) -> list[tuple[str, bytes, list[Output]]] | None:
+    """(name, header, outputs in order) of each output file; None when the recipe does not fit the tensors."""
+    copies = recipe.copy_map()
     out = []
     for name, text in recipe.files:
         if Path(name).name != name or not name.endswith(".safetensors"):
@@ -71,65 +136,44 @@ def _files(recipe: Recipe, found: dict[str, Located]) -> list[tuple[str, bytes, 
         entries.pop("__metadata__", None)
         try:
             order = sorted(entries, key=lambda t: entries[t]["data_offsets"][0])
-            fits = len(head) == 8 + n and _fits(order, entries, found)
+            outputs = [(t, _bytes_of(copies.get(t) or Copy(t), tensors)) for t in order]
+            fits = len(head) == 8 + n and _fits(outputs, entries)
         except (KeyError, TypeError, IndexError):
             return None
         if not fits:
             return None
-        out.append((name, head, order))
+        out.append((name, head, outputs))
     return out
 
 
-def _fits(order: list[str], entries: dict[str, dict], found: dict[str, Located]) -> bool:
-    """Each header entry is a checkpoint tensor's dtype and shape, and the entries' bytes follow each other."""
+def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | None:
+    whole = tensors.slices(copy.source)
+    return whole if whole is None or copy.ranges is None else whole.take(copy.ranges)
+
+
+def _fits(outputs: list[tuple[str, FileSlices | None]], entries: dict[str, dict]) -> bool:
+    """Each output is runs of file bytes as long as its header entry, and the entries' bytes follow each other."""
     end = 0
-    for t in order:
-        e = entries[t]
-        if t not in found or e["dtype"] != dtype_code(found[t].dtype) or e["shape"] != list(found[t].shape):
+    for t, found in outputs:
+        if found is None or entries[t]["data_offsets"] != [end, end + found.nbytes]:
             return False
-        if e["data_offsets"] != [end, end + found[t].nbytes]:
-            return False
-        end += found[t].nbytes
+        end += found.nbytes
     return True
 
 
 class FastJob:
-    """The executor's job (see executor.Job) for a recorded FSDP merge, one process."""
+    """The executor's job (see executor.Job) for a recorded merge, one process."""
 
-    def __init__(self, source: Path, layout: Layout, recipe: Recipe, found: dict[str, Located],
-                 files: list[tuple[str, bytes, list[str]]]) -> None:
-        self.layout, self.recipe, self.found, self.files = layout, recipe, found, files
+    def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors,
+                 files: list[tuple[str, bytes, list[Output]]]) -> None:
+        self.layout, self.recipe, self.tensors, self.files = layout, recipe, tensors, files
         self.inputs = tuple(p for p in (source, layout.root, layout.hf_dir, *layout.files) if p is not None)
-        self._fds = [os.open(f, os.O_RDONLY) for f in layout.files]
-
-    def _slices(self, runs: tuple[Run, ...]) -> FileSlices:
-        return FileSlices(tuple((self._fds[rank], offset, n) for rank, offset, n in runs))
 
     def checks_hold(self) -> bool:
         """Tied aliases hold their weight's bytes and every rank's copy of a plain tensor is the same."""
-        pairs = [(self.found[a].runs, self.found[c].runs) for a, c in self.recipe.checks]
-        pairs += [(t.runs, (r,)) for t in self.found.values() for r in t.replicas]
-        return all(self._same(a, b) for a, b in pairs)
-
-    def _same(self, a: tuple[Run, ...], b: tuple[Run, ...]) -> bool:
-        return sum(n for *_, n in a) == sum(n for *_, n in b) and all(
-            x == y for x, y in zip(self._chunks(a), self._chunks(b), strict=False))
-
-    def _chunks(self, runs: tuple[Run, ...]) -> Iterator[bytes]:
-        """The bytes of `runs` in pieces of at most CHUNK, cut at the same places for any runs of equal length."""
-        pending = b""
-        for rank, offset, n in runs:
-            end = offset + n
-            while offset < end:
-                data = os.pread(self._fds[rank], min(CHUNK - len(pending), end - offset), offset)
-                if not data:
-                    raise OSError(f"{self.layout.files[rank]} is shorter than its index says")
-                offset += len(data)
-                pending += data
-                if len(pending) == CHUNK:
-                    yield pending
-                    pending = b""
-        yield pending
+        pairs = [(self.tensors.slices(a), self.tensors.slices(c)) for a, c in self.recipe.checks]
+        return all(a is not None and b is not None and _same(a, b)
+                   for a, b in itertools.chain(pairs, self.tensors.replicas()))
 
     def result(self, command: str, target: Path) -> Result:
         r, layout = self.recipe, self.layout
@@ -139,30 +183,28 @@ class FastJob:
                       global_step=layout.global_step, peak_tensor_bytes=r.peak_tensor_bytes,
                       notes=[*layout.notes, *r.notes])
 
-    def _tensor_bytes(self, names: list[str]) -> int:
-        return sum(self.found[t].nbytes for t in names)
-
     def describe(self, result: Result) -> list[str]:
-        return [*result.notes, plan_line(result, len(self.files), sum(self._tensor_bytes(t) for _, _, t in self.files))]
+        total = sum(_nbytes(outputs) for *_, outputs in self.files)
+        return [*result.notes, plan_line(result, len(self.files), total)]
 
     def planned_files(self) -> list[WrittenFile]:
-        return [WrittenFile(name, self._tensor_bytes(names), None) for name, _, names in self.files]
+        return [WrittenFile(name, _nbytes(outputs), None) for name, _, outputs in self.files]
 
     def precheck(self) -> None:
         """Checked when the job was made (checks_hold)."""
 
     def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
         written = []
-        for name, head, names in self.files:
-            sha = write_parts(tmp / name, head, (self._slices(self.found[t].runs) for t in names))
+        for name, head, outputs in self.files:
+            sha = write_parts(tmp / name, head, (found for _, found in outputs))
             written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
             if on_file is not None:
                 on_file(written[-1], tmp / name)
         return written
 
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
-        for name, _, names in self.files:
-            check_complete(tmp / name, set(names))
+        for name, _, outputs in self.files:
+            check_complete(tmp / name, {t for t, _ in outputs})
         if self.recipe.index is not None:
             (tmp / INDEX_NAME).write_bytes(self.recipe.index.encode())
         (tmp / "config.json").write_bytes(self.recipe.config.encode())
@@ -176,6 +218,29 @@ class FastJob:
         return done_line(result, len(self.files))
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self.tensors.close()
+
+
+def _nbytes(outputs: list[Output]) -> int:
+    return sum(found.nbytes for _, found in outputs)
+
+
+def _same(a: FileSlices, b: FileSlices) -> bool:
+    return a.nbytes == b.nbytes and all(x == y for x, y in zip(_chunks(a), _chunks(b), strict=False))
+
+
+def _chunks(found: FileSlices) -> Iterator[bytes]:
+    """The bytes of `found` in pieces of at most CHUNK, cut at the same places for any slices of equal length."""
+    pending = b""
+    for fd, offset, n in found.parts:
+        end = offset + n
+        while offset < end:
+            data = os.pread(fd, min(CHUNK - len(pending), end - offset), offset)
+            if not data:
+                raise OSError("a checkpoint file is shorter than its index says")
+            offset += len(data)
+            pending += data
+            if len(pending) == CHUNK:
+                yield pending
+                pending = b""
+    yield pending

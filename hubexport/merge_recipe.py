@@ -1,10 +1,12 @@
 """A merge's outcome as plain data, cached after a merge so the next merge of a checkpoint with the same tensors,
 config and options runs without torch or transformers (`fast_merge`): what each output file's header is, which
-tied aliases must equal their weight, the config.json save_pretrained wrote, and the facts the result reports.
+checkpoint tensor (or which byte ranges of it) each output is, which tied aliases must equal their weight, the
+config.json save_pretrained wrote, and the facts the result reports.
 
 Keyed by (hubexport, transformers, the checkpoint format, every tensor's name/shape/dtype, config.json's bytes,
 the options that shape the output), in the same cache folder as `mapping/native_cache`. Only merges whose every
-output is a checkpoint tensor unchanged are recorded: anything transformers or hubexport converts is not."""
+output is a checkpoint tensor, or rows of one (a torch_dist q/k/v split, a trimmed vocabulary), are recorded:
+anything computed in memory is not."""
 
 from __future__ import annotations
 
@@ -20,9 +22,19 @@ from hubexport.mapping import native_cache
 from hubexport.options import MergeOptions
 from hubexport.plan import parse_size
 
-FORMAT = 1
+FORMAT = 2
 KIND = "merge"
+FORMATS = ("fsdp", "megatron")  # the checkpoints the fast path reads (megatron: torch_dist)
 Shapes = list[tuple[str, tuple[int, ...], str]]  # (name, shape, torch dtype name), in the checkpoint's order
+Ranges = tuple[tuple[int, int], ...]  # [start, stop) byte ranges
+
+
+@dataclass(frozen=True)
+class Copy:
+    """An output's bytes: the checkpoint tensor `source`'s, or its byte `ranges` in order."""
+
+    source: str
+    ranges: Ranges | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,11 @@ class Recipe:
     index: str | None  # model.safetensors.index.json, when sharded
     config: str  # config.json as save_pretrained wrote it
     checks: tuple[tuple[str, str], ...]  # (alias, canonical): tied aliases that must equal their weight
+    copies: tuple[tuple[str, str, Ranges | None], ...]  # (output, source, ranges) of outputs not a tensor as it is
+
+    def copy_map(self) -> dict[str, Copy]:
+        """What each output is, when not a tensor as it is (the outputs not named here)."""
+        return {output: Copy(source, ranges) for output, source, ranges in self.copies}
 
     def as_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -47,8 +64,10 @@ class Recipe:
         """A cached entry, or None when there is none or this version cannot read it."""
         try:
             r = cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[index]
+            copies = tuple((str(out), str(src), None if rs is None else tuple((int(a), int(b)) for a, b in rs))
+                           for out, src, rs in r.copies)
             return replace(r, notes=tuple(str(n) for n in r.notes), files=tuple((str(n), str(h)) for n, h in r.files),
-                           checks=tuple((str(a), str(c)) for a, c in r.checks))
+                           checks=tuple((str(a), str(c)) for a, c in r.checks), copies=copies)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -65,7 +84,7 @@ def key(layout_format: str, version: str, hf_dir: Path | None, shapes: Shapes, o
     o = options
     if o.dtype or o.lora_mode or o.lora_alpha or o.lora_rank or o.lora_base_model or o.trust_remote_code:
         return None
-    if layout_format != "fsdp" or hf_dir is None:
+    if layout_format not in FORMATS or hf_dir is None:
         return None
     try:
         config = (hf_dir / "config.json").read_bytes()

@@ -20,7 +20,7 @@ from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
 from hubexport.mapping.hf_native import TiedCheck, architecture_for, is_value_checkpoint, meta_model, native_groups
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
-from hubexport.merge_recipe import Recipe
+from hubexport.merge_recipe import Copy, Recipe
 from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
@@ -90,7 +90,7 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
         raise ConfigError(f"{layout.root} holds no LoRA tensors, so --lora/--lora-alpha/--lora-rank/--base-model "
                           "do not apply", hint="drop those options for a full fine-tuning checkpoint")
     if layout.format == "megatron" and layout.version != "mbridge" and not mcore_peft:  # mbridge: HF-native already
-        return _prepare_megatron(layout, source, config, specs, o, max_bytes)
+        return _prepare_megatron(layout, source, config, specs, o, max_bytes, detected)
     value_model, tied = _heads(layout, config, specs, keys, o)
     architecture, arch_notes = architecture_for(config, value_model=value_model)
     layout.notes.extend(arch_notes)
@@ -113,11 +113,16 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
 
 
 def _recipe_key(layout: Layout, specs: dict[str, TensorSpec], plan: Plan, o: MergeOptions) -> str | None:
-    """A merge the fast path can repeat: every output a checkpoint tensor unchanged, every other group a tie check."""
-    for g in plan.groups:
-        unchanged = g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),)
-        if not (unchanged or isinstance(g.convert, TiedCheck)):
+    """A merge the fast path may repeat. FSDP: every output a checkpoint tensor unchanged, every other group a tie
+    check. torch_dist: every output one tensor or rows of one, recorded only if each was copied from the .distcp
+    files (finish)."""
+    if layout.format == "megatron":
+        if layout.version not in ("v1", "v2") or layout.adapter is not None or any(
+                len(g.inputs) != 1 or not (g.passthrough or g.rows is not None) for g in plan.groups):
             return None
+    elif not all((g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),))
+                 or isinstance(g.convert, TiedCheck) for g in plan.groups):
+        return None
     shapes = merge_recipe.shapes_of((s.name, s.shape, s.dtype) for s in specs.values())
     return merge_recipe.key(layout.format, layout.version, layout.hf_dir, shapes, o)
 
@@ -153,7 +158,7 @@ def _heads(layout: Layout, config: PretrainedConfig, specs: dict[str, TensorSpec
 
 
 def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, specs: dict[str, TensorSpec],
-                      o: MergeOptions, max_bytes: int) -> Prepared:
+                      o: MergeOptions, max_bytes: int, detected: int) -> Prepared:
     """Megatron names and layouts → HF through the architecture tables; heads decided by the checkpoint's keys."""
     groups, updates = megatron_to_hf_groups(specs, config, tie_word_embedding=o.tie_word_embedding,
                                             value_model=o.is_value_model, notes=layout.notes)
@@ -161,7 +166,8 @@ def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, 
     plan = make_plan(groups, max_shard_size=max_bytes, cast=o.cast)
     value_model = "num_labels" in updates
     return Prepared(layout, source, config, plan, updates["architectures"][0], value_model,
-                    bool(updates.get("tie_word_embeddings", False)) and not value_model)
+                    bool(updates.get("tie_word_embeddings", False)) and not value_model,
+                    recipe_key=_recipe_key(layout, specs, plan, o), planning_notes=tuple(layout.notes[detected:]))
 
 
 def dominant_dtype(plan: Plan) -> torch.dtype:
@@ -183,6 +189,7 @@ class GroupCache:
         self.specs = source.metas()
         self._index: int | None = None
         self._outputs: dict[str, torch.Tensor] = {}
+        self.copied: dict[str, Copy] = {}  # the outputs copied file to file so far, and from what
 
     def run(self, index: int) -> dict[str, torch.Tensor]:
         group = self.plan.groups[index]
@@ -207,11 +214,15 @@ class GroupCache:
         if source_spec is None or source_spec.dtype != spec.dtype:
             return None
         whole = slices(group.inputs[0])
-        if whole is None or group.rows is None:
-            return whole
-        row_bytes = source_spec.nbytes // source_spec.shape[0] if source_spec.shape[0] else 0
-        ranges = group.rows[next(i for i, o in enumerate(group.outputs) if o.name == spec.name)]
-        return whole.take(tuple((a * row_bytes, b * row_bytes) for a, b in ranges))
+        if whole is None:
+            return None
+        ranges = None
+        if group.rows is not None:
+            row_bytes = source_spec.nbytes // source_spec.shape[0] if source_spec.shape[0] else 0
+            rows = group.rows[next(i for i, o in enumerate(group.outputs) if o.name == spec.name)]
+            ranges = tuple((a * row_bytes, b * row_bytes) for a, b in rows)
+        self.copied[spec.name] = Copy(group.inputs[0], ranges)
+        return whole if ranges is None else whole.take(ranges)
 
 
 class HfJob:
@@ -224,6 +235,7 @@ class HfJob:
         self.inputs = tuple(p for p in owned if p is not None)
         if prep.lora and prep.lora.base_model is not None:
             self.inputs += (prep.lora.base_model,)
+        self.copied: dict[str, Copy] = {}  # this rank's outputs copied file to file (write)
 
     @property
     def layout(self) -> Layout:
@@ -271,6 +283,7 @@ class HfJob:
         """This rank's shard files (rank 0 also writes the adapter), each told to `on_file` once complete."""
         plan = self.prep.plan
         cache = GroupCache(plan, self.prep.source)
+        self.copied = cache.copied
         written = []
         for f in plan.files_for_rank(dist.rank, dist.world_size):
             sha = write_file(tmp / f.name, list(f.tensors), cache.fetch)
@@ -308,8 +321,13 @@ class HfJob:
         p.config.save_pretrained(tmp)
         if p.layout.hf_dir is not None:
             copy_support_files(p.layout.hf_dir, tmp)
-        if p.recipe_key is not None:
+        if p.recipe_key is not None and self._repeatable():
             merge_recipe.store(p.recipe_key, self._recipe(tmp))
+
+    def _repeatable(self) -> bool:
+        """FSDP: decided by the plan. torch_dist: one process copied every output from the .distcp files."""
+        return self.layout.format != "megatron" or all(t.name in self.copied for f in self.prep.plan.files
+                                                       for t in f.tensors)
 
     def _recipe(self, tmp: Path) -> Recipe:
         """What the fast path needs to write this folder again: read back from what was just written."""
@@ -321,7 +339,9 @@ class HfJob:
                       index=index.read_bytes().decode() if index.exists() else None,
                       config=(tmp / "config.json").read_bytes().decode(),
                       checks=tuple((g.convert.alias, g.convert.canonical) for g in p.plan.groups
-                                   if isinstance(g.convert, TiedCheck)))
+                                   if isinstance(g.convert, TiedCheck)),
+                      copies=tuple((name, c.source, c.ranges) for name, c in self.copied.items()
+                                   if c != Copy(name)))
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """Every shard's header was checked against the plan in finish(); nothing more to read back."""

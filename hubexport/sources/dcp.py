@@ -1,6 +1,7 @@
 """torch DCP (`torch_dist`) directory reading without a model or a process group: the `.metadata` pickle through an
 allow-listing unpickler, and any rectangular region of a tensor assembled from its chunk blobs (formats doc §3.1, §3.4).
-"""
+Imports torch only to read tensors: the metadata and the byte runs of chunks are read without it, with dtypes by name
+(`read_metadata(..., dtype_names=True)`) for the torch-free merge (`fast_merge`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubexport.errors import CheckpointError
-from hubexport.sources.pread import read_into, read_tensor
 from hubexport.sources.shards import one_run
-from hubexport.sources.torchsave import Stub, Tensor, Unreadable, as_size, read_archive
+from hubexport.sources.torchsave import ITEMSIZE, Stub, Tensor, Unreadable, as_size, read_archive
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Record(Stub):
@@ -56,7 +58,6 @@ class MetadataIndex(_Record):
         return isinstance(other, MetadataIndex) and (self.fqn, self.offset) == (other.fqn, other.offset)
 
 
-_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _DCP = "torch.distributed.checkpoint"
 _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): __import__("collections").OrderedDict,
@@ -79,11 +80,21 @@ _ALLOWED: dict[tuple[str, str], object] = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Only the plain-data classes DCP metadata is made of, as records; anything else is refused, never imported."""
+    """Only the plain-data classes DCP metadata is made of, as records; anything else is refused, never imported.
+    Dtypes are torch's, or with `dtype_names` their names ("bfloat16")."""
+
+    def __init__(self, file, dtype_names: bool) -> None:
+        super().__init__(file)
+        self.dtype_names = dtype_names
 
     def find_class(self, module: str, name: str) -> object:
-        if module == "torch" and name in _TORCH_DTYPES:
-            return _TORCH_DTYPES[name]
+        if module == "torch" and self.dtype_names and (module, name) not in _ALLOWED:
+            return name  # a dtype by name; a string is never called, so anything else fails as a damaged pickle
+        if module == "torch" and not self.dtype_names:
+            import torch
+
+            if isinstance(dtype := getattr(torch, name, None), torch.dtype):
+                return dtype
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module.startswith("megatron.") and name.startswith("MCore"):  # mcore planner/metadata helpers
@@ -91,14 +102,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/") -> Metadata:
+def read_metadata(dist_dir: Path, recopy: str = "dist_ckpt/", *, dtype_names: bool = False) -> Metadata:
     """`recopy` names what to re-copy in the hints (the torch_dist folder, or a DCP checkpoint directory)."""
     path = dist_dir / ".metadata"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing", hint=f"the checkpoint is incomplete; re-copy {recopy}")
     try:
         with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
+            md = _MetadataUnpickler(f, dtype_names).load()
     except Exception as e:  # a damaged pickle fails in many ways (KeyError, IndexError, struct.error, ...)
         raise CheckpointError(f"{path} cannot be read: {e}",
                               hint=f"the file is corrupt or from an unknown writer; re-copy {recopy}") from e
@@ -139,7 +150,7 @@ class StoredChunk:
 class DcpTensor:
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a name where the metadata was read with dtype_names
     chunks: tuple[StoredChunk, ...]
 
 
@@ -175,7 +186,15 @@ def tensor_index(md: Metadata) -> dict[str, DcpTensor]:
     return out
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _load_blob(dist_dir: Path, c: StoredChunk, key: str) -> torch.Tensor:
+    import torch
+
+    from hubexport.sources.pread import read_tensor
+
     path = dist_dir / c.file
     if (found := _stored(path, c)) is not None:  # one copy, straight from the storage's bytes
         with contextlib.suppress(OSError), open(path, "rb") as f:
@@ -212,8 +231,10 @@ def _lead_skip(c: StoredChunk, lead: tuple[int, ...], stored: Tensor) -> int:
 def _read_into(path: Path, c: StoredChunk, lead: tuple[int, ...], dst: torch.Tensor) -> bool:
     """Read the chunk's part of `t[lead]` straight into `dst`, the contiguous slice of the output it fills: no copy
     of the chunk in memory at all. False when the blob is not a plain tensor of the output's dtype."""
+    from hubexport.sources.pread import read_into
+
     found = _stored(path, c) if dst.is_contiguous() else None
-    if found is None or found[1].dtype != str(dst.dtype).removeprefix("torch."):
+    if found is None or found[1].dtype != dtype_name(dst.dtype):
         return False
     offset, t = found
     skip = _lead_skip(c, lead, t) * dst.element_size()
@@ -231,19 +252,20 @@ def region_runs(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> lis
     plain torch.save blob. None otherwise (read_region then assembles it in memory)."""
     n = len(lead)
     shape = t.shape[n:]
+    name = dtype_name(t.dtype)
+    itemsize = ITEMSIZE[t.dtype] if isinstance(t.dtype, str) else t.dtype.itemsize
     pieces = []
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
         found = _stored(dist_dir / c.file, c)
-        if found is None or found[1].dtype != str(t.dtype).removeprefix("torch.") or not one_run(shape, c.offsets[n:],
-                                                                                                  c.sizes[n:]):
+        if found is None or found[1].dtype != name or not one_run(shape, c.offsets[n:], c.sizes[n:]):
             return None
         offset, stored = found
-        skip = _lead_skip(c, lead, stored) * t.dtype.itemsize
-        pieces.append((c.offsets[n:], (c.file, offset + skip, math.prod(c.sizes[n:]) * t.dtype.itemsize)))
+        skip = _lead_skip(c, lead, stored) * itemsize
+        pieces.append((c.offsets[n:], (c.file, offset + skip, math.prod(c.sizes[n:]) * itemsize)))
     pieces.sort()
-    if sum(length for _, (_, _, length) in pieces) != math.prod(shape) * t.dtype.itemsize:
+    if sum(length for _, (_, _, length) in pieces) != math.prod(shape) * itemsize:
         return None
     return [run for _, run in pieces]
 
@@ -254,6 +276,8 @@ def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),
     Only blobs that overlap are read, so one layer of a stacked key costs one layer's bytes. `load` reads one
     chunk (a torch.save blob by default; safetensors-serialised DCP passes its own). A torch.save chunk whose part
     is a contiguous slice of the output (row blocks, one layer of a stacked key) is read straight into it."""
+    import torch
+
     n = len(lead)
     out_shape = t.shape[n:]
     out = torch.empty(out_shape, dtype=t.dtype)

@@ -13,13 +13,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources import Source
-from hubexport.sources.dcp import DcpTensor, read_metadata, read_region, region_runs, tensor_index
+from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, region_runs, tensor_index
+
+if TYPE_CHECKING:
+    import torch
 
 NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "lr_scheduler", "common_state")
 GROUPED_EXPERTS = ".mlp.experts.experts."
@@ -69,14 +71,18 @@ def _logical_names(t: DcpTensor) -> dict[str, tuple[_Entry, tuple[int, ...]]]:
 
 def model_tensor_keys(dist_dir: Path) -> list[str]:
     """The model tensor keys of a torch_dist directory, from its metadata alone."""
-    return [k for k in tensor_index(read_metadata(Path(dist_dir))) if _is_model_key(k)]
+    return [k for k in tensor_index(read_metadata(Path(dist_dir), dtype_names=True)) if _is_model_key(k)]
 
 
 class TorchDistSource(Source):
-    def __init__(self, dist_dir: Path) -> None:
+    """`dtype_names`: specs and metadata carry dtype names, and torch is never imported (the torch-free merge reads
+    byte runs only, `slices`)."""
+
+    def __init__(self, dist_dir: Path, *, dtype_names: bool = False) -> None:
         self.dir = Path(dist_dir)
         check_complete(self.dir)
-        md = read_metadata(self.dir)
+        md = read_metadata(self.dir, dtype_names=dtype_names)
+        check_files(self.dir, md, "dist_ckpt/")  # a missing or cut-short .distcp is named before any write
         index = tensor_index(md)
         mcore_data = getattr(md, "mcore_data", None) or {}
         self._tensors: dict[str, DcpTensor] = {}

@@ -1,0 +1,143 @@
+"""The torch-free merge of megatron-core torch_dist checkpoints (`hubexport/fast_merge.py` on `sources/mcore` with
+dtypes by name) against the full path it repeats, on checkpoints megatron-core's GPTModel saved: a second merge of
+the same checkpoint writes the first merge's folder byte for byte and reports the same result, imports neither torch
+nor transformers, and whatever it cannot vouch for (a weight that TP split along its columns, a changed config, a
+cut-short .distcp) goes to the full path, whose checks and errors stay as they were."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hubexport import fast_merge
+from hubexport.detect import detect
+from hubexport.errors import CheckpointError
+from hubexport.executor import merge
+from hubexport.options import MergeOptions, Output
+from hubexport.sources.mcore import TorchDistSource
+from tests.fastpath import facts, folder_bytes, full_then_fast, run_twice
+
+# TP=2 splits o_proj and down_proj along their columns, and a critic's score.bias is made (zeros): computed in
+# memory, so never recorded.
+FULL_PATH_ONLY = {"tp2_untied", "tp1_critic"}
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_moe_ep2) -> dict[str, Path]:
+    return {"tp1_untied": mcore_tp1["untied"].actor, "tp1_tied": mcore_tp1["tied"].actor,
+            "tp1_critic": mcore_tp1["critic"].actor, "pp2_tied_v2": mcore_pp2["tied_v2"].actor,
+            "ep2_moe": mcore_moe_ep2["ep2"].actor, "tp2_untied": mcore_tp2["untied"].actor}
+
+
+@pytest.fixture(scope="module")
+def runs(cases, tmp_path_factory):
+    """Each checkpoint merged by the full path (which records the recipe), then again with the fast path allowed."""
+    out = tmp_path_factory.mktemp("fast-mcore")
+    done = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(out / "hf-home"))
+        for name, actor in cases.items():
+            took, full, again, untouched = full_then_fast(
+                mp, lambda run, a=actor, n=name: merge(a, Output(out / n / run), log=_silent),
+                lambda a=actor: fast_merge.job(a, MergeOptions()), actor)
+            done[name] = (took, full, again, out / name, untouched)
+    return done
+
+
+def test_the_checkpoints_that_take_the_fast_path(runs):
+    assert {name for name, (took, *_) in runs.items() if not took} == FULL_PATH_ONLY
+
+
+@pytest.mark.parametrize("name", ["tp1_untied", "tp1_tied", "tp1_critic", "pp2_tied_v2", "ep2_moe", "tp2_untied"])
+def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
+    _, full, again, folder, untouched = runs[name]
+    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
+    assert facts(again) == facts(full)
+    assert untouched  # nothing under the checkpoint was written, renamed or deleted
+
+
+def test_the_recipe_records_row_copies(cases, runs, monkeypatch):
+    """q/k/v and gate/up are byte ranges of megatron's fused tensors, named in the recipe; plain tensors are not."""
+    monkeypatch.setenv("HF_HOME", str(runs["tp1_untied"][3].parent / "hf-home"))
+    job = fast_merge.job(cases["tp1_untied"], MergeOptions())
+    try:
+        copies = {out: (src, ranges) for out, src, ranges in job.recipe.copies}
+    finally:
+        job.close()
+    q, k = copies["model.layers.0.self_attn.q_proj.weight"], copies["model.layers.0.self_attn.k_proj.weight"]
+    assert q[0] == k[0] == "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert q[1] and k[1] and set(q[1]).isdisjoint(k[1])
+    assert copies["model.layers.0.mlp.up_proj.weight"][0] == "decoder.layers.0.mlp.linear_fc1.weight"
+
+
+def test_a_repeated_merge_imports_neither_torch_nor_transformers(cases, tmp_path):
+    seen = run_twice(lambda out: ["merge", "--local-dir", str(cases["tp1_tied"]), "--target-dir", str(out)], tmp_path)
+    assert {"torch", "transformers"} <= set(seen[0][0])
+    assert seen[1][0] == []
+    assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
+
+
+@pytest.fixture
+def primed(cases, tmp_path, monkeypatch):
+    """The untied TP=1 checkpoint copied into tmp_path, merged once (its recipe recorded in a fresh cache)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    actor = tmp_path / "ckpt" / "global_step_3" / "actor"
+    shutil.copytree(cases["tp1_untied"], actor)
+    merge(actor, Output(tmp_path / "first"), log=_silent)
+    return actor
+
+
+def _overwrite(actor: Path, name: str, data: bytes) -> None:
+    """Replace the first bytes of the logical tensor `name` where they lie in the .distcp files."""
+    source = TorchDistSource(detect(actor).files[0], dtype_names=True)
+    try:
+        fd, offset, n = source.slices(name).parts[0]
+        path = source.dir / next(f for f, open_fd in source._fds.items() if open_fd == fd)
+    finally:
+        source.close()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data[:n])
+
+
+def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
+    """The recipe holds names, shapes and headers, never bytes: a later step of the same run is merged fast."""
+    _overwrite(primed, "decoder.layers.1.self_attention.linear_qkv.weight", bytes(range(256)) * 4)
+    _overwrite(primed, "decoder.final_layernorm.weight", b"\x3f\x80" * 8)
+    job = fast_merge.job(primed, MergeOptions())
+    assert job is not None
+    job.close()
+    merge(primed, Output(tmp_path / "second"), log=_silent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
+        merge(primed, Output(tmp_path / "full"), log=_silent)
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "full") != folder_bytes(tmp_path / "first")
+
+
+def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):
+    config = primed / "huggingface" / "config.json"
+    data = json.loads(config.read_text())
+    assert fast_merge.job(primed, MergeOptions(max_shard_size="1MB")) is None
+    assert fast_merge.job(primed, MergeOptions(dtype="fp32")) is None
+    config.write_text(json.dumps({**data, "rms_norm_eps": 1e-5}, indent=2))
+    assert fast_merge.job(primed, MergeOptions()) is None
+    merge(primed, Output(tmp_path / "second"), log=_silent)
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["rms_norm_eps"] == 1e-5
+
+
+def test_a_cut_short_distcp_goes_to_the_full_path_which_names_it(primed, tmp_path):
+    data = max((primed / "dist_ckpt").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 100)
+    assert fast_merge.job(primed, MergeOptions()) is None
+    with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
+        merge(primed, Output(tmp_path / "second"), log=_silent)
+    assert not (tmp_path / "second").exists()
