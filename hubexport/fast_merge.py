@@ -31,7 +31,7 @@ from hubexport.result import OnFile, Result, WrittenFile
 from hubexport.safetensors_format import INDEX_NAME, check_complete
 from hubexport.sources.fsdp_files import Located, Run, locate
 from hubexport.sources.mcore import TorchDistSource
-from hubexport.writers.safetensors import CHUNK, write_parts
+from hubexport.writers.safetensors import CHUNK, Fsyncs, write_parts
 
 
 def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
@@ -195,11 +195,13 @@ class FastJob:
 
     def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
         written = []
-        for name, head, outputs in self.files:
-            sha = write_parts(tmp / name, head, (found for _, found in outputs))
-            written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
-            if on_file is not None:
-                on_file(written[-1], tmp / name)
+        with Fsyncs() as fsyncs:
+            for name, head, outputs in self.files:
+                sha = write_parts(tmp / name, head, (found for _, found in outputs), fsync=False)
+                fsyncs.add(tmp / name)
+                written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
+                if on_file is not None:
+                    on_file(written[-1], tmp / name)
         return written
 
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:

@@ -30,7 +30,7 @@ from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.fsdp_files import locate
 from hubexport.sources.fsdp_located import LocatedFsdpSource
-from hubexport.writers.safetensors import write_file
+from hubexport.writers.safetensors import Fsyncs, write_file
 
 
 @dataclass
@@ -285,11 +285,13 @@ class HfJob:
         cache = GroupCache(plan, self.prep.source)
         self.copied = cache.copied
         written = []
-        for f in plan.files_for_rank(dist.rank, dist.world_size):
-            sha = write_file(tmp / f.name, list(f.tensors), cache.fetch)
-            written.append(WrittenFile(f.name, (tmp / f.name).stat().st_size, sha))
-            if on_file is not None:
-                on_file(written[-1], tmp / f.name)
+        with Fsyncs() as fsyncs:
+            for f in plan.files_for_rank(dist.rank, dist.world_size):
+                sha = write_file(tmp / f.name, list(f.tensors), cache.fetch, fsync=False)
+                fsyncs.add(tmp / f.name)
+                written.append(WrittenFile(f.name, (tmp / f.name).stat().st_size, sha))
+                if on_file is not None:
+                    on_file(written[-1], tmp / f.name)
         if dist.is_main and self.writes_adapter:
             written.append(self._write_adapter(tmp))
             if on_file is not None:

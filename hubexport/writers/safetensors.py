@@ -103,6 +103,39 @@ def _write(path: Path, head: bytes, parts: Iterator[Part], *, fsync: bool) -> st
     return digest.hexdigest()
 
 
+class Fsyncs:
+    """Each written file fsync'd on a thread while the next one is written, so a file's writeback overlaps the next
+    file's copy (4 files of 360 MB: 0.5 s against 1.1 s fsync'd one after another, benchmarks/README.md). Leaving
+    the block waits for every fsync and raises the first failure, naming its file: a job's write() still returns
+    only once its files are durable."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hubexport-fsync")
+        self._jobs: list[Future] = []
+
+    def add(self, path: Path) -> None:
+        self._jobs.append(self._pool.submit(_fsync, path))
+
+    def __enter__(self) -> Fsyncs:
+        return self
+
+    def __exit__(self, failed: type[BaseException] | None, *_: object) -> None:
+        self._pool.shutdown(wait=True)
+        for job in self._jobs if failed is None else ():  # else the write's own error is the one to report
+            job.result()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def _write_all(fd: int, data: memoryview) -> None:
     data = data.cast("B") if data.format != "B" else data
     while data:
