@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from hubexport import fast_merge
 from hubexport.cli_output import jsonable
+from hubexport.executor import merge
+from hubexport.options import MergeOptions, Output
 from tests.tree import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +71,61 @@ def run_twice(args: Callable[[Path], list[str]], tmp_path: Path) -> list[tuple[l
                              capture_output=True, text=True).stdout.strip().splitlines()
         seen.append((json.loads(out[-1]), json.loads("\n".join(out[:-1]))))
     return seen
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def fast_and_full_after_a_change(actor: Path, tmp_path: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """A checkpoint whose bytes changed since its recipe was recorded (a later step of the run): the fast path takes
+    it. Returns the folder it writes (tmp_path/second) and the full path's (tmp_path/full)."""
+    job = fast_merge.job(actor, MergeOptions())
+    assert job is not None
+    job.close()
+    merge(actor, Output(tmp_path / "second"), log=_silent)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
+        merge(actor, Output(tmp_path / "full"), log=_silent)
+    return folder_bytes(tmp_path / "second"), folder_bytes(tmp_path / "full")
+
+
+def assert_other_options_and_config_miss(actor: Path) -> None:
+    """Other options, then another config.json (rms_norm_eps 1e-5, left in place), are not the recorded merge."""
+    assert fast_merge.job(actor, MergeOptions(max_shard_size="1MB")) is None
+    assert fast_merge.job(actor, MergeOptions(dtype="fp32")) is None
+    config = actor / "huggingface" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-5}, indent=2))
+    assert fast_merge.job(actor, MergeOptions()) is None
+
+
+def assert_a_repeated_merge_is_torch_free(actor: Path, tmp_path: Path) -> None:
+    """The first merge of `actor` imports torch and transformers, the second neither, and writes the same files."""
+    seen = run_twice(lambda out: ["merge", "--local-dir", str(actor), "--target-dir", str(out)], tmp_path)
+    assert {"torch", "transformers"} <= set(seen[0][0])
+    assert seen[1][0] == []
+    assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
+    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
+
+
+def merge_each_twice(actors: dict[str, tuple[Path, Path]], out: Path) -> dict[str, tuple]:
+    """Each case's actor merged by the full path (which records the recipe), then again with the fast path allowed,
+    into out/<case>/{full,again} with out/hf-home as the cache. Per case: (whether the fast path took it, the two
+    results, out/<case>, whether nothing under the case's owned folder changed)."""
+    done = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(out / "hf-home"))
+        for name, (actor, owned) in actors.items():
+            took, full, again, untouched = full_then_fast(
+                mp, lambda run, a=actor, n=name: merge(a, Output(out / n / run), log=_silent),
+                lambda a=actor: fast_merge.job(a, MergeOptions()), owned)
+            done[name] = (took, full, again, out / name, untouched)
+    return done
+
+
+def assert_the_second_merge_is_the_first(run: tuple) -> None:
+    """The fast path's folder is the full path's byte for byte, its facts the same, and the checkpoint untouched."""
+    _, full, again, folder, untouched = run
+    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
+    assert facts(again) == facts(full)
+    assert untouched  # nothing under the checkpoint was written, renamed or deleted

@@ -18,7 +18,14 @@ from hubexport.errors import CheckpointError
 from hubexport.executor import merge
 from hubexport.options import MergeOptions, Output
 from hubexport.sources.mcore import TorchDistSource
-from tests.fastpath import facts, folder_bytes, full_then_fast, run_twice
+from tests.fastpath import (
+    assert_a_repeated_merge_is_torch_free,
+    assert_other_options_and_config_miss,
+    assert_the_second_merge_is_the_first,
+    fast_and_full_after_a_change,
+    folder_bytes,
+    merge_each_twice,
+)
 
 # TP=2 splits o_proj and down_proj along their columns, and a critic's score.bias is made (zeros): computed in
 # memory, so never recorded.
@@ -38,17 +45,7 @@ def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_moe_ep2) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runs(cases, tmp_path_factory):
-    """Each checkpoint merged by the full path (which records the recipe), then again with the fast path allowed."""
-    out = tmp_path_factory.mktemp("fast-mcore")
-    done = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(out / "hf-home"))
-        for name, actor in cases.items():
-            took, full, again, untouched = full_then_fast(
-                mp, lambda run, a=actor, n=name: merge(a, Output(out / n / run), log=_silent),
-                lambda a=actor: fast_merge.job(a, MergeOptions()), actor)
-            done[name] = (took, full, again, out / name, untouched)
-    return done
+    return merge_each_twice({name: (actor, actor) for name, actor in cases.items()}, tmp_path_factory.mktemp("fast-mcore"))
 
 
 def test_the_checkpoints_that_take_the_fast_path(runs):
@@ -57,10 +54,7 @@ def test_the_checkpoints_that_take_the_fast_path(runs):
 
 @pytest.mark.parametrize("name", ["tp1_untied", "tp1_tied", "tp1_critic", "pp2_tied_v2", "ep2_moe", "tp2_untied"])
 def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
-    _, full, again, folder, untouched = runs[name]
-    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
-    assert facts(again) == facts(full)
-    assert untouched  # nothing under the checkpoint was written, renamed or deleted
+    assert_the_second_merge_is_the_first(runs[name])
 
 
 def test_the_recipe_records_row_copies(cases, runs, monkeypatch):
@@ -78,11 +72,7 @@ def test_the_recipe_records_row_copies(cases, runs, monkeypatch):
 
 
 def test_a_repeated_merge_imports_neither_torch_nor_transformers(cases, tmp_path):
-    seen = run_twice(lambda out: ["merge", "--local-dir", str(cases["tp1_tied"]), "--target-dir", str(out)], tmp_path)
-    assert {"torch", "transformers"} <= set(seen[0][0])
-    assert seen[1][0] == []
-    assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
-    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
+    assert_a_repeated_merge_is_torch_free(cases["tp1_tied"], tmp_path)
 
 
 @pytest.fixture
@@ -112,23 +102,12 @@ def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
     """The recipe holds names, shapes and headers, never bytes: a later step of the same run is merged fast."""
     _overwrite(primed, "decoder.layers.1.self_attention.linear_qkv.weight", bytes(range(256)) * 4)
     _overwrite(primed, "decoder.final_layernorm.weight", b"\x3f\x80" * 8)
-    job = fast_merge.job(primed, MergeOptions())
-    assert job is not None
-    job.close()
-    merge(primed, Output(tmp_path / "second"), log=_silent)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
-        merge(primed, Output(tmp_path / "full"), log=_silent)
-    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "full") != folder_bytes(tmp_path / "first")
+    second, full = fast_and_full_after_a_change(primed, tmp_path)
+    assert second == full != folder_bytes(tmp_path / "first")
 
 
 def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):
-    config = primed / "huggingface" / "config.json"
-    data = json.loads(config.read_text())
-    assert fast_merge.job(primed, MergeOptions(max_shard_size="1MB")) is None
-    assert fast_merge.job(primed, MergeOptions(dtype="fp32")) is None
-    config.write_text(json.dumps({**data, "rms_norm_eps": 1e-5}, indent=2))
-    assert fast_merge.job(primed, MergeOptions()) is None
+    assert_other_options_and_config_miss(primed)
     merge(primed, Output(tmp_path / "second"), log=_silent)
     assert json.loads((tmp_path / "second" / "config.json").read_text())["rms_norm_eps"] == 1e-5
 

@@ -26,7 +26,14 @@ from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.fsdp_files import locate
 from hubexport.sources.fsdp_located import LocatedFsdpSource
 from hubexport.sources.torchsave import Unreadable, read_archive
-from tests.fastpath import facts, folder_bytes, full_then_fast, run_twice
+from tests.fastpath import (
+    assert_a_repeated_merge_is_torch_free,
+    assert_other_options_and_config_miss,
+    assert_the_second_merge_is_the_first,
+    fast_and_full_after_a_change,
+    folder_bytes,
+    merge_each_twice,
+)
 from tests.fsdp_cases import CASES, actor_dir
 
 # Dim-1 sharding (odd vocab) and the MoE models whose experts transformers converts on saving take the full path;
@@ -41,18 +48,8 @@ def _silent(_: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(fsdp_root, tmp_path_factory):
-    """Each case merged by the full path (which records the recipe), then again with the fast path allowed."""
-    out = tmp_path_factory.mktemp("fastpath")
-    done = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(out / "hf-home"))
-        for name in CASES:
-            actor = actor_dir(fsdp_root, name)
-            took, full, again, untouched = full_then_fast(
-                mp, lambda run, a=actor, n=name: merge(a, Output(out / n / run), log=_silent),
-                lambda a=actor: fast_merge.job(a, MergeOptions()), actor.parent)
-            done[name] = (took, full, again, out / name, untouched)
-    return done
+    actors = {name: (actor_dir(fsdp_root, name), actor_dir(fsdp_root, name).parent) for name in CASES}
+    return merge_each_twice(actors, tmp_path_factory.mktemp("fastpath"))
 
 
 def test_the_layouts_that_take_the_fast_path(runs):
@@ -61,19 +58,11 @@ def test_the_layouts_that_take_the_fast_path(runs):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
-    _, full, again, folder, untouched = runs[name]
-    assert folder_bytes(folder / "again") == folder_bytes(folder / "full")
-    assert facts(again) == facts(full)
-    assert untouched  # nothing under the checkpoint was written, renamed or deleted
+    assert_the_second_merge_is_the_first(runs[name])
 
 
 def test_a_repeated_merge_imports_neither_torch_nor_transformers(fsdp_root, tmp_path):
-    actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
-    seen = run_twice(lambda out: ["merge", "--local-dir", str(actor), "--target-dir", str(out)], tmp_path)
-    assert {"torch", "transformers"} <= set(seen[0][0])
-    assert seen[1][0] == []
-    assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
-    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")
+    assert_a_repeated_merge_is_torch_free(actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied"), tmp_path)
 
 
 @pytest.fixture
@@ -116,21 +105,12 @@ def test_an_untied_lm_head_goes_to_the_full_path_which_refuses_it(primed, tmp_pa
 def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
     """The recipe holds names, shapes and headers, never bytes: a later step of the same run is merged fast."""
     _flip_byte(primed, "model.norm.weight")
-    assert fast_merge.job(primed, MergeOptions()) is not None
-    merge(primed, Output(tmp_path / "second"), log=_silent)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HUBEXPORT_NO_FAST_PATH", "1")
-        merge(primed, Output(tmp_path / "full"), log=_silent)
-    assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "full") != folder_bytes(tmp_path / "first")
+    second, full = fast_and_full_after_a_change(primed, tmp_path)
+    assert second == full != folder_bytes(tmp_path / "first")
 
 
 def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):
-    config = primed / "huggingface" / "config.json"
-    data = json.loads(config.read_text())
-    assert fast_merge.job(primed, MergeOptions(max_shard_size="1MB")) is None
-    assert fast_merge.job(primed, MergeOptions(dtype="fp32")) is None
-    config.write_text(json.dumps({**data, "rms_norm_eps": 1e-5}, indent=2))
-    assert fast_merge.job(primed, MergeOptions()) is None
+    assert_other_options_and_config_miss(primed)
     result = merge(primed, Output(tmp_path / "second"), log=_silent)
     assert json.loads((tmp_path / "second" / "config.json").read_text())["rms_norm_eps"] == 1e-5
     assert result.architecture == "LlamaForCausalLM"
