@@ -41,6 +41,32 @@ def make_megatron(work: Path, hf_model: Path, name: str = "mcore", nproc: int = 
     return actor
 
 
+def make_megatron_tp2(work: Path, hf_model: Path) -> Path:
+    """`hf_model` saved by megatron-core itself from a TP=2 GPTModel (2 CPU processes, the tests' producer in
+    `tests/fixtures_mcore.py`): row-parallel weights are stored split along their columns, as a TP=2 run saves them.
+    megatron-core keeps fp32 parameters, so this checkpoint is twice the bf16 one."""
+    actor = work / "mcore_tp2" / "global_step_1" / "actor"
+    if (actor / "dist_ckpt" / "metadata.json").is_file():
+        return actor
+    from safetensors.torch import load_file, save_file
+
+    from tests.fixtures_mcore import _job, run_torchrun
+
+    one_file = work / "hf_model_1file"  # the producer reads one model.safetensors
+    if not (one_file / "model.safetensors").is_file():
+        one_file.mkdir(exist_ok=True)
+        weights = {}
+        for f in sorted(hf_model.glob("*.safetensors")):
+            weights |= load_file(f)
+        save_file(weights, one_file / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(hf_model / "config.json", one_file / "config.json")
+    shutil.rmtree(work / "mcore_tp2", ignore_errors=True)
+    run_torchrun(2, [_job(actor, one_file, tp=2, forward=False)], timeout=1200)
+    (actor / "huggingface").mkdir()
+    shutil.copy(hf_model / "config.json", actor / "huggingface" / "config.json")
+    return actor
+
+
 def make_synthetic(work: Path, gigabytes: int) -> Path:
     """A Qwen2 folder (hidden 1536, as the FSDP case) of about `gigabytes` GB of random bf16 weights: only the
     number of layers differs between sizes, so the largest tensor (the embedding, 98 MB) is the same."""

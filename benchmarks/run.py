@@ -2,7 +2,8 @@
 
     python benchmarks/run.py --work /var/tmp/hubexport-bench --verl-python /path/to/verl-venv/bin/python
 
-Suites: fsdp (merge of a verl FSDP2 checkpoint), megatron (merge of the same weights as torch_dist), to-megatron
+Suites: fsdp (merge of a verl FSDP2 checkpoint), megatron (merge of the same weights as torch_dist; megatron-tp2: as
+megatron-core saves them from TP=2), to-megatron
 (the HF folder of those weights to torch_dist), flat (peak RSS of to-megatron and merge at 1 GB and 8 GB of one
 architecture), push. Writes benchmarks/results.json (results-<suites>.json for a subset) and prints Markdown tables
 and the issue's targets (pasted into benchmarks/README.md). Every measured command runs in its own process under a
@@ -30,7 +31,7 @@ import cases
 import targets
 from push import push_suite, push_table
 
-ALL = ("fsdp", "megatron", "to-megatron", "flat", "push")
+ALL = ("fsdp", "megatron", "megatron-tp2", "to-megatron", "flat", "push")
 SHARDS = ["--max-shard-size", "400MB"]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -82,12 +83,12 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     return {"input_bytes": input_bytes(actor), "runs": runs}
 
 
-def megatron_suite(args, mcore: Path, env: dict, cold: dict, bases: dict) -> dict:
-    c = one_process(merge_cmd, mcore, env, cold, args.work, "primed-megatron")
+def megatron_suite(args, mcore: Path, env: dict, cold: dict, bases: dict, name: str = "megatron") -> dict:
+    c = one_process(merge_cmd, mcore, env, cold, args.work, f"primed-{name}")
     c |= {label: (mcore, (merge_cmd(mcore), e)) for label, e in bases.items()}
     if not args.no_torchrun:
         c |= torchrun(merge_cmd, mcore, env)
-    runs = run_suite("megatron", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
+    runs = run_suite(name, c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
     print(table(runs, targets.ONE, input_bytes(mcore)))
     return {"input_bytes": input_bytes(mcore), "largest_group_bytes": cases.largest_group_bytes(env, mcore, args.work),
             "runs": runs}
@@ -145,12 +146,15 @@ def main() -> None:
     bases = {f"hubexport {repo.name}, 1 process": hubexport_env(repo, args.work / "hf-home") for repo in args.baseline_repo}
     actor = cases.make_fsdp(args.work)
     hf_model = args.work / "hf_model"
-    if suites & {"megatron", "to-megatron"} and not (hf_model / "config.json").is_file():
+    if suites & {"megatron", "megatron-tp2", "to-megatron"} and not (hf_model / "config.json").is_file():
         subprocess.run([*merge_cmd(actor)[:-1], str(hf_model)], env=env, check=True)
     if "fsdp" in suites:
         results["fsdp"] = fsdp_suite(args, actor, env, cold, bases)
     if "megatron" in suites:
         results["megatron"] = megatron_suite(args, cases.make_megatron(args.work, hf_model), env, cold, bases)
+    if "megatron-tp2" in suites:
+        results["megatron-tp2"] = megatron_suite(args, cases.make_megatron_tp2(args.work, hf_model), env, cold, bases,
+                                                 name="megatron-tp2")
     if "to-megatron" in suites:
         results["to-megatron"] = to_megatron_suite(args, hf_model, env, cold)
     if "flat" in suites:

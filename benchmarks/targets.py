@@ -32,14 +32,16 @@ def rows(results: dict) -> list[str]:
         for label in (ONE, FULL, COLD):
             r = _wall(fsdp, label, FLOOR_LABEL)
             out.append(_row(f"FSDP wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
-    if mcore := results.get("megatron"):
+    for name, what in (("megatron", "Megatron"), ("megatron-tp2", "Megatron TP=2")):
+        if not (mcore := results.get(name)):
+            continue
         for label in (ONE, FULL, COLD):
             if label in mcore["runs"]:
                 r = _wall(mcore["runs"], label, FLOOR_LABEL)
-                out.append(_row(f"Megatron wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
+                out.append(_row(f"{what} wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
         bound = mcore["largest_group_bytes"] + 300e6
         rss = mcore["runs"][ONE]["peak_rss_bytes"]
-        out.append(_row("Megatron peak RSS ≤ largest group + 300 MB", f"{rss / 1e6:.0f} MB vs {bound / 1e6:.0f} MB",
+        out.append(_row(f"{what} peak RSS ≤ largest group + 300 MB", f"{rss / 1e6:.0f} MB vs {bound / 1e6:.0f} MB",
                         rss <= bound))
     if tomc := results.get("to-megatron", {}).get("runs"):
         for label in (ONE, FULL, COLD):
@@ -51,12 +53,12 @@ def rows(results: dict) -> list[str]:
             small, big = flat[f"{what}, 1 GB"]["peak_rss_bytes"], flat[f"{what}, 8 GB"]["peak_rss_bytes"]
             out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% ({what})",
                             f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
-    for name in ("fsdp", "megatron", "to-megatron"):
+    for name in ("fsdp", "megatron", "megatron-tp2", "to-megatron"):
         if FULL in (runs := results.get(name, {}).get("runs", {})):
             same = runs[ONE].get("digest") == runs[FULL].get("digest") is not None
             out.append(_row(f"{name}: the fast path writes the full path's bytes", "identical" if same else "DIFFERENT",
                             same))
-    pairs = [(n, ONE, TORCHRUN) for n in ("fsdp", "megatron", "to-megatron")]
+    pairs = [(n, ONE, TORCHRUN) for n in ("fsdp", "megatron", "megatron-tp2", "to-megatron")]
     pairs.append(("flat", "merge torch_dist, 8 GB", f"merge torch_dist, 8 GB, {TORCHRUN}"))
     for name, one, many in pairs:
         runs = results.get(name, {}).get("runs", {})

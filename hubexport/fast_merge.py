@@ -2,8 +2,9 @@
 files, `sources/fsdp_files`; a megatron-core torch_dist checkpoint's .distcp chunks, `sources/mcore` reading
 dtypes by name) and an earlier merge of the same tensors, config and options left its recipe (`merge_recipe`), every
 output file is its recorded header plus those runs (or the recorded byte ranges of them: a q/k/v split, a trimmed
-vocabulary), copied kernel-side. The output is the full path's, byte for byte (`tests/test_fast_merge_path.py`,
-`tests/test_fast_mcore_merge.py`); start-up drops from ~6 s of imports to ~0.3 s.
+vocabulary), copied kernel-side; a weight TP split along its columns is pasted in memory from its chunks' rows. The
+output is the full path's, byte for byte (`tests/test_fast_merge_path.py`, `tests/test_fast_mcore_merge.py`);
+start-up drops from ~6 s of imports to ~0.3 s.
 
 Anything else returns None and the full path (`to_hf`) runs, with its checks and its errors: the fast path never
 refuses a checkpoint itself. `HUBEXPORT_NO_FAST_PATH=1` always takes the full path."""
@@ -15,6 +16,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +31,7 @@ from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.result import OnFile, Result, WrittenFile
 from hubexport.safetensors_format import INDEX_NAME, check_complete
+from hubexport.sources.dcp import Piece
 from hubexport.sources.fsdp_files import Located, Run, locate
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.safetensors import CHUNK, Fsyncs, write_parts
@@ -62,7 +65,10 @@ class Tensors(Protocol):
     """The checkpoint's tensors as byte runs of its files."""
 
     def shapes(self) -> merge_recipe.Shapes: ...
-    def slices(self, name: str) -> FileSlices | None: ...  # None: not runs of file bytes (the full path decides)
+    def slices(self, name: str) -> FileSlices | None: ...  # None: not runs of file bytes
+    def pieces(self, name: str) -> list[Piece] | None: ...  # else its stored pieces, pasted in memory (None: neither)
+    def assemble(self, name: str, pieces: list[Piece]) -> bytearray: ...
+    def nbytes(self, name: str) -> int: ...
     def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]: ...  # copies that must hold the same bytes
     def close(self) -> None: ...
 
@@ -85,6 +91,15 @@ class _RankFiles:
 
     def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]:
         return ((self._runs(t.runs), self._runs((r,))) for t in self.found.values() for r in t.replicas)
+
+    def pieces(self, name: str) -> None:
+        """Every located tensor is runs (`slices`)."""
+
+    def assemble(self, name: str, pieces: list[Piece]) -> bytearray:
+        raise AssertionError("rank files have no pieces to assemble")
+
+    def nbytes(self, name: str) -> int:
+        return self.found[name].nbytes
 
     def close(self) -> None:
         for fd in self._fds:
@@ -115,7 +130,23 @@ def _tensors(layout: Layout) -> Tensors | None:
     return None
 
 
-Output = tuple[str, FileSlices]  # an output tensor's name and its bytes
+@dataclass(frozen=True)
+class Assembled:
+    """An output pasted in memory from stored pieces when the writer reaches it (a weight TP split along its columns):
+    one output's bytes in memory at a time."""
+
+    tensors: Tensors
+    copy: Copy
+    pieces: list[Piece]
+    nbytes: int
+
+    def parts(self) -> Iterator[memoryview]:
+        view = memoryview(self.tensors.assemble(self.copy.source, self.pieces))
+        for start, stop in self.copy.ranges or ((0, len(view)),):
+            yield view[start:stop]
+
+
+Output = tuple[str, FileSlices | Assembled]  # an output tensor's name and its bytes
 
 
 def _files(recipe: Recipe, tensors: Tensors) -> list[tuple[str, bytes, list[Output]]] | None:
@@ -146,12 +177,21 @@ def _files(recipe: Recipe, tensors: Tensors) -> list[tuple[str, bytes, list[Outp
     return out
 
 
-def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | None:
+def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | Assembled | None:
     whole = tensors.slices(copy.source)
-    return whole if whole is None or copy.ranges is None else whole.take(copy.ranges)
+    if whole is not None:
+        return whole if copy.ranges is None else whole.take(copy.ranges)
+    pieces = tensors.pieces(copy.source)
+    if pieces is None:
+        return None
+    total = tensors.nbytes(copy.source)
+    ranges = copy.ranges or ((0, total),)
+    if any(not 0 <= a <= b <= total for a, b in ranges):
+        return None
+    return Assembled(tensors, copy, pieces, sum(b - a for a, b in ranges))
 
 
-def _fits(outputs: list[tuple[str, FileSlices | None]], entries: dict[str, dict]) -> bool:
+def _fits(outputs: list[tuple[str, FileSlices | Assembled | None]], entries: dict[str, dict]) -> bool:
     """Each output is runs of file bytes as long as its header entry, and the entries' bytes follow each other."""
     end = 0
     for t, found in outputs:
@@ -197,7 +237,7 @@ class FastJob:
         written = []
         with Fsyncs() as fsyncs:
             for name, head, outputs in self.files:
-                sha = write_parts(tmp / name, head, (found for _, found in outputs), fsync=False)
+                sha = write_parts(tmp / name, head, _parts(outputs), fsync=False)
                 fsyncs.add(tmp / name)
                 written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
                 if on_file is not None:
@@ -221,6 +261,11 @@ class FastJob:
 
     def close(self) -> None:
         self.tensors.close()
+
+
+def _parts(outputs: list[Output]) -> Iterator[FileSlices | memoryview]:
+    for _, found in outputs:
+        yield from found.parts() if isinstance(found, Assembled) else (found,)
 
 
 def _nbytes(outputs: list[Output]) -> int:

@@ -114,11 +114,11 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
 
 def _recipe_key(layout: Layout, specs: dict[str, TensorSpec], plan: Plan, o: MergeOptions) -> str | None:
     """A merge the fast path may repeat. FSDP: every output a checkpoint tensor unchanged, every other group a tie
-    check. torch_dist: every output one tensor or rows of one, recorded only if each was copied from the .distcp
-    files (finish)."""
+    check. torch_dist: every output a stored tensor's layer, or rows of one, in its dtype."""
     if layout.format == "megatron":
         if layout.version not in ("v1", "v2") or layout.adapter is not None or any(
-                len(g.inputs) != 1 or not (g.passthrough or g.rows is not None) for g in plan.groups):
+                len(g.inputs) != 1 or not (g.passthrough or g.rows is not None)
+                or any(o.dtype != specs[g.inputs[0]].dtype for o in g.outputs) for g in plan.groups):
             return None
     elif not all((g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),))
                  or isinstance(g.convert, TiedCheck) for g in plan.groups):
@@ -189,7 +189,6 @@ class GroupCache:
         self.specs = source.metas()
         self._index: int | None = None
         self._outputs: dict[str, torch.Tensor] = {}
-        self.copied: dict[str, Copy] = {}  # the outputs copied file to file so far, and from what
 
     def run(self, index: int) -> dict[str, torch.Tensor]:
         group = self.plan.groups[index]
@@ -216,13 +215,17 @@ class GroupCache:
         whole = slices(group.inputs[0])
         if whole is None:
             return None
-        ranges = None
-        if group.rows is not None:
-            row_bytes = source_spec.nbytes // source_spec.shape[0] if source_spec.shape[0] else 0
-            rows = group.rows[next(i for i, o in enumerate(group.outputs) if o.name == spec.name)]
-            ranges = tuple((a * row_bytes, b * row_bytes) for a, b in rows)
-        self.copied[spec.name] = Copy(group.inputs[0], ranges)
+        ranges = copy_of(group, spec, source_spec).ranges
         return whole if ranges is None else whole.take(ranges)
+
+
+def copy_of(group: Group, spec: TensorSpec, source: TensorSpec) -> Copy:
+    """What an output of a one-input passthrough or row-gather group is: its input's bytes, or byte ranges of them."""
+    if group.rows is None:
+        return Copy(group.inputs[0])
+    row_bytes = source.nbytes // source.shape[0] if source.shape[0] else 0
+    rows = group.rows[next(i for i, o in enumerate(group.outputs) if o.name == spec.name)]
+    return Copy(group.inputs[0], tuple((a * row_bytes, b * row_bytes) for a, b in rows))
 
 
 class HfJob:
@@ -235,7 +238,6 @@ class HfJob:
         self.inputs = tuple(p for p in owned if p is not None)
         if prep.lora and prep.lora.base_model is not None:
             self.inputs += (prep.lora.base_model,)
-        self.copied: dict[str, Copy] = {}  # this rank's outputs copied file to file (write)
 
     @property
     def layout(self) -> Layout:
@@ -283,7 +285,6 @@ class HfJob:
         """This rank's shard files (rank 0 also writes the adapter), each told to `on_file` once complete."""
         plan = self.prep.plan
         cache = GroupCache(plan, self.prep.source)
-        self.copied = cache.copied
         written = []
         with Fsyncs() as fsyncs:
             for f in plan.files_for_rank(dist.rank, dist.world_size):
@@ -323,17 +324,13 @@ class HfJob:
         p.config.save_pretrained(tmp)
         if p.layout.hf_dir is not None:
             copy_support_files(p.layout.hf_dir, tmp)
-        if p.recipe_key is not None and self._repeatable():
+        if p.recipe_key is not None:
             merge_recipe.store(p.recipe_key, self._recipe(tmp))
-
-    def _repeatable(self) -> bool:
-        """FSDP: decided by the plan. torch_dist: one process copied every output from the .distcp files."""
-        return self.layout.format != "megatron" or all(t.name in self.copied for f in self.prep.plan.files
-                                                       for t in f.tensors)
 
     def _recipe(self, tmp: Path) -> Recipe:
         """What the fast path needs to write this folder again: read back from what was just written."""
         p, r = self.prep, self.result("merge", tmp)
+        specs = p.source.metas()
         index = tmp / INDEX_NAME
         return Recipe(architecture=r.architecture, dtype=r.dtype, num_parameters=r.num_parameters, tied=r.tied_embeddings,
                       value_model=r.value_model, peak_tensor_bytes=r.peak_tensor_bytes, notes=p.planning_notes,
@@ -342,8 +339,8 @@ class HfJob:
                       config=(tmp / "config.json").read_bytes().decode(),
                       checks=tuple((g.convert.alias, g.convert.canonical) for g in p.plan.groups
                                    if isinstance(g.convert, TiedCheck)),
-                      copies=tuple((name, c.source, c.ranges) for name, c in self.copied.items()
-                                   if c != Copy(name)))
+                      copies=tuple((o.name, c.source, c.ranges) for g in p.plan.groups for o in g.outputs
+                                   if (c := copy_of(g, o, specs[g.inputs[0]])) != Copy(o.name)))
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """Every shard's header was checked against the plan in finish(); nothing more to read back."""

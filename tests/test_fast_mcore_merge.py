@@ -27,9 +27,9 @@ from tests.fastpath import (
     merge_each_twice,
 )
 
-# TP=2 splits o_proj and down_proj along their columns, and a critic's score.bias is made (zeros): computed in
-# memory, so never recorded.
-FULL_PATH_ONLY = {"tp2_untied", "tp1_critic"}
+# A critic's score.bias is made (zeros), not stored: never recorded. TP=2's o_proj and down_proj (split along their
+# columns) are pasted in memory without torch.
+FULL_PATH_ONLY = {"tp1_critic"}
 
 
 def _silent(_: str) -> None:
@@ -37,10 +37,11 @@ def _silent(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_moe_ep2) -> dict[str, Path]:
+def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_tp2pp2, mcore_moe_ep2) -> dict[str, Path]:
     return {"tp1_untied": mcore_tp1["untied"].actor, "tp1_tied": mcore_tp1["tied"].actor,
             "tp1_critic": mcore_tp1["critic"].actor, "pp2_tied_v2": mcore_pp2["tied_v2"].actor,
-            "ep2_moe": mcore_moe_ep2["ep2"].actor, "tp2_untied": mcore_tp2["untied"].actor}
+            "ep2_moe": mcore_moe_ep2["ep2"].actor, "tp2_untied": mcore_tp2["untied"].actor,
+            "tp2_tied": mcore_tp2["tied"].actor, "tp2pp2": mcore_tp2pp2["v1"].actor}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_the_checkpoints_that_take_the_fast_path(runs):
     assert {name for name, (took, *_) in runs.items() if not took} == FULL_PATH_ONLY
 
 
-@pytest.mark.parametrize("name", ["tp1_untied", "tp1_tied", "tp1_critic", "pp2_tied_v2", "ep2_moe", "tp2_untied"])
+@pytest.mark.parametrize("name", ["tp1_untied", "tp1_tied", "tp1_critic", "pp2_tied_v2", "ep2_moe", "tp2_untied",
+                                  "tp2_tied", "tp2pp2"])
 def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
     assert_the_second_merge_is_the_first(runs[name])
 
@@ -71,36 +73,49 @@ def test_the_recipe_records_row_copies(cases, runs, monkeypatch):
     assert copies["model.layers.0.mlp.up_proj.weight"][0] == "decoder.layers.0.mlp.linear_fc1.weight"
 
 
+def test_columns_split_by_tp_are_pasted_in_memory(cases, runs, monkeypatch):
+    """TP=2: o_proj and down_proj (row-parallel, split along their columns) are pasted from the two chunks' rows
+    when the writer reaches them; everything else is copied file to file."""
+    monkeypatch.setenv("HF_HOME", str(runs["tp2_untied"][3].parent / "hf-home"))
+    job = fast_merge.job(cases["tp2_untied"], MergeOptions())
+    try:
+        pasted = {t for *_, outputs in job.files for t, found in outputs if isinstance(found, fast_merge.Assembled)}
+        every = {t for *_, outputs in job.files for t, _ in outputs}
+    finally:
+        job.close()
+    assert pasted == {t for t in every if ".o_proj." in t or ".down_proj." in t} != set()
+
+
 def test_a_repeated_merge_imports_neither_torch_nor_transformers(cases, tmp_path):
     assert_a_repeated_merge_is_torch_free(cases["tp1_tied"], tmp_path)
 
 
-@pytest.fixture
-def primed(cases, tmp_path, monkeypatch):
-    """The untied TP=1 checkpoint copied into tmp_path, merged once (its recipe recorded in a fresh cache)."""
+@pytest.fixture(params=["tp1_untied", "tp2_untied"])
+def primed(request, cases, tmp_path, monkeypatch):
+    """An untied checkpoint (TP=1, TP=2) copied into tmp_path, merged once (its recipe recorded in a fresh cache)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     actor = tmp_path / "ckpt" / "global_step_3" / "actor"
-    shutil.copytree(cases["tp1_untied"], actor)
+    shutil.copytree(cases[request.param], actor)
     merge(actor, Output(tmp_path / "first"), log=_silent)
     return actor
 
 
 def _overwrite(actor: Path, name: str, data: bytes) -> None:
-    """Replace the first bytes of the logical tensor `name` where they lie in the .distcp files."""
+    """Replace the first bytes of the logical tensor `name`'s first stored piece."""
     source = TorchDistSource(detect(actor).files[0], dtype_names=True)
     try:
-        fd, offset, n = source.slices(name).parts[0]
-        path = source.dir / next(f for f, open_fd in source._fds.items() if open_fd == fd)
+        piece = source.pieces(name)[0]
     finally:
         source.close()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data[:n])
+    with open(source.dir / piece.file, "r+b") as f:
+        f.seek(piece.start)
+        f.write(data[:16])
 
 
 def test_changed_weights_are_copied_as_they_are_now(primed, tmp_path):
     """The recipe holds names, shapes and headers, never bytes: a later step of the same run is merged fast."""
-    _overwrite(primed, "decoder.layers.1.self_attention.linear_qkv.weight", bytes(range(256)) * 4)
+    _overwrite(primed, "decoder.layers.1.self_attention.linear_qkv.weight", bytes(range(16)))
+    _overwrite(primed, "decoder.layers.0.self_attention.linear_proj.weight", bytes(range(16, 32)))  # TP=2: pasted
     _overwrite(primed, "decoder.final_layernorm.weight", b"\x3f\x80" * 8)
     second, full = fast_and_full_after_a_change(primed, tmp_path)
     assert second == full != folder_bytes(tmp_path / "first")

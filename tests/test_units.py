@@ -14,7 +14,7 @@ from hubexport.core import Group, TensorSpec
 from hubexport.plan import make_plan, parse_size
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources.mcore_legacy import gate_up_from_tp_shards
-from hubexport.sources.shards import MeshPlacement, covering_coords, local_region
+from hubexport.sources.shards import MeshPlacement, box_runs, covering_coords, local_region
 from hubexport.writers.safetensors import write_file
 
 
@@ -112,3 +112,21 @@ def test_v0_tp_gate_up_shards_merge_to_the_global_layout(tp: int) -> None:
     gate, up = torch.randn(8, 3), torch.randn(8, 3)
     shards = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
     assert torch.equal(gate_up_from_tp_shards(shards), torch.cat([gate, up]))
+
+
+def test_box_runs_are_the_boxs_elements_in_order():
+    """Every box of every small shape: the runs, expanded, are the box's elements' flat indices in row-major order."""
+    import itertools
+    import math
+
+    for shape in [(), (5,), (3, 4), (2, 3, 4), (1, 4, 2)]:
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        boxes = itertools.product(*[[(o, n) for o in range(d) for n in range(1, d - o + 1)] for d in shape])
+        for box in boxes:
+            offsets, sizes = tuple(o for o, _ in box), tuple(n for _, n in box)
+            run, starts = box_runs(shape, offsets, sizes)
+            want = [sum((o + i) * s for o, i, s in zip(offsets, at, strides, strict=True))
+                    for at in itertools.product(*(range(n) for n in sizes))]
+            assert [first + j for first in starts for j in range(run)] == want, (shape, box)
+    assert box_runs((4, 6), (0, 3), (4, 3)) == (3, [3, 9, 15, 21])  # a column block: one run per row
+    assert box_runs((4, 6), (2, 0), (2, 6)) == (12, [12])  # a row block: one run

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hubexport.errors import CheckpointError
-from hubexport.sources.shards import one_run
+from hubexport.sources.shards import box_runs, one_run
 from hubexport.sources.torchsave import ITEMSIZE, Stub, Tensor, Unreadable, as_size, read_archive
 
 if TYPE_CHECKING:
@@ -246,28 +247,65 @@ def _read_into(path: Path, c: StoredChunk, lead: tuple[int, ...], dst: torch.Ten
     return True
 
 
-def region_runs(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[tuple[str, int, int]] | None:
-    """Where `t[lead]`'s bytes lie back to back in the .distcp files, as (file, offset, length) runs: when every
-    chunk's part is one run of the region's row-major bytes (chunks split along its first axis, or one chunk) and a
-    plain torch.save blob. None otherwise (read_region then assembles it in memory)."""
+@dataclass(frozen=True)
+class Piece:
+    """One stored chunk's part of a region: where its bytes start in its file, and its box in the region."""
+
+    file: str
+    start: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def region_pieces(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[Piece] | None:
+    """Each chunk's part of `t[lead]` (fixed indices on the leading axes), in offset order: when every chunk that
+    overlaps it is a plain torch.save blob of t's dtype and together they cover it once; None otherwise (read_region
+    then loads the blobs with torch, and explains a damaged one). Reads the blobs' headers only."""
     n = len(lead)
-    shape = t.shape[n:]
-    name = dtype_name(t.dtype)
-    itemsize = ITEMSIZE[t.dtype] if isinstance(t.dtype, str) else t.dtype.itemsize
+    name, size = dtype_name(t.dtype), itemsize(t.dtype)
     pieces = []
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
         found = _stored(dist_dir / c.file, c)
-        if found is None or found[1].dtype != name or not one_run(shape, c.offsets[n:], c.sizes[n:]):
+        if found is None or found[1].dtype != name:
             return None
         offset, stored = found
-        skip = _lead_skip(c, lead, stored) * itemsize
-        pieces.append((c.offsets[n:], (c.file, offset + skip, math.prod(c.sizes[n:]) * itemsize)))
-    pieces.sort()
-    if sum(length for _, (_, _, length) in pieces) != math.prod(shape) * itemsize:
+        pieces.append(Piece(c.file, offset + _lead_skip(c, lead, stored) * size, c.offsets[n:], c.sizes[n:]))
+    if sum(math.prod(p.sizes) for p in pieces) != math.prod(t.shape[n:]):
         return None
-    return [run for _, run in pieces]
+    return sorted(pieces, key=lambda p: p.offsets)
+
+
+def itemsize(dtype: torch.dtype | str) -> int:
+    return ITEMSIZE[dtype] if isinstance(dtype, str) else dtype.itemsize
+
+
+def region_runs(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[tuple[str, int, int]] | None:
+    """Where `t[lead]`'s bytes lie back to back in the .distcp files, as (file, offset, length) runs: when every
+    chunk's part is one run of the region's row-major bytes (chunks split along its first axis, or one chunk) and a
+    plain torch.save blob. None otherwise (region_bytes or read_region then assemble it in memory)."""
+    shape = t.shape[len(lead):]
+    pieces = region_pieces(dist_dir, t, lead)
+    if pieces is None or not all(one_run(shape, p.offsets, p.sizes) for p in pieces):
+        return None
+    return [(p.file, p.start, math.prod(p.sizes) * itemsize(t.dtype)) for p in pieces]
+
+
+def region_bytes(fds: Callable[[str], int], shape: tuple[int, ...], size: int, pieces: list[Piece]) -> bytearray:
+    """The region's row-major bytes pasted from its pieces without torch (a weight TP split along its columns: one
+    read per piece, one copy per row); `size` is the item size. `fds` opens a .distcp file by name."""
+    out = bytearray(math.prod(shape) * size)
+    view = memoryview(out)
+    for p in pieces:
+        data = os.pread(fds(p.file), math.prod(p.sizes) * size, p.start)
+        if len(data) != math.prod(p.sizes) * size:
+            raise OSError(f"{p.file} is shorter than its .metadata says")
+        run, starts = box_runs(shape, p.offsets, p.sizes)
+        width, src = run * size, memoryview(data)
+        for i, first in enumerate(starts):
+            view[first * size:first * size + width] = src[i * width:(i + 1) * width]
+    return out
 
 
 def read_region(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (),

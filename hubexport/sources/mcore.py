@@ -10,6 +10,7 @@ so mappings never see the storage layout and a read costs one layer (or one expe
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,18 @@ from typing import TYPE_CHECKING
 from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources import Source
-from hubexport.sources.dcp import DcpTensor, check_files, read_metadata, read_region, region_runs, tensor_index
+from hubexport.sources.dcp import (
+    DcpTensor,
+    Piece,
+    check_files,
+    itemsize,
+    read_metadata,
+    read_region,
+    region_bytes,
+    region_pieces,
+    region_runs,
+    tensor_index,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -128,6 +140,22 @@ class TorchDistSource(Source):
             self._runs = {name: region_runs(self.dir, self._tensors[entry.key], entry.lead)}
         runs = self._runs[name]
         return None if runs is None else FileSlices(tuple((self._fd(f), o, n) for f, o, n in runs))
+
+    def pieces(self, name: str) -> list[Piece] | None:
+        """Where each stored chunk's part of the tensor lies (their headers read, no data); None when torch must load
+        them (`read`)."""
+        entry = self._entries[name]
+        return region_pieces(self.dir, self._tensors[entry.key], entry.lead)
+
+    def assemble(self, name: str, pieces: list[Piece]) -> bytearray:
+        """The tensor's row-major bytes pasted from its `pieces`, without torch."""
+        return region_bytes(self._fd, self._specs[name].shape, self._itemsize(name), pieces)
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self._specs[name].shape) * self._itemsize(name)
+
+    def _itemsize(self, name: str) -> int:
+        return itemsize(self._tensors[self._entries[name].key].dtype)
 
     def _fd(self, file: str) -> int:
         if file not in self._fds:

@@ -48,3 +48,22 @@ def one_run(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, 
     dimensions before that one have size 1 (Shard(0), or Shard(1) of a [1, H] value head)."""
     cut = [i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full]
     return len(cut) <= 1 and all(shape[i] == 1 for i in range(cut[0] if cut else 0))
+
+
+
+def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, list[int]]:
+    """A box (offsets, sizes) of a row-major tensor of `shape` as runs of elements contiguous in both the box's own
+    row-major order and the tensor's: (elements per run, each run's first element in the tensor), in box order.
+    The dimensions from the last one the box cuts on are one run (a column block of a matrix: one run per row)."""
+    cut = max((i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full),
+              default=0)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    run = 1
+    for n in sizes[cut:]:
+        run *= n
+    starts = [sum(o * s for o, s in zip(offsets, strides, strict=True))]
+    for n, stride in zip(sizes[:cut], strides[:cut], strict=True):
+        starts = [base + i * stride for base in starts for i in range(n)]
+    return run, starts
