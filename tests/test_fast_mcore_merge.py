@@ -1,7 +1,8 @@
 """The torch-free merge of megatron-core torch_dist checkpoints (`hubexport/fast_merge.py` on `sources/mcore` with
-dtypes by name) against the full path it repeats, on checkpoints megatron-core's GPTModel saved: a second merge of
-the same checkpoint writes the first merge's folder byte for byte and reports the same result, imports neither torch
-nor transformers, and whatever it cannot vouch for (a weight that TP split along its columns, a changed config, a
+dtypes by name) against the full path it repeats, on checkpoints megatron-core saved (GPTModel at TP1/TP2/PP2/
+TP2×PP2/EP2, dist_checkpointing.save of DeepSeek-V3 and Mixtral): a second merge of the same checkpoint writes the
+first merge's folder byte for byte and reports the same result, imports neither torch nor transformers, pastes
+what TP split along columns in memory, and whatever it cannot vouch for (a made-up tensor, a changed config, a
 cut-short .distcp) goes to the full path, whose checks and errors stay as they were."""
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def _silent(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_tp2pp2, mcore_moe_ep2) -> dict[str, Path]:
+def cases(mcore_tp1, mcore_tp2, mcore_pp2, mcore_tp2pp2, mcore_moe_ep2, mcore_synthetic) -> dict[str, Path]:
     return {"tp1_untied": mcore_tp1["untied"].actor, "tp1_tied": mcore_tp1["tied"].actor,
             "tp1_critic": mcore_tp1["critic"].actor, "pp2_tied_v2": mcore_pp2["tied_v2"].actor,
             "ep2_moe": mcore_moe_ep2["ep2"].actor, "tp2_untied": mcore_tp2["untied"].actor,
-            "tp2_tied": mcore_tp2["tied"].actor, "tp2pp2": mcore_tp2pp2["v1"].actor}
+            "tp2_tied": mcore_tp2["tied"].actor, "tp2pp2": mcore_tp2pp2["v1"].actor,
+            "mixtral": mcore_synthetic["mixtral"].actor, "deepseek_v3": mcore_synthetic["deepseek_v3"].actor}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_the_checkpoints_that_take_the_fast_path(runs):
 
 
 @pytest.mark.parametrize("name", ["tp1_untied", "tp1_tied", "tp1_critic", "pp2_tied_v2", "ep2_moe", "tp2_untied",
-                                  "tp2_tied", "tp2pp2"])
+                                  "tp2_tied", "tp2pp2", "mixtral", "deepseek_v3"])
 def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs):
     assert_the_second_merge_is_the_first(runs[name])
 
