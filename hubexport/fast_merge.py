@@ -31,7 +31,7 @@ from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.result import OnFile, Result, WrittenFile
 from hubexport.safetensors_format import INDEX_NAME, check_complete
-from hubexport.sources.dcp import Piece
+from hubexport.sources.dcp import Region
 from hubexport.sources.fsdp_files import Located, Run, locate
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.safetensors import CHUNK, Fsyncs, write_parts
@@ -66,9 +66,7 @@ class Tensors(Protocol):
 
     def shapes(self) -> merge_recipe.Shapes: ...
     def slices(self, name: str) -> FileSlices | None: ...  # None: not runs of file bytes
-    def pieces(self, name: str) -> list[Piece] | None: ...  # else its stored pieces, pasted in memory (None: neither)
-    def assemble(self, name: str, pieces: list[Piece]) -> bytearray: ...
-    def nbytes(self, name: str) -> int: ...
+    def region(self, name: str) -> Region | None: ...  # else bytes pasted in memory (None: neither)
     def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]: ...  # copies that must hold the same bytes
     def close(self) -> None: ...
 
@@ -92,14 +90,8 @@ class _RankFiles:
     def replicas(self) -> Iterator[tuple[FileSlices, FileSlices]]:
         return ((self._runs(t.runs), self._runs((r,))) for t in self.found.values() for r in t.replicas)
 
-    def pieces(self, name: str) -> None:
+    def region(self, name: str) -> None:
         """Every located tensor is runs (`slices`)."""
-
-    def assemble(self, name: str, pieces: list[Piece]) -> bytearray:
-        raise AssertionError("rank files have no pieces to assemble")
-
-    def nbytes(self, name: str) -> int:
-        return self.found[name].nbytes
 
     def close(self) -> None:
         for fd in self._fds:
@@ -135,14 +127,16 @@ class Assembled:
     """An output pasted in memory from stored pieces when the writer reaches it (a weight TP split along its columns):
     one output's bytes in memory at a time."""
 
-    tensors: Tensors
-    copy: Copy
-    pieces: list[Piece]
-    nbytes: int
+    region: Region
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
 
     def parts(self) -> Iterator[memoryview]:
-        view = memoryview(self.tensors.assemble(self.copy.source, self.pieces))
-        for start, stop in self.copy.ranges or ((0, len(view)),):
+        view = memoryview(self.region.paste())
+        for start, stop in self.ranges:
             yield view[start:stop]
 
 
@@ -181,14 +175,13 @@ def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | Assembled | None:
     whole = tensors.slices(copy.source)
     if whole is not None:
         return whole if copy.ranges is None else whole.take(copy.ranges)
-    pieces = tensors.pieces(copy.source)
-    if pieces is None:
+    region = tensors.region(copy.source)
+    if region is None:
         return None
-    total = tensors.nbytes(copy.source)
-    ranges = copy.ranges or ((0, total),)
-    if any(not 0 <= a <= b <= total for a, b in ranges):
+    ranges = copy.ranges or ((0, region.nbytes),)
+    if any(not 0 <= a <= b <= region.nbytes for a, b in ranges):
         return None
-    return Assembled(tensors, copy, pieces, sum(b - a for a, b in ranges))
+    return Assembled(region, ranges)
 
 
 def _fits(outputs: list[tuple[str, FileSlices | Assembled | None]], entries: dict[str, dict]) -> bool:

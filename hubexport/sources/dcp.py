@@ -257,6 +257,14 @@ class Piece:
     sizes: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Region:
+    """A tensor's `nbytes`, pasted in memory by `paste` when asked for."""
+
+    nbytes: int
+    paste: Callable[[], bytearray]
+
+
 def region_pieces(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[Piece] | None:
     """Each chunk's part of `t[lead]` (fixed indices on the leading axes), in offset order: when every chunk that
     overlaps it is a plain torch.save blob of t's dtype and together they cover it once; None otherwise (read_region

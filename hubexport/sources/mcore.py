@@ -22,6 +22,7 @@ from hubexport.sources import Source
 from hubexport.sources.dcp import (
     DcpTensor,
     Piece,
+    Region,
     check_files,
     itemsize,
     read_metadata,
@@ -147,15 +148,13 @@ class TorchDistSource(Source):
         entry = self._entries[name]
         return region_pieces(self.dir, self._tensors[entry.key], entry.lead)
 
-    def assemble(self, name: str, pieces: list[Piece]) -> bytearray:
-        """The tensor's row-major bytes pasted from its `pieces`, without torch."""
-        return region_bytes(self._fd, self._specs[name].shape, self._itemsize(name), pieces)
-
-    def nbytes(self, name: str) -> int:
-        return math.prod(self._specs[name].shape) * self._itemsize(name)
-
-    def _itemsize(self, name: str) -> int:
-        return itemsize(self._tensors[self._entries[name].key].dtype)
+    def region(self, name: str) -> Region | None:
+        """The tensor's bytes to paste in memory without torch (when they are not runs of file bytes: `slices`)."""
+        pieces = self.pieces(name)
+        if pieces is None:
+            return None
+        spec, size = self._specs[name], itemsize(self._tensors[self._entries[name].key].dtype)
+        return Region(math.prod(spec.shape) * size, lambda: region_bytes(self._fd, spec.shape, size, pieces))
 
     def _fd(self, file: str) -> int:
         if file not in self._fds:
