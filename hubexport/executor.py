@@ -26,7 +26,15 @@ from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
 from hubexport.readme import readme_to_publish
 from hubexport.result import OnFile, Result, Throughput, WrittenFile
-from hubexport.targets import TargetLock, check_disjoint, check_target, discard, new_staging, swap_into_place
+from hubexport.targets import (
+    TargetLock,
+    check_disjoint,
+    check_target,
+    discard,
+    new_staging,
+    swap_into_place,
+    uninterrupted,
+)
 
 if TYPE_CHECKING:
     from hubexport.evidence import Evidence
@@ -296,20 +304,24 @@ def _claimed(out: Output, dist: Dist) -> Iterator[tuple[Path, Callable[[], None]
 
     def claim() -> str:
         nonlocal tmp
-        lock.acquire()
-        check_target(out.target, overwrite=out.overwrite, option=out.option)  # again, now no other run can change it
-        tmp = new_staging(out.target, out.option)
+        with uninterrupted():  # what exists is always what the clean-up below knows of
+            lock.acquire()
+            # again, now that no other run can change it
+            check_target(out.target, overwrite=out.overwrite, option=out.option)
+            tmp = new_staging(out.target, out.option)
         return str(tmp)
 
-    def commit() -> None:
+    def swap() -> None:
         nonlocal tmp
-        dist.run(_writing(out, lambda: swap_into_place(tmp, out.target)), main_only=True)
-        tmp = None
+        with uninterrupted():
+            swap_into_place(tmp, out.target)
+            tmp = None
 
     try:
-        yield Path(dist.broadcast(dist.run(claim, main_only=True))), commit
+        yield Path(dist.broadcast(dist.run(claim, main_only=True))), lambda: dist.run(_writing(out, swap), main_only=True)
     finally:
         if dist.is_main:
-            if tmp is not None:
-                discard(tmp)
-            lock.release()
+            with uninterrupted():
+                if tmp is not None:
+                    discard(tmp)
+                lock.release()

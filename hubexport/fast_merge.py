@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hubexport import merge_recipe
-from hubexport.core import FileSlices
+from hubexport.core import ZEROS, FileSlices
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
 from hubexport.errors import CheckpointError
@@ -172,6 +172,8 @@ def _files(recipe: Recipe, tensors: Tensors) -> list[tuple[str, bytes, list[Outp
 
 
 def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | Assembled | None:
+    if copy.source is None:
+        return FileSlices(tuple((ZEROS, 0, stop - start) for start, stop in copy.ranges or ()))
     whole = tensors.slices(copy.source)
     if whole is not None:
         return whole if copy.ranges is None else whole.take(copy.ranges)

@@ -31,9 +31,10 @@ Ranges = tuple[tuple[int, int], ...]  # [start, stop) byte ranges
 
 @dataclass(frozen=True)
 class Copy:
-    """An output's bytes: the checkpoint tensor `source`'s, or its byte `ranges` in order."""
+    """An output's bytes: the checkpoint tensor `source`'s, or its byte `ranges` in order; zeros where `source` is
+    None (a made-up zero bias)."""
 
-    source: str
+    source: str | None
     ranges: Ranges | None = None
 
 
@@ -50,7 +51,7 @@ class Recipe:
     index: str | None  # model.safetensors.index.json, when sharded
     config: str  # config.json as save_pretrained wrote it
     checks: tuple[tuple[str, str], ...]  # (alias, canonical): tied aliases that must equal their weight
-    copies: tuple[tuple[str, str, Ranges | None], ...]  # (output, source, ranges) of outputs not a tensor as it is
+    copies: tuple[tuple[str, str | None, Ranges | None], ...]  # (output, source, ranges): outputs not a tensor as is
 
     def copy_map(self) -> dict[str, Copy]:
         """What each output is, when not a tensor as it is (the outputs not named here)."""
@@ -64,8 +65,8 @@ class Recipe:
         """A cached entry, or None when there is none or this version cannot read it."""
         try:
             r = cls(**{k: data[k] for k in cls.__dataclass_fields__})  # type: ignore[index]
-            copies = tuple((str(out), str(src), None if rs is None else tuple((int(a), int(b)) for a, b in rs))
-                           for out, src, rs in r.copies)
+            copies = tuple((str(out), None if src is None else str(src),
+                            None if rs is None else tuple((int(a), int(b)) for a, b in rs)) for out, src, rs in r.copies)
             return replace(r, notes=tuple(str(n) for n in r.notes), files=tuple((str(n), str(h)) for n, h in r.files),
                            checks=tuple((str(a), str(c)) for a, c in r.checks), copies=copies)
         except (KeyError, TypeError, ValueError):

@@ -5,14 +5,17 @@ and the finished folder is swapped into place atomically. A killed run leaves no
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hubexport.errors import TargetError
@@ -64,6 +67,25 @@ def check_target(target: Path, *, overwrite: bool, option: str = "--target-dir")
             raise TargetError(f"cannot create {parent}: {e.strerror}", hint=f"choose a writable {option}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TargetError(f"{parent} is not writable", hint=f"choose a writable {option}")
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving inside the block takes effect when it ends, as KeyboardInterrupt: taking the lock and
+    making the staging folder, the swap, and the clean-up are never left half-done (a signal between creating the
+    lock file and recording it left the file behind). Python runs signal handlers in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if arrived:
+            raise KeyboardInterrupt
 
 
 class TargetLock:

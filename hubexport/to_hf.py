@@ -114,11 +114,12 @@ def prepare(local_dir: Path, options: MergeOptions = MergeOptions()) -> Prepared
 
 def _recipe_key(layout: Layout, specs: dict[str, TensorSpec], plan: Plan, o: MergeOptions) -> str | None:
     """A merge the fast path may repeat. FSDP: every output a checkpoint tensor unchanged, every other group a tie
-    check. torch_dist: every output a stored tensor's layer, or rows of one, in its dtype."""
+    check. torch_dist: every output a stored tensor's layer, or rows of one, in its dtype, or zeros."""
     if layout.format == "megatron":
-        if layout.version not in ("v1", "v2") or layout.adapter is not None or any(
-                len(g.inputs) != 1 or not (g.passthrough or g.rows is not None)
-                or any(o.dtype != specs[g.inputs[0]].dtype for o in g.outputs) for g in plan.groups):
+        if layout.version not in ("v1", "v2") or layout.adapter is not None or not all(
+                (not g.inputs and g.rows is not None) or (len(g.inputs) == 1 and (g.passthrough or g.rows is not None)
+                                                          and all(o.dtype == specs[g.inputs[0]].dtype for o in g.outputs))
+                for g in plan.groups):
             return None
     elif not all((g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),))
                  or isinstance(g.convert, TiedCheck) for g in plan.groups):
@@ -219,8 +220,11 @@ class GroupCache:
         return whole if ranges is None else whole.take(ranges)
 
 
-def copy_of(group: Group, spec: TensorSpec, source: TensorSpec) -> Copy:
-    """What an output of a one-input passthrough or row-gather group is: its input's bytes, or byte ranges of them."""
+def copy_of(group: Group, spec: TensorSpec, source: TensorSpec | None) -> Copy:
+    """What an output of a one-input passthrough or row-gather group is: its input's bytes, or byte ranges of them;
+    of a row gather without inputs (`source` None), zeros."""
+    if source is None:
+        return Copy(None, ((0, spec.nbytes),))
     if group.rows is None:
         return Copy(group.inputs[0])
     row_bytes = source.nbytes // source.shape[0] if source.shape[0] else 0
@@ -340,7 +344,7 @@ class HfJob:
                       checks=tuple((g.convert.alias, g.convert.canonical) for g in p.plan.groups
                                    if isinstance(g.convert, TiedCheck)),
                       copies=tuple((o.name, c.source, c.ranges) for g in p.plan.groups for o in g.outputs
-                                   if (c := copy_of(g, o, specs[g.inputs[0]])) != Copy(o.name)))
+                                   if (c := copy_of(g, o, specs[g.inputs[0]] if g.inputs else None)) != Copy(o.name)))
 
     def check(self, tmp: Path, dist: Dist) -> None:
         """Every shard's header was checked against the plan in finish(); nothing more to read back."""

@@ -2,8 +2,9 @@
 dtypes by name) against the full path it repeats, on checkpoints megatron-core saved (GPTModel at TP1/TP2/PP2/
 TP2×PP2/EP2, dist_checkpointing.save of DeepSeek-V3 and Mixtral): a second merge of the same checkpoint writes the
 first merge's folder byte for byte and reports the same result, imports neither torch nor transformers, pastes
-what TP split along columns in memory, and whatever it cannot vouch for (a made-up tensor, a changed config, a
-cut-short .distcp) goes to the full path, whose checks and errors stay as they were."""
+what TP split along columns in memory, writes a critic's missing bias as zeros, and whatever it cannot vouch for (a
+changed config or option, a cut-short .distcp) goes to the full path, whose checks and errors stay as they were. A
+push of the next checkpoint takes it too."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from huggingface_hub import snapshot_download
 
 from hubexport import fast_merge
+from hubexport.cli import cli
 from hubexport.detect import detect
 from hubexport.errors import CheckpointError
 from hubexport.executor import merge
@@ -27,10 +31,12 @@ from tests.fastpath import (
     folder_bytes,
     merge_each_twice,
 )
+from tests.hub_fixtures import TOKEN, USER
+from tests.tree import tree_hash
 
-# A critic's score.bias is made (zeros), not stored: never recorded. TP=2's o_proj and down_proj (split along their
-# columns) are pasted in memory without torch.
-FULL_PATH_ONLY = {"tp1_critic"}
+# Every checkpoint of the matrix: TP=2's o_proj and down_proj (split along their columns) are pasted in memory, a
+# critic's score.bias (which megatron has not) is written as zeros, all without torch.
+FULL_PATH_ONLY: set[str] = set()
 
 
 def _silent(_: str) -> None:
@@ -137,3 +143,23 @@ def test_a_cut_short_distcp_goes_to_the_full_path_which_names_it(primed, tmp_pat
     with pytest.raises(CheckpointError, match=rf"{data.name} is truncated"):
         merge(primed, Output(tmp_path / "second"), log=_silent)
     assert not (tmp_path / "second").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's own PUTs
+def test_a_push_of_the_next_checkpoint_merges_it_without_torch(fakehub, cases, tmp_path):
+    """What the Action does after each run: `push CHECKPOINT`. The first push records the merge; the next one (here:
+    the same step into another repo) takes the fast path, and the Hub gets the same weight files."""
+    actor = cases["tp2_untied"]
+    before = tree_hash(actor)
+    got = {}
+    for repo in ("first", "second"):
+        if repo == "second":
+            job = fast_merge.job(actor, MergeOptions())
+            assert job is not None  # recorded by the first push
+            job.close()
+        r = CliRunner().invoke(cli, ["push", str(actor), "--repo-id", f"{USER}/{repo}", "--private", "--license", "mit"])
+        assert r.exit_code == 0, r.output
+        folder = Path(snapshot_download(f"{USER}/{repo}", endpoint=fakehub.url, token=TOKEN, cache_dir=tmp_path / repo))
+        got[repo] = {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
+    assert got["second"] == got["first"] != {}
+    assert tree_hash(actor) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import shutil
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hubexport.cli import cli
+from hubexport.cli import _interrupt, cli
+from hubexport.targets import uninterrupted
 from tests.fsdp_cases import actor_dir
 
 SMALL = "qwen2_fsdp2_w2_dim1"
@@ -175,3 +177,20 @@ def test_no_space_left_on_device(ckpt, tiny_tmpfs):
     r = run("merge", "--local-dir", ckpt, "--target-dir", target)
     assert r.returncode == 2 and "No space left on device" in r.stderr
     assert list(tiny_tmpfs.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_a_claim_or_clean_up_waits_for_its_end(sig):
+    """Taking the lock, making the staging folder, the swap and the clean-up run to their end when Ctrl-C or SIGTERM
+    arrives inside them (else a lock file or staging folder was left behind); the signal then interrupts as usual."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt), uninterrupted():
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # the handler has run by now
+            done.append("the block went on")
+        assert done == ["the block went on"]
+        assert signal.getsignal(signal.SIGTERM) is _interrupt and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -147,7 +147,8 @@ def megatron_to_hf_groups(metas: dict[str, TensorSpec], config, *, tie_word_embe
     if "score.weight" in {n for b in heads for n in b.hf}:
         # HF's score head has a bias; verl's value head has none, so the exact equivalent is a zero bias
         spec = TensorSpec("score.bias", (1,), metas[OUTPUT].dtype)
-        groups.append(Group(inputs=(), outputs=(spec,), convert=functools.partial(_zeros, spec)))
+        groups.append(Group(inputs=(), outputs=(spec,), convert=functools.partial(_zeros, spec),
+                            rows=(((0, 1),),)))  # rows past the (no) inputs: zeros
     if notes is not None:
         notes.extend(head_notes)
     return groups, updates
