@@ -5,8 +5,8 @@ config.json save_pretrained wrote, and the facts the result reports.
 
 Keyed by (hubexport, transformers, the checkpoint format, every tensor's name/shape/dtype, config.json's bytes,
 the options that shape the output), in the same cache folder as `mapping/native_cache`. Only merges whose every
-output is a checkpoint tensor, or rows of one (a torch_dist q/k/v split, a trimmed vocabulary), are recorded:
-anything computed in memory is not."""
+output is a checkpoint tensor, rows of one (a torch_dist q/k/v split, a trimmed vocabulary) or zeros (a critic's
+bias megatron has not) are recorded: anything computed otherwise is not."""
 
 from __future__ import annotations
 

@@ -117,15 +117,21 @@ def _recipe_key(layout: Layout, specs: dict[str, TensorSpec], plan: Plan, o: Mer
     check. torch_dist: every output a stored tensor's layer, or rows of one, in its dtype, or zeros."""
     if layout.format == "megatron":
         if layout.version not in ("v1", "v2") or layout.adapter is not None or not all(
-                (not g.inputs and g.rows is not None) or (len(g.inputs) == 1 and (g.passthrough or g.rows is not None)
-                                                          and all(o.dtype == specs[g.inputs[0]].dtype for o in g.outputs))
-                for g in plan.groups):
+                _bytes_of_one_input(g, specs) for g in plan.groups):
             return None
     elif not all((g.passthrough and len(g.inputs) == 1 and g.outputs == (specs.get(g.inputs[0]),))
                  or isinstance(g.convert, TiedCheck) for g in plan.groups):
         return None
     shapes = merge_recipe.shapes_of((s.name, s.shape, s.dtype) for s in specs.values())
     return merge_recipe.key(layout.format, layout.version, layout.hf_dir, shapes, o)
+
+
+def _bytes_of_one_input(g: Group, specs: dict[str, TensorSpec]) -> bool:
+    """Outputs that are bytes of one input (a layer, rows of it) in its dtype, or zeros (a row gather of nothing)."""
+    if not g.inputs:
+        return g.rows is not None
+    return len(g.inputs) == 1 and (g.passthrough or g.rows is not None) and all(
+        o.dtype == specs[g.inputs[0]].dtype for o in g.outputs)
 
 
 def _open(layout: Layout, config: PretrainedConfig, o: MergeOptions) -> tuple[Source, bool]:
