@@ -155,9 +155,9 @@ class DcpTensor:
     chunks: tuple[StoredChunk, ...]
 
 
-def open_checked(dist_dir: Path, recopy: str) -> tuple[Metadata, dict[str, DcpTensor]]:
+def open_checked(dist_dir: Path, recopy: str, *, dtype_names: bool = False) -> tuple[Metadata, dict[str, DcpTensor]]:
     """A DCP checkpoint's metadata, with every file it names checked present and long enough, and its tensor index."""
-    md = read_metadata(dist_dir, recopy=recopy)
+    md = read_metadata(dist_dir, recopy=recopy, dtype_names=dtype_names)
     check_files(dist_dir, md, recopy)
     return md, tensor_index(md)
 
@@ -265,17 +265,24 @@ class Region:
     paste: Callable[[], bytearray]
 
 
-def region_pieces(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[Piece] | None:
+Blobs = dict[StoredChunk, tuple[int, Tensor] | None]  # each chunk's _stored, once read
+
+
+def region_pieces(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = (), blobs: Blobs | None = None) -> list[Piece] | None:
     """Each chunk's part of `t[lead]` (fixed indices on the leading axes), in offset order: when every chunk that
     overlaps it is a plain torch.save blob of t's dtype and together they cover it once; None otherwise (read_region
-    then loads the blobs with torch, and explains a damaged one). Reads the blobs' headers only."""
+    then loads the blobs with torch, and explains a damaged one). Reads the blobs' headers only, each once when the
+    caller keeps `blobs` (a stacked key's one chunk holds every layer)."""
     n = len(lead)
     name, size = dtype_name(t.dtype), itemsize(t.dtype)
+    blobs = {} if blobs is None else blobs
     pieces = []
     for c in t.chunks:
         if any(not (o <= i < o + s) for i, o, s in zip(lead, c.offsets, c.sizes, strict=False)):
             continue
-        found = _stored(dist_dir / c.file, c)
+        if c not in blobs:
+            blobs[c] = _stored(dist_dir / c.file, c)
+        found = blobs[c]
         if found is None or found[1].dtype != name:
             return None
         offset, stored = found
@@ -289,15 +296,13 @@ def itemsize(dtype: torch.dtype | str) -> int:
     return ITEMSIZE[dtype] if isinstance(dtype, str) else dtype.itemsize
 
 
-def region_runs(dist_dir: Path, t: DcpTensor, lead: tuple[int, ...] = ()) -> list[tuple[str, int, int]] | None:
-    """Where `t[lead]`'s bytes lie back to back in the .distcp files, as (file, offset, length) runs: when every
-    chunk's part is one run of the region's row-major bytes (chunks split along its first axis, or one chunk) and a
-    plain torch.save blob. None otherwise (region_bytes or read_region then assemble it in memory)."""
-    shape = t.shape[len(lead):]
-    pieces = region_pieces(dist_dir, t, lead)
-    if pieces is None or not all(one_run(shape, p.offsets, p.sizes) for p in pieces):
+def region_runs(shape: tuple[int, ...], size: int, pieces: list[Piece]) -> list[tuple[str, int, int]] | None:
+    """Where a region's bytes lie back to back in the .distcp files, as (file, offset, length) runs: when every
+    piece is one run of its row-major bytes (chunks split along its first axis, or one chunk). None otherwise
+    (region_bytes or read_region then assemble it in memory). `size` is the item size."""
+    if not all(one_run(shape, p.offsets, p.sizes) for p in pieces):
         return None
-    return [(p.file, p.start, math.prod(p.sizes) * itemsize(t.dtype)) for p in pieces]
+    return [(p.file, p.start, math.prod(p.sizes) * size) for p in pieces]
 
 
 def region_bytes(fds: Callable[[str], int], shape: tuple[int, ...], size: int, pieces: list[Piece]) -> bytearray:

@@ -20,11 +20,12 @@ from hubexport.core import FileSlices, TensorSpec
 from hubexport.errors import CheckpointError
 from hubexport.sources import Source
 from hubexport.sources.dcp import (
+    Blobs,
     DcpTensor,
     Piece,
     Region,
-    check_files,
     itemsize,
+    open_checked,
     read_metadata,
     read_region,
     region_bytes,
@@ -94,15 +95,14 @@ class TorchDistSource(Source):
     def __init__(self, dist_dir: Path, *, dtype_names: bool = False) -> None:
         self.dir = Path(dist_dir)
         check_complete(self.dir)
-        md = read_metadata(self.dir, dtype_names=dtype_names)
-        check_files(self.dir, md, "dist_ckpt/")  # a missing or cut-short .distcp is named before any write
-        index = tensor_index(md)
+        md, index = open_checked(self.dir, "dist_ckpt/", dtype_names=dtype_names)  # a cut-short .distcp: named now
         mcore_data = getattr(md, "mcore_data", None) or {}
         self._tensors: dict[str, DcpTensor] = {}
         self._entries: dict[str, _Entry] = {}
         self._specs: dict[str, TensorSpec] = {}
         self._fds: dict[str, int] = {}
-        self._runs: dict[str, list[tuple[str, int, int]] | None] = {}
+        self._pieces: dict[str, list[Piece] | None] = {}  # the last tensor asked for
+        self._blobs: Blobs = {}
         for key, t in index.items():
             if not _is_model_key(key):
                 continue
@@ -136,25 +136,28 @@ class TorchDistSource(Source):
     def slices(self, name: str) -> FileSlices | None:
         """Where the tensor's bytes already lie back to back in the .distcp files (copied file to file by the
         writer); None when they do not (a row-parallel weight split along its columns by TP...)."""
-        entry = self._entries[name]
-        if name not in self._runs:  # a group's outputs ask for the same input one after another
-            self._runs = {name: region_runs(self.dir, self._tensors[entry.key], entry.lead)}
-        runs = self._runs[name]
+        pieces = self.pieces(name)
+        runs = None if pieces is None else region_runs(self._specs[name].shape, self._itemsize(name), pieces)
         return None if runs is None else FileSlices(tuple((self._fd(f), o, n) for f, o, n in runs))
 
     def pieces(self, name: str) -> list[Piece] | None:
-        """Where each stored chunk's part of the tensor lies (their headers read, no data); None when torch must load
-        them (`read`)."""
-        entry = self._entries[name]
-        return region_pieces(self.dir, self._tensors[entry.key], entry.lead)
+        """Where each stored chunk's part of the tensor lies (their headers read, no data, each chunk's once); None
+        when torch must load them (`read`)."""
+        if name not in self._pieces:  # a group's outputs ask for the same input one after another
+            entry = self._entries[name]
+            self._pieces = {name: region_pieces(self.dir, self._tensors[entry.key], entry.lead, self._blobs)}
+        return self._pieces[name]
 
     def region(self, name: str) -> Region | None:
         """The tensor's bytes to paste in memory without torch (when they are not runs of file bytes: `slices`)."""
         pieces = self.pieces(name)
         if pieces is None:
             return None
-        spec, size = self._specs[name], itemsize(self._tensors[self._entries[name].key].dtype)
-        return Region(math.prod(spec.shape) * size, lambda: region_bytes(self._fd, spec.shape, size, pieces))
+        shape, size = self._specs[name].shape, self._itemsize(name)
+        return Region(math.prod(shape) * size, lambda: region_bytes(self._fd, shape, size, pieces))
+
+    def _itemsize(self, name: str) -> int:
+        return itemsize(self._tensors[self._entries[name].key].dtype)
 
     def _fd(self, file: str) -> int:
         if file not in self._fds:

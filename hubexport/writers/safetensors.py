@@ -105,7 +105,7 @@ def _write(path: Path, head: bytes, parts: Iterator[Part], *, fsync: bool) -> st
 
 class Fsyncs:
     """Each written file fsync'd on a thread while the next one is written, so a file's writeback overlaps the next
-    file's copy (4 files of 360 MB: 0.5 s against 1.1 s fsync'd one after another, benchmarks/README.md). Leaving
+    file's copy (4 files of 360 MB: 0.52 s against 0.81–1.1 s fsync'd one after another, benchmarks/fsync_ab.py). Leaving
     the block waits for every fsync and raises the first failure, naming its file: a job's write() still returns
     only once its files are durable."""
 
