@@ -71,6 +71,7 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     hub = merge_cmd(actor)
     c = one_process(merge_cmd, actor, env, cold, args.work, "primed")
     c |= {label: (actor, (hub, e)) for label, e in bases.items()}
+    c[targets.COLD_INLINE] = (actor, (hub, {**cold, "HUBEXPORT_NO_FAST_PATH": "1"}))  # a first merge as before
     if not args.no_torchrun:
         c |= torchrun(merge_cmd, actor, env)
         c |= {"hubexport --dtype fp32, 1 process": (actor, ([*hub, "--dtype", "fp32"], env)),
@@ -78,7 +79,8 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     if args.verl_python:
         c[targets.VERL] = (actor, ([args.verl_python, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
                                     "--local_dir", str(actor), "--target_dir", "{out}"], None))
-    runs = run_suite("fsdp", c, args.work, args.repeat, compare=(targets.ONE, targets.FULL, targets.TORCHRUN))
+    runs = run_suite("fsdp", c, args.work, args.repeat,
+                     compare=(targets.ONE, targets.FULL, targets.COLD, targets.COLD_INLINE, targets.TORCHRUN))
     print(table(runs, targets.VERL if args.verl_python else targets.ONE, input_bytes(actor)))
     return {"input_bytes": input_bytes(actor), "runs": runs}
 

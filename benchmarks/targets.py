@@ -6,7 +6,8 @@ from harness import FLOOR_LABEL
 
 ONE = "hubexport, 1 process"
 FULL = "hubexport, 1 process, full path"  # HUBEXPORT_NO_FAST_PATH=1: torch and transformers, the names cached
-COLD = "hubexport, 1 process, cold cache"
+COLD = "hubexport, 1 process, cold cache"  # a first merge: FSDP's is planned in a second process (first_merge)
+COLD_INLINE = "hubexport, 1 process, cold cache, planned in-process"  # a first merge before first_merge
 TORCHRUN = "hubexport, torchrun 2 processes"
 TORCHRUN_1 = "hubexport, torchrun 1 process"  # the launcher's own start-up, paid by any torchrun job
 VERL = "verl.model_merger (0.9.1)"
@@ -32,6 +33,11 @@ def rows(results: dict) -> list[str]:
         for label in (ONE, FULL, COLD):
             r = _wall(fsdp, label, FLOOR_LABEL)
             out.append(_row(f"FSDP wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
+        if COLD_INLINE in fsdp:
+            r = _wall(fsdp, COLD, COLD_INLINE)
+            same = fsdp[COLD].get("digest") == fsdp[COLD_INLINE].get("digest") is not None
+            out.append(_row("FSDP first merge: planned beside, no slower than planned in-process, same bytes",
+                            f"{r:.2f}×, {'identical' if same else 'DIFFERENT'}", r <= 1 and same))
     for name, what in (("megatron", "Megatron"), ("megatron-tp2", "Megatron TP=2")):
         if not (mcore := results.get(name)):
             continue

@@ -21,6 +21,7 @@ from hubexport.card import find_training_config
 from hubexport.detect import is_hf_folder
 from hubexport.dist import Dist
 from hubexport.errors import HubError, TargetError
+from hubexport.first_merge import Unconfirmed
 from hubexport.model_facts import sha256_file
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
@@ -80,7 +81,7 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
         base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
         options = replace(options, lora_base_model=base.path)
-    job = dist.run(lambda: _hf_job(local_dir, options, fast=dist.world_size == 1))
+    job = dist.run(lambda: _hf_job(local_dir, options, fast=dist.world_size == 1, plan_beside=not out.dry_run))
     proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
     files = _file_gate(proof, push) if publisher is not None and not out.dry_run else None
     stream = publisher.stream(files and files.admit) if publisher is not None and not out.dry_run else None  # rank 0
@@ -101,10 +102,19 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         if f.name.endswith(".safetensors"):
             stream.add(f.name, path, f.sha256)
 
+    def run(job: Job) -> Result:
+        return execute(job, out, command, dist, log, before_swap=write_card if publisher else None,
+                       on_file=send if stream is not None else None)
+
     try:
         check_disjoint(out.target, job.inputs, option=out.option)
-        result = execute(job, out, command, dist, log, before_swap=write_card if publisher else None,
-                         on_file=send if stream is not None else None)
+        try:
+            result = run(job)
+        except Unconfirmed as e:  # a first merge's guess (one process): nothing of it left the job
+            job.close()
+            log(str(e))
+            job = _hf_job(local_dir, options, fast=False)
+            result = run(job)
         result.resolved = base.as_json() if base is not None and base.repo_id else None
         if proof is not None and not out.dry_run:  # the merged folder stays as it is; nothing is uploaded
             dist.run(lambda: proof.raise_refusal(out.target if kept else None), main_only=True)
@@ -122,11 +132,12 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     return result
 
 
-def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool) -> Job:
-    """The fast path's job when it can repeat a recorded merge (one process), else the full path's."""
+def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool, plan_beside: bool = False) -> Job:
+    """The fast path's job when it can repeat a recorded merge, or write a first one while it is planned (one
+    process, `first_merge`), else the full path's."""
     from hubexport import fast_merge
 
-    if fast and (job := fast_merge.job(local_dir, options)) is not None:
+    if fast and (job := fast_merge.job(local_dir, options, plan_beside=plan_beside)) is not None:
         return job
     from hubexport.to_hf import HfJob, prepare
 

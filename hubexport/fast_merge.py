@@ -6,6 +6,9 @@ vocabulary), copied kernel-side; a weight TP split along its columns is pasted i
 output is the full path's, byte for byte (`tests/test_fast_merge_path.py`, `tests/test_fast_mcore_merge.py`);
 start-up drops from ~6 s of imports to ~0.3 s.
 
+With no recipe yet, an FSDP merge may write a guessed one while the full path's planning runs beside it
+(`first_merge`): the job confirms it before any file leaves it.
+
 Anything else returns None and the full path (`to_hf`) runs, with its checks and its errors: the fast path never
 refuses a checkpoint itself. `HUBEXPORT_NO_FAST_PATH=1` always takes the full path."""
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from hubexport import merge_recipe
+from hubexport import first_merge, merge_recipe
 from hubexport.core import ZEROS, FileSlices
 from hubexport.detect import Layout, detect
 from hubexport.dist import Dist
@@ -37,8 +40,9 @@ from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.safetensors import CHUNK, Fsyncs, write_parts
 
 
-def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
-    """The fast job for this checkpoint, or None when the full path must run."""
+def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False) -> FastJob | None:
+    """The fast job for this checkpoint, or None when the full path must run. `plan_beside`: a first FSDP merge may
+    write a guessed recipe while it is planned (`first_merge`; not for a dry run, which writes nothing)."""
     if os.environ.get("HUBEXPORT_NO_FAST_PATH") == "1":
         return None
     layout = detect(Path(local_dir), options.backend)
@@ -47,11 +51,18 @@ def job(local_dir: Path, options: MergeOptions) -> FastJob | None:
         return None
     key = merge_recipe.key(layout.format, layout.version, layout.hf_dir, tensors.shapes(), options)
     recipe = merge_recipe.load(key) if key else None
+    planning = None
+    if recipe is None and key and plan_beside and layout.format == "fsdp" and first_merge.worth_guessing():
+        recipe = first_merge.guess(layout.hf_dir, tensors.shapes(), options)
+        planning = first_merge.Planning.start(Path(local_dir), key, options) if recipe else None
+        recipe = recipe if planning else None
     files = _files(recipe, tensors) if recipe else None
     if files is None:
         tensors.close()
+        if planning is not None:
+            planning.close()
         return None
-    fast = FastJob(Path(local_dir), layout, recipe, tensors, files)
+    fast = FastJob(Path(local_dir), layout, recipe, tensors, files, planning)
     try:
         if fast.checks_hold():
             return fast
@@ -200,9 +211,19 @@ class FastJob:
     """The executor's job (see executor.Job) for a recorded merge, one process."""
 
     def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors,
-                 files: list[tuple[str, bytes, list[Output]]]) -> None:
+                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None = None) -> None:
         self.layout, self.recipe, self.tensors, self.files = layout, recipe, tensors, files
+        self.planning = planning  # a guessed recipe's planning, until it confirms the guess
         self.inputs = tuple(p for p in (source, layout.root, layout.hf_dir, *layout.files) if p is not None)
+
+    def _confirm(self) -> None:
+        """A guessed recipe becomes the planned one, or Unconfirmed is raised: before any file leaves the job."""
+        if self.planning is not None:
+            try:
+                self.recipe = self.planning.confirm(self.recipe)
+            finally:
+                self.planning.close()
+                self.planning = None
 
     def checks_hold(self) -> bool:
         """Tied aliases hold their weight's bytes and every rank's copy of a plain tensor is the same."""
@@ -232,14 +253,24 @@ class FastJob:
         written = []
         with Fsyncs() as fsyncs:
             for name, head, outputs in self.files:
-                sha = write_parts(tmp / name, head, _parts(outputs), fsync=False)
+                sha = write_parts(tmp / name, head, self._parts(outputs), fsync=False)
                 fsyncs.add(tmp / name)
                 written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
                 if on_file is not None:
+                    self._confirm()
                     on_file(written[-1], tmp / name)
         return written
 
+    def _parts(self, outputs: list[Output]) -> Iterator[FileSlices | memoryview]:
+        """The outputs' bytes; a guess stops as soon as its planning has ended and not confirmed it (a model that
+        converts its weights on saving is not copied whole for nothing)."""
+        for part in _parts(outputs):
+            if self.planning is not None and self.planning.done():
+                self._confirm()
+            yield part
+
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
+        self._confirm()
         for name, _, outputs in self.files:
             check_complete(tmp / name, {t for t, _ in outputs})
         if self.recipe.index is not None:
@@ -256,6 +287,8 @@ class FastJob:
 
     def close(self) -> None:
         self.tensors.close()
+        if self.planning is not None:
+            self.planning.close()
 
 
 def _parts(outputs: list[Output]) -> Iterator[FileSlices | memoryview]:

@@ -27,10 +27,14 @@ def load_config(hf_dir: Path | None, searched: Path, *, trust_remote_code: bool)
             hint="copy the base model's config.json (and tokenizer) into huggingface/ next to the rank files",
         )
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as e:  # transformers' own checks of the values (e.g. one layer type per layer)
+        raise ConfigError(f"{hf_dir / 'config.json'} is not a valid config: {str(e).splitlines()[-1].strip()[:160]}",
+                          hint="make its values agree, or re-copy config.json from the base model") from None
     except ValueError as e:
         msg = str(e).splitlines()[0]
         hint = ("the config needs custom code: pass --trust-remote-code" if "trust_remote_code" in msg

@@ -39,6 +39,15 @@ class Plan:
     def weight_map(self) -> dict[str, str]:
         return {t.name: f.name for f in self.files for t in f.tensors}
 
+    def dominant_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype holding the most bytes (what save_pretrained records), None when there is none."""
+        by_dtype: dict[torch.dtype, int] = {}
+        for f in self.files:
+            for t in f.tensors:
+                if t.dtype.is_floating_point:
+                    by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
+
     def group_of(self) -> dict[str, int]:
         return {spec.name: i for i, g in enumerate(self.groups) for spec in g.outputs}
 

@@ -18,7 +18,8 @@ from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
 from hubexport.hfdir import copy_support_files, load_config
 from hubexport.lora_export import LoraExport
-from hubexport.mapping.hf_native import TiedCheck, architecture_for, is_value_checkpoint, meta_model, native_groups
+from hubexport.mapping.archnames import is_value_checkpoint
+from hubexport.mapping.hf_native import TiedCheck, architecture_for, meta_model, native_groups
 from hubexport.mapping.mcore_to_hf import megatron_to_hf_groups
 from hubexport.merge_recipe import Copy, Recipe
 from hubexport.merge_report import done_line, plan_line
@@ -178,12 +179,7 @@ def _prepare_megatron(layout: Layout, source: Source, config: PretrainedConfig, 
 
 
 def dominant_dtype(plan: Plan) -> torch.dtype:
-    by_dtype: dict[torch.dtype, int] = {}
-    for f in plan.files:
-        for t in f.tensors:
-            if t.dtype.is_floating_point:
-                by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
-    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
+    return plan.dominant_dtype() or torch.float32
 
 
 class GroupCache:
@@ -328,14 +324,25 @@ class HfJob:
             return  # the adapter alone: a config.json without weights would pass for a broken model
         for f in p.plan.files:
             check_complete(tmp / f.name, {t.name for t in f.tensors})
-        if p.plan.sharded:
-            (tmp / INDEX_NAME).write_text(index_json(p.plan.weight_map(), p.plan.total_size))
-        p.config.dtype = dominant_dtype(p.plan)
-        p.config.save_pretrained(tmp)
+        self._write_config(tmp)
         if p.layout.hf_dir is not None:
             copy_support_files(p.layout.hf_dir, tmp)
         if p.recipe_key is not None:
             merge_recipe.store(p.recipe_key, self._recipe(tmp))
+
+    def _write_config(self, folder: Path) -> None:
+        """The index (when sharded) and config.json, as save_pretrained writes them."""
+        p = self.prep
+        if p.plan.sharded:
+            (folder / INDEX_NAME).write_text(index_json(p.plan.weight_map(), p.plan.total_size))
+        p.config.dtype = dominant_dtype(p.plan)
+        p.config.save_pretrained(folder)
+
+    def planned_recipe(self, folder: Path) -> Recipe:
+        """The recipe this merge records, from its plan alone: config.json and the index are written into `folder`
+        (the first merge's planning process, `first_merge`)."""
+        self._write_config(folder)
+        return self._recipe(folder)
 
     def _recipe(self, tmp: Path) -> Recipe:
         """What the fast path needs to write this folder again: read back from what was just written."""

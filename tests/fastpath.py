@@ -26,8 +26,8 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def facts(result) -> dict:
-    """The result as --json prints it, less what differs between two runs of the same input."""
-    out = jsonable(result)
+    """The result as --json prints it (or what it printed), less what differs between two runs of the same input."""
+    out = json.loads(json.dumps(result if isinstance(result, dict) else jsonable(result)))
     for moving in ("target_dir", "throughput"):
         out.pop(moving)
     return out
@@ -51,25 +51,36 @@ def full_then_fast(mp: pytest.MonkeyPatch, run: Callable[[str], object], probe: 
 _RUN = """
 import json, sys
 from hubexport.cli import main
-sys.argv = ["hubexport", *json.loads(sys.argv[1]), "--json"]
+sys.argv = ["hubexport", *json.loads(sys.argv[1])]
+code = 0
 try:
     main()
 except SystemExit as e:
-    assert not e.code, e.code
+    code = e.code or 0
 heavy = ("torch", "transformers", "huggingface_hub", "megatron", "safetensors")
-print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+print(json.dumps([code, sorted(m for m in heavy if m in sys.modules)]))
 """
+
+
+def run_cli(args: list[str], hf_home: Path) -> tuple[int, str, str, list[str]]:
+    """`hubexport <args>` in a fresh interpreter, as users run it, with `hf_home` as HF_HOME: (exit code, stdout,
+    stderr, the heavy modules that process imported)."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _RUN, json.dumps([str(a) for a in args])], env=env,
+                          capture_output=True, text=True)
+    *out, last = done.stdout.strip().splitlines()
+    code, heavy = json.loads(last)
+    return code, "\n".join(out), done.stderr, heavy
 
 
 def run_twice(args: Callable[[Path], list[str]], tmp_path: Path) -> list[tuple[list[str], dict]]:
     """`hubexport <args(out)> --json` in fresh interpreters, into tmp_path/first then tmp_path/second (a fresh
     HF_HOME): per run, the heavy modules it imported and its --json result."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(ROOT)}
     seen = []
     for run in ("first", "second"):
-        out = subprocess.run([sys.executable, "-c", _RUN, json.dumps(args(tmp_path / run))], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        seen.append((json.loads(out[-1]), json.loads("\n".join(out[:-1]))))
+        code, out, err, heavy = run_cli([*args(tmp_path / run), "--json"], tmp_path / "hf-home")
+        assert code == 0, err
+        seen.append((heavy, json.loads(out)))
     return seen
 
 
@@ -99,10 +110,12 @@ def assert_other_options_and_config_miss(actor: Path) -> None:
     assert fast_merge.job(actor, MergeOptions()) is None
 
 
-def assert_a_repeated_merge_is_torch_free(actor: Path, tmp_path: Path) -> None:
-    """The first merge of `actor` imports torch and transformers, the second neither, and writes the same files."""
+def assert_a_repeated_merge_is_torch_free(actor: Path, tmp_path: Path, *, planned_beside: bool = False) -> None:
+    """The second merge of `actor` imports neither torch nor transformers and writes the first one's files. The
+    first imports both, or (`planned_beside`: a first FSDP merge, `first_merge`) leaves them to its planning process."""
     seen = run_twice(lambda out: ["merge", "--local-dir", str(actor), "--target-dir", str(out)], tmp_path)
-    assert {"torch", "transformers"} <= set(seen[0][0])
+    first = {"torch", "transformers"} & set(seen[0][0])
+    assert first == (set() if planned_beside else {"torch", "transformers"})
     assert seen[1][0] == []
     assert seen[1][1]["files"] == seen[0][1]["files"]  # names, sizes and sha256s
     assert folder_bytes(tmp_path / "second") == folder_bytes(tmp_path / "first")

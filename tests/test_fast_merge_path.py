@@ -62,7 +62,7 @@ def test_the_second_merge_writes_the_first_ones_folder_byte_for_byte(name, runs)
 
 
 def test_a_repeated_merge_imports_neither_torch_nor_transformers(fsdp_root, tmp_path):
-    assert_a_repeated_merge_is_torch_free(actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied"), tmp_path)
+    assert_a_repeated_merge_is_torch_free(actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied"), tmp_path, planned_beside=True)
 
 
 @pytest.fixture

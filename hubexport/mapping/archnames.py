@@ -1,18 +1,30 @@
 """The transformers class a config's weights are, for both directions (FSDP/mbridge merges, Megatron merges,
 to-megatron): `architectures[0]` with FSDP2's class prefix stripped, or, when the config has no `architectures`,
 the class transformers registers for its `model_type` and the checkpoint's head. A name that is still unknown is
-returned unchanged, so the caller's "unknown architecture" error names it."""
+returned unchanged, so the caller's "unknown architecture" error names it. transformers (~0.8 s) is imported only
+where it is asked: a config that names its class plainly needs none (the first merge's guess, `first_merge`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-import transformers
+from hubexport.core import TensorSpec
 
 FSDP_PREFIX = "FSDP"  # fully_shard makes a class `FSDP<Name>`; save_pretrained wrote that name until transformers 4.5x
 
 
+VALUE_HEAD = "score.weight"
+
+
+def is_value_checkpoint(names: Iterable[str], specs: dict[str, TensorSpec]) -> bool:
+    """A verl critic: a [1, H] `score` head and no language-model head."""
+    return VALUE_HEAD in specs and specs[VALUE_HEAD].shape[0] == 1 and "lm_head.weight" not in names
+
+
 def _is_class(name: str) -> bool:
+    import transformers
+
     return hasattr(transformers, name)
 
 

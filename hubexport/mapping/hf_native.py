@@ -21,14 +21,6 @@ from hubexport.mapping.ops import same_bytes
 if TYPE_CHECKING:  # importing them loads transformers' modeling code: only done when a model is built
     from transformers import PretrainedConfig, PreTrainedModel
 
-VALUE_HEAD = "score.weight"
-
-
-def is_value_checkpoint(names: Iterable[str], specs: dict[str, TensorSpec]) -> bool:
-    """A verl critic: a [1, H] `score` head and no language-model head."""
-    return VALUE_HEAD in specs and specs[VALUE_HEAD].shape[0] == 1 and "lm_head.weight" not in names
-
-
 def architecture_for(config: PretrainedConfig, *, value_model: bool) -> tuple[str, list[str]]:
     """The class the weights really are, and notes on how it was found (see archnames.model_class): a critic is
     `<Family>ForTokenClassification` whatever the config says."""
