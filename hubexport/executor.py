@@ -111,8 +111,12 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
         try:
             result = run(job)
         except Unconfirmed as e:  # a first merge's guess (one process): nothing of it left the job
+            unconfirmed = str(e)
+        else:
+            unconfirmed = None
+        if unconfirmed is not None:  # outside the handler: the full path's own error is not chained to it
             job.close()
-            log(str(e))
+            log(unconfirmed)
             job = _hf_job(local_dir, options, fast=False)
             result = run(job)
         result.resolved = base.as_json() if base is not None and base.repo_id else None

@@ -49,8 +49,8 @@ def worth_guessing() -> bool:
 
 
 def guess(hf_dir: Path, shapes: Shapes, options: MergeOptions) -> Recipe | None:
-    """The recipe a full merge of these FSDP tensors would record, with config.json left empty; None when the
-    config leaves it open (no architectures or tying stated, a class name to repair, custom code)."""
+    """The recipe a full merge of these FSDP tensors would record, with config.json left empty; None when it is
+    not foreseeable (no architectures or tying stated, a class name to repair, custom code, tensors beyond 2-D)."""
     try:
         config = json.loads((hf_dir / "config.json").read_text())
     except (OSError, ValueError):
@@ -59,8 +59,8 @@ def guess(hf_dir: Path, shapes: Shapes, options: MergeOptions) -> Recipe | None:
     if (not isinstance(archs, list) or not archs or not isinstance(archs[0], str) or archs[0].startswith(FSDP_PREFIX)
             or not isinstance(config.get("tie_word_embeddings"), bool) or config.get("auto_map")):
         return None
-    if any(n.startswith("base_model.") for n, _, _ in shapes):
-        return None  # a PEFT model: LoRA is exported by the full path
+    if any(n.startswith("base_model.") or len(shape) > 2 for n, shape, _ in shapes):
+        return None  # a PEFT model (LoRA is exported), fused experts (split on saving), convolutions: left to planning
     specs = {n: TensorSpec(n, shape, DtypeName(d)) for n, shape, d in shapes}
     value_model = options.is_value_model or is_value_checkpoint(specs, specs)
     tied = config["tie_word_embeddings"] and not value_model
