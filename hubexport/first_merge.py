@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,19 +92,24 @@ _CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from hubexport.first_merg
 
 
 class Planning:
-    """The full path's planning of this merge in a second process, which stores the recipe it would record."""
+    """The full path's planning of this merge in a second process. It answers with the recipe it would record, in a
+    file of its own (a cache that cannot be written, e.g. a shared read-only HF_HOME, loses nothing), and stores it
+    in the cache for the next merge."""
 
-    def __init__(self, key: str, proc: subprocess.Popen) -> None:
-        self.key, self._proc = key, proc
+    def __init__(self, proc: subprocess.Popen, answer: Path) -> None:
+        self._proc, self._answer = proc, answer
 
     @classmethod
     def start(cls, local_dir: Path, key: str, options: MergeOptions) -> Planning | None:
         """None when no second interpreter can start (the merge then plans in-process)."""
         root = str(Path(__file__).resolve().parent.parent)  # this very hubexport, wherever the process was started
-        args = [sys.executable, "-c", _CHILD, root, str(Path(local_dir).resolve()), key, json.dumps(_plain(options))]
         try:
-            return cls(key, subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL))
+            fd, answer = tempfile.mkstemp(prefix="hubexport-plan-", suffix=".json")
+            os.close(fd)
+            args = [sys.executable, "-c", _CHILD, root, str(Path(local_dir).resolve()), key,
+                    json.dumps(_plain(options)), answer]
+            return cls(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL), Path(answer))
         except OSError:
             return None
 
@@ -111,7 +118,7 @@ class Planning:
 
     def confirm(self, guessed: Recipe) -> Recipe:
         """The recipe planning recorded, when it is the guess (config.json aside); else Unconfirmed."""
-        planned = merge_recipe.load(self.key) if self._proc.wait() == 0 else None
+        planned = Recipe.of(_read(self._answer)) if self._proc.wait() == 0 else None
         differs = [k for k in Recipe.__dataclass_fields__
                    if planned is not None and k != "config" and getattr(planned, k) != getattr(guessed, k)]
         if planned is None or differs:
@@ -123,6 +130,14 @@ class Planning:
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        self._answer.unlink(missing_ok=True)
+
+
+def _read(answer: Path) -> dict | None:
+    try:
+        return json.loads(answer.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _plain(options: MergeOptions) -> dict[str, object]:
@@ -132,18 +147,19 @@ def _plain(options: MergeOptions) -> dict[str, object]:
 
 
 def plan(argv: list[str]) -> int:
-    """The planning process: the full path's plan of the checkpoint, its recipe stored under the parent's key."""
-    import tempfile
-
+    """The planning process: the full path's plan of the checkpoint; its recipe written to the parent's answer file
+    and stored under the parent's key."""
     from hubexport.to_hf import HfJob, prepare
 
-    local_dir, key, options = Path(argv[0]), argv[1], MergeOptions(**json.loads(argv[2]))
+    local_dir, key, options, answer = Path(argv[0]), argv[1], MergeOptions(**json.loads(argv[2])), Path(argv[3])
     job = HfJob(prepare(local_dir, options), local_dir)
     try:
         if job.prep.recipe_key != key:
             return 1
         with tempfile.TemporaryDirectory() as folder:
-            merge_recipe.store(key, job.planned_recipe(Path(folder)))
+            recipe = job.planned_recipe(Path(folder))
+        answer.write_text(json.dumps(recipe.as_json()))
+        merge_recipe.store(key, recipe)
         return 0
     finally:
         job.close()

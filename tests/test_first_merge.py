@@ -67,6 +67,20 @@ def test_a_first_merge_planned_beside_writes_the_full_paths_folder(name, extra, 
     assert tree_hash(actor.parent) == before  # nothing under the checkpoint was written, renamed or deleted
 
 
+def test_a_cache_that_cannot_be_written_still_confirms_the_guess(fsdp_root, tmp_path, monkeypatch):
+    """A shared read-only HF_HOME (here: one under a file): planning answers the merge directly, so the guess is
+    confirmed and kept, as with a cache."""
+    actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
+    (tmp_path / "a-file").write_text("")
+    code, _, err, heavy = run_cli(["merge", "--local-dir", actor, "--target-dir", tmp_path / "first"],
+                                  tmp_path / "a-file" / "hf")
+    assert code == 0, err
+    assert not any("planning" in line for line in err.splitlines()), err
+    assert not {"torch", "transformers"} & set(heavy)
+    _full(actor, tmp_path / "full", monkeypatch)
+    assert folder_bytes(tmp_path / "first") == folder_bytes(tmp_path / "full")
+
+
 def test_weights_transformers_converts_on_saving_are_planned_first(fsdp_root, tmp_path, monkeypatch):
     """Qwen3-MoE's fused experts ([E, 2I, H]: split per expert on saving) are never guessed: one plan, the full
     path's, and its folder."""
