@@ -67,11 +67,24 @@ def make_megatron_tp2(work: Path, hf_model: Path) -> Path:
     return actor
 
 
-def make_synthetic(work: Path, gigabytes: int) -> Path:
-    """A Qwen2 folder (hidden 1536, as the FSDP case) of about `gigabytes` GB of random bf16 weights: only the
-    number of layers differs between sizes, so the largest tensor (the embedding, 98 MB) is the same."""
+def _synthetic(gigabytes: int):  # -> (transformers.Qwen2Config, {name: meta tensor})
+    """A Qwen2 (hidden 1536, as the FSDP case) of about `gigabytes` GB in bf16: only the number of layers differs
+    between sizes, so the largest tensor (the embedding, 98 MB) is the same."""
     import torch
     import transformers
+
+    layers = max(1, round((gigabytes * 1e9 - 197e6) / LAYER_BYTES))
+    cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
+                                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False,
+                                   architectures=["Qwen2ForCausalLM"], dtype="bfloat16")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return cfg, model.state_dict()
+
+
+def make_synthetic(work: Path, gigabytes: int) -> Path:
+    """The synthetic Qwen2 as a Hugging Face folder of random bf16 weights, written tensor by tensor."""
+    import torch
 
     from hubexport.core import TensorSpec
     from hubexport.safetensors_format import index_json
@@ -82,13 +95,8 @@ def make_synthetic(work: Path, gigabytes: int) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    layers = max(1, round((gigabytes * 1e9 - 197e6) / LAYER_BYTES))
-    cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
-                                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False,
-                                   architectures=["Qwen2ForCausalLM"], dtype="bfloat16")
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    specs = [TensorSpec(n, tuple(t.shape), torch.bfloat16) for n, t in model.state_dict().items()]
+    cfg, state = _synthetic(gigabytes)
+    specs = [TensorSpec(n, tuple(t.shape), torch.bfloat16) for n, t in state.items()]
     files: list[list[TensorSpec]] = [[]]
     for s in specs:  # 2 GB files, in save_pretrained's order
         if files[-1] and sum(t.nbytes for t in files[-1]) + s.nbytes > 2e9:
@@ -103,6 +111,39 @@ def make_synthetic(work: Path, gigabytes: int) -> Path:
     (folder / "model.safetensors.index.json").write_text(index_json(weight_map, sum(s.nbytes for s in specs)))
     cfg.save_pretrained(folder)
     return folder
+
+
+def make_fsdp_synthetic(work: Path, gigabytes: int) -> Path:
+    """The synthetic Qwen2 as verl FSDP2 rank files (world size 2, `Shard(0)` DTensors of random bf16), made by 2
+    real processes (gloo), each holding only its own shards: an 8 GB checkpoint needs 4 GB per process."""
+    from hubexport.examples import spawn_ranks
+
+    actor = work / f"fsdp_synthetic_{gigabytes}gb" / "global_step_1" / "actor"
+    if not (actor / "fsdp_config.json").is_file():
+        shutil.rmtree(work / f"fsdp_synthetic_{gigabytes}gb", ignore_errors=True)
+        spawn_ranks(_fsdp_synthetic_rank, [gigabytes], 2, work)
+    return actor
+
+
+def _fsdp_synthetic_rank(gigabytes: int, work: Path, rank: int) -> None:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    cfg, state = _synthetic(gigabytes)
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(rank)
+    local = {n: DTensor.from_local(torch.randn((t.shape[0] // 2, *t.shape[1:]), generator=gen, dtype=torch.bfloat16),
+                                   mesh, [Shard(0)], run_check=False) for n, t in state.items()}
+    actor = work / f"fsdp_synthetic_{gigabytes}gb" / "global_step_1" / "actor"
+    if rank == 0:
+        actor.mkdir(parents=True)
+    torch.distributed.barrier()
+    torch.save(local, actor / f"model_world_size_2_rank_{rank}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        cfg.save_pretrained(actor / "huggingface")
+        (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 2}))
 
 
 def largest_group_bytes(env: dict[str, str], actor: Path, work: Path) -> int:

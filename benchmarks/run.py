@@ -3,12 +3,13 @@
     python benchmarks/run.py --work /var/tmp/hubexport-bench --verl-python /path/to/verl-venv/bin/python
 
 Suites: fsdp (merge of a verl FSDP2 checkpoint), megatron (merge of the same weights as torch_dist; megatron-tp2: as
-megatron-core saves them from TP=2), to-megatron
-(the HF folder of those weights to torch_dist), flat (peak RSS of to-megatron and merge at 1 GB and 8 GB of one
-architecture), push. Writes benchmarks/results.json (results-<suites>.json for a subset) and prints Markdown tables
-and the issue's targets (pasted into benchmarks/README.md). Every measured command runs in its own process under a
-probe (harness.py) from the same warm page cache; rounds are interleaved, so a machine shared with others slows every
-contender alike and the ratios of one run hold even when the absolute times drift.
+megatron-core saves them from TP=2), to-megatron (the HF folder of those weights to torch_dist), flat (peak RSS of
+to-megatron and merge at 1 GB and 8 GB of one architecture), fsdp-flat (the FSDP merge at 1 GB and 8 GB of that
+architecture, every way, against each size's floor), push. Writes benchmarks/results.json (results-<suites>.json for
+a subset) and prints Markdown tables and the issue's targets (pasted into benchmarks/README.md). Every measured
+command runs in its own process under a probe (harness.py) from the same warm page cache; rounds are interleaved, so
+a machine shared with others slows every contender alike and the ratios of one run hold even when the absolute times
+drift.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import FLOOR_LABEL, REPO, Contender, floor, input_bytes, load_average, run_suite, table
+from harness import FLOOR_LABEL, REPO, Contender, clear, floor, input_bytes, load_average, run_suite, table
 
 sys.path.insert(0, str(REPO))
 import cases
 import targets
 from push import push_suite, push_table
 
-ALL = ("fsdp", "megatron", "megatron-tp2", "to-megatron", "flat", "push")
+ALL = ("fsdp", "megatron", "megatron-tp2", "to-megatron", "flat", "fsdp-flat", "push")
 SHARDS = ["--max-shard-size", "400MB"]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -57,6 +58,7 @@ def one_process(make: Callable[[Path, list[str] | None], list[str]], source: Pat
     path (HUBEXPORT_NO_FAST_PATH=1) and from an empty HF_HOME."""
     hub = make(source, None)
     subprocess.run([*hub[:-1], str(work / primed), "--overwrite"], env=env, check=True, capture_output=True)
+    clear(work / primed)  # it recorded the recipe; its bytes are not needed
     full = {**env, "HUBEXPORT_NO_FAST_PATH": "1"}
     return {FLOOR_LABEL: (source, floor(source)), targets.ONE: (source, (hub, env)),
             targets.FULL: (source, (hub, full)), targets.COLD: (source, (hub, cold))}
@@ -124,6 +126,27 @@ def flat_suite(args, env: dict) -> dict:
     return {"runs": runs}
 
 
+def fsdp_flat_suite(args, env: dict, cold: dict) -> dict:
+    """The FSDP merge of one architecture at 1 GB and 8 GB (synthetic rank files; made once, kept in --work): the
+    fast path, the full path, a first merge (cold cache) now and as it was before `first_merge`, each size against
+    its own floor."""
+    c: dict[str, tuple[Path, Contender]] = {}
+    nbytes = {}
+    for gb in (1, 8):
+        actor = cases.make_fsdp_synthetic(args.work, gb)
+        nbytes[gb] = input_bytes(actor)
+        c |= {f"{label}, {gb} GB": v for label, v in one_process(merge_cmd, actor, env, cold, args.work,
+                                                                f"primed-fsdp-{gb}gb").items()}
+        c[f"{targets.COLD_INLINE}, {gb} GB"] = (actor, (merge_cmd(actor), {**cold, "HUBEXPORT_NO_FAST_PATH": "1"}))
+    runs = run_suite("fsdp-flat", c, args.work, args.repeat,
+                     compare=tuple(f"{label}, 8 GB" for label in (targets.ONE, targets.FULL, targets.COLD,
+                                                                  targets.COLD_INLINE)))
+    for gb in (1, 8):
+        print(table({k.removesuffix(f", {gb} GB"): v for k, v in runs.items() if k.endswith(f", {gb} GB")},
+                    targets.ONE, nbytes[gb]))
+    return {"input_bytes": nbytes, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/hubexport-bench"))
@@ -161,6 +184,8 @@ def main() -> None:
         results["to-megatron"] = to_megatron_suite(args, hf_model, env, cold)
     if "flat" in suites:
         results["flat"] = flat_suite(args, env)
+    if "fsdp-flat" in suites:
+        results["fsdp-flat"] = fsdp_flat_suite(args, env, cold)
     if "push" in suites:
         push = push_suite(actor, args.work, env, args.repeat, args.bandwidth)
         results["push"] = {"bandwidth_bytes_per_s": args.bandwidth, "input_bytes": input_bytes(actor), "runs": push}

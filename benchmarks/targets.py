@@ -59,6 +59,22 @@ def rows(results: dict) -> list[str]:
             small, big = flat[f"{what}, 1 GB"]["peak_rss_bytes"], flat[f"{what}, 8 GB"]["peak_rss_bytes"]
             out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% ({what})",
                             f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
+    if ff := results.get("fsdp-flat", {}).get("runs"):
+        for label in (ONE, FULL):
+            small, big = ff[f"{label}, 1 GB"]["peak_rss_bytes"], ff[f"{label}, 8 GB"]["peak_rss_bytes"]
+            out.append(_row(f"peak RSS 8 GB / 1 GB within ±10% (FSDP merge, {label})",
+                            f"{big / 1e6:.0f} / {small / 1e6:.0f} MB = {big / small:.2f}", abs(big / small - 1) <= 0.1))
+        for gb in (1, 8):
+            for label in (ONE, FULL, COLD):
+                r = _wall(ff, f"{label}, {gb} GB", f"{FLOOR_LABEL}, {gb} GB")
+                out.append(_row(f"FSDP {gb} GB wall ≤ 1.3× disk floor ({label})", f"{r:.2f}×", r <= 1.3))
+            r = _wall(ff, f"{COLD}, {gb} GB", f"{COLD_INLINE}, {gb} GB")
+            out.append(_row(f"FSDP {gb} GB first merge: planned beside, no slower than planned in-process",
+                            f"{r:.2f}×", r <= 1))
+        digests = {ff[f"{label}, 8 GB"].get("digest") for label in (ONE, FULL, COLD, COLD_INLINE)}
+        out.append(_row("FSDP 8 GB: fast path, full path and both first merges write the same bytes",
+                        "identical" if len(digests) == 1 and None not in digests else "DIFFERENT",
+                        len(digests) == 1 and None not in digests))
     for name in ("fsdp", "megatron", "megatron-tp2", "to-megatron"):
         if FULL in (runs := results.get(name, {}).get("runs", {})):
             same = runs[ONE].get("digest") == runs[FULL].get("digest") is not None

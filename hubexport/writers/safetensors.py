@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -144,7 +145,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 def read_back(sink: Sink, fd: int, start: int, length: int) -> None:
     """Feed `length` bytes of `fd` from `start` to `sink` (a hash): what was just written, from the page cache."""
-    buf = memoryview(bytearray(min(CHUNK, length) or 1))
+    buf = _scratch()
     end = start + length
     while start < end:
         n = os.preadv(fd, [buf[:min(CHUNK, end - start)]], start)
@@ -152,6 +153,18 @@ def read_back(sink: Sink, fd: int, start: int, length: int) -> None:
             raise OSError(errno.EIO, "the file is shorter than what was written to it")
         sink.update(buf[:n])
         start += n
+
+
+_local = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's read-back buffer, made once. One per call zeroed as many bytes as it then read, and left freed
+    blocks in each thread's malloc arena: peak RSS grew with the number of tensors (59 → 72 MB from 1 to 8 GB)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(CHUNK))
+    return buf
 
 
 def copy_slices(slices: FileSlices, dst: int, *, kernel: bool = True) -> None:
