@@ -64,6 +64,11 @@ def one_process(make: Callable[[Path, list[str] | None], list[str]], source: Pat
             targets.FULL: (source, (hub, full)), targets.COLD: (source, (hub, cold))}
 
 
+def first_merge_before(source: Path, cold: dict) -> tuple[Path, Contender]:
+    """A first merge as it was before `first_merge`: an empty HF_HOME, planned in-process (the full path)."""
+    return source, (merge_cmd(source), {**cold, "HUBEXPORT_NO_FAST_PATH": "1"})
+
+
 def torchrun(make: Callable[[Path, list[str] | None], list[str]], source: Path, env: dict) -> dict:
     return {targets.TORCHRUN: (source, (make(source, TORCHRUN), env)),
             targets.TORCHRUN_1: (source, (make(source, TORCHRUN_1), env))}
@@ -73,7 +78,7 @@ def fsdp_suite(args, actor: Path, env: dict, cold: dict, bases: dict) -> dict:
     hub = merge_cmd(actor)
     c = one_process(merge_cmd, actor, env, cold, args.work, "primed")
     c |= {label: (actor, (hub, e)) for label, e in bases.items()}
-    c[targets.COLD_INLINE] = (actor, (hub, {**cold, "HUBEXPORT_NO_FAST_PATH": "1"}))  # a first merge as before
+    c[targets.COLD_INLINE] = first_merge_before(actor, cold)
     if not args.no_torchrun:
         c |= torchrun(merge_cmd, actor, env)
         c |= {"hubexport --dtype fp32, 1 process": (actor, ([*hub, "--dtype", "fp32"], env)),
@@ -137,7 +142,7 @@ def fsdp_flat_suite(args, env: dict, cold: dict) -> dict:
         nbytes[gb] = input_bytes(actor)
         c |= {f"{label}, {gb} GB": v for label, v in one_process(merge_cmd, actor, env, cold, args.work,
                                                                 f"primed-fsdp-{gb}gb").items()}
-        c[f"{targets.COLD_INLINE}, {gb} GB"] = (actor, (merge_cmd(actor), {**cold, "HUBEXPORT_NO_FAST_PATH": "1"}))
+        c[f"{targets.COLD_INLINE}, {gb} GB"] = first_merge_before(actor, cold)
     runs = run_suite("fsdp-flat", c, args.work, args.repeat,
                      compare=tuple(f"{label}, 8 GB" for label in (targets.ONE, targets.FULL, targets.COLD,
                                                                   targets.COLD_INLINE)))

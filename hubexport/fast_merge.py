@@ -49,11 +49,12 @@ def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False) ->
     tensors = _tensors(layout)
     if tensors is None:
         return None
-    key = merge_recipe.key(layout.format, layout.version, layout.hf_dir, tensors.shapes(), options)
+    shapes = tensors.shapes()
+    key = merge_recipe.key(layout.format, layout.version, layout.hf_dir, shapes, options)
     recipe = merge_recipe.load(key) if key else None
     planning = None
     if recipe is None and key and plan_beside and layout.format == "fsdp" and first_merge.worth_guessing():
-        recipe = first_merge.guess(layout.hf_dir, tensors.shapes(), options)
+        recipe = first_merge.guess(layout.hf_dir, shapes, options)
         planning = first_merge.Planning.start(Path(local_dir), key, options) if recipe else None
         recipe = recipe if planning else None
     files = _files(recipe, tensors) if recipe else None

@@ -12,7 +12,6 @@ Only a process that has not imported transformers guesses: one that has plans in
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from hubexport.mapping.archnames import FSDP_PREFIX, is_value_checkpoint, model_
 from hubexport.merge_recipe import Recipe, Shapes
 from hubexport.options import MergeOptions
 from hubexport.plan import make_plan, parse_size
-from hubexport.safetensors_format import header_bytes, index_json
 from hubexport.sources.torchsave import ITEMSIZE
 
 TIED = ("lm_head.weight", "model.embed_tokens.weight")  # (alias, canonical) save_pretrained drops when tied
@@ -74,13 +72,10 @@ def guess(hf_dir: Path, shapes: Shapes, options: MergeOptions) -> Recipe | None:
     groups = [Group(pair, (), dict) for pair in checks] + [
         Group((n,), (s,), dict, passthrough=True) for n, s in specs.items() if not (tied and n == alias)]
     plan = make_plan(groups, max_shard_size=parse_size(options.max_shard_size))
-    outputs = [t for f in plan.files for t in f.tensors]
     return Recipe(architecture=architecture, dtype=str(plan.dominant_dtype() or "float32"),
-                  num_parameters=sum(math.prod(t.shape) for t in outputs), tied=tied, value_model=value_model,
-                  peak_tensor_bytes=plan.peak_bytes(specs), notes=tuple(notes),
-                  files=tuple((f.name, header_bytes(f.tensors).decode("latin-1")) for f in plan.files),
-                  index=index_json(plan.weight_map(), plan.total_size) if plan.sharded else None, config="",
-                  checks=checks, copies=())
+                  num_parameters=plan.num_parameters, tied=tied, value_model=value_model,
+                  peak_tensor_bytes=plan.peak_bytes(specs), notes=tuple(notes), files=merge_recipe.headers(plan),
+                  index=merge_recipe.index_of(plan), config="", checks=checks, copies=())
 
 
 class Unconfirmed(Exception):

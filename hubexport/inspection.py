@@ -69,7 +69,7 @@ def inspect(path: Path, *, backend: str = "auto", max_shard_size: int | str = "5
             "global_step": prep.layout.global_step,
             "architecture": prep.architecture,
             "dtype": _dtype_name(dominant_dtype(prep.plan)),
-            "num_parameters": sum(math.prod(t.shape) for t in outputs),
+            "num_parameters": prep.plan.num_parameters,
             "num_tensors": len(outputs),
             "source_tensors": len(source_specs),
             "tied_embeddings": prep.tied,

@@ -20,7 +20,8 @@ from typing import Any
 
 from hubexport.mapping import native_cache
 from hubexport.options import MergeOptions
-from hubexport.plan import parse_size
+from hubexport.plan import Plan, parse_size
+from hubexport.safetensors_format import header_bytes, index_json
 
 FORMAT = 2
 KIND = "merge"
@@ -71,6 +72,16 @@ class Recipe:
                            checks=tuple((str(a), str(c)) for a, c in r.checks), copies=copies)
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def headers(plan: Plan) -> tuple[tuple[str, str], ...]:
+    """A recipe's `files`: each planned file's safetensors header as the writer writes it."""
+    return tuple((f.name, header_bytes(f.tensors).decode("latin-1")) for f in plan.files)
+
+
+def index_of(plan: Plan) -> str | None:
+    """model.safetensors.index.json of a sharded plan; None for one file."""
+    return index_json(plan.weight_map(), plan.total_size) if plan.sharded else None
 
 
 def shapes_of(specs: Iterable[tuple[str, tuple[int, ...], object]]) -> Shapes:

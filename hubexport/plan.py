@@ -3,6 +3,7 @@ before a single tensor byte is read."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,10 @@ class Plan:
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: f.name for f in self.files for t in f.tensors}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(t.shape) for f in self.files for t in f.tensors)
 
     def dominant_dtype(self) -> torch.dtype | None:
         """The floating-point dtype holding the most bytes (what save_pretrained records), None when there is none."""

@@ -4,7 +4,6 @@ rank writes its own shard files; rank 0 writes the adapter, index, config and to
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from hubexport.merge_report import done_line, plan_line
 from hubexport.options import MergeOptions
 from hubexport.plan import Plan, make_plan, parse_size
 from hubexport.result import OnFile, Result, WrittenFile
-from hubexport.safetensors_format import INDEX_NAME, check_complete, header_bytes, index_json
+from hubexport.safetensors_format import INDEX_NAME, check_complete
 from hubexport.sources import Source
 from hubexport.sources.fsdp import FsdpSource
 from hubexport.sources.fsdp_files import locate
@@ -255,13 +254,12 @@ class HfJob:
 
     def result(self, command: str, target: Path) -> Result:
         p = self.prep
-        outputs = [t for f in p.plan.files for t in f.tensors]
         weights_plan = p.plan if p.plan.files or not p.lora else p.lora.plan
         return Result(
             command=command, target_dir=target, source_format=p.layout.format, source_version=p.layout.version,
             parallel=dict(p.layout.parallel), architecture=p.architecture,
             dtype=str(dominant_dtype(weights_plan)).removeprefix("torch."),
-            num_parameters=sum(math.prod(t.shape) for t in outputs), tied_embeddings=p.tied,
+            num_parameters=p.plan.num_parameters, tied_embeddings=p.tied,
             value_model=p.value_model, global_step=p.layout.global_step,
             peak_tensor_bytes=p.plan.peak_bytes(p.source.metas()),
             notes=[*p.layout.notes, *getattr(p.source, "notes", []), *(p.lora.notes if p.lora else [])],
@@ -333,8 +331,8 @@ class HfJob:
     def _write_config(self, folder: Path) -> None:
         """The index (when sharded) and config.json, as save_pretrained writes them."""
         p = self.prep
-        if p.plan.sharded:
-            (folder / INDEX_NAME).write_text(index_json(p.plan.weight_map(), p.plan.total_size))
+        if (index := merge_recipe.index_of(p.plan)) is not None:
+            (folder / INDEX_NAME).write_text(index)
         p.config.dtype = dominant_dtype(p.plan)
         p.config.save_pretrained(folder)
 
@@ -351,7 +349,7 @@ class HfJob:
         index = tmp / INDEX_NAME
         return Recipe(architecture=r.architecture, dtype=r.dtype, num_parameters=r.num_parameters, tied=r.tied_embeddings,
                       value_model=r.value_model, peak_tensor_bytes=r.peak_tensor_bytes, notes=p.planning_notes,
-                      files=tuple((f.name, header_bytes(f.tensors).decode("latin-1")) for f in p.plan.files),
+                      files=merge_recipe.headers(p.plan),
                       index=index.read_bytes().decode() if index.exists() else None,
                       config=(tmp / "config.json").read_bytes().decode(),
                       checks=tuple((g.convert.alias, g.convert.canonical) for g in p.plan.groups

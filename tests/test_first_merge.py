@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from huggingface_hub import snapshot_download
 
 from hubexport import fast_merge, first_merge
 from hubexport.cli import cli
-from hubexport.executor import merge
+from hubexport.dist import Dist
+from hubexport.executor import execute, merge
 from hubexport.options import MergeOptions, Output
 from tests.fastpath import facts, folder_bytes, run_cli
 from tests.fsdp_cases import actor_dir
@@ -144,11 +146,47 @@ def test_a_guess_planning_contradicts_is_dropped_and_merged_again(guessing, fsdp
     assert folder_bytes(tmp_path / "first") == folder_bytes(tmp_path / "full")
 
 
+def test_no_file_leaves_a_guessed_merge_before_planning_confirmed_it(guessing, fsdp_root, tmp_path):
+    """`on_file` (what `push` streams from) hears of each file only once the guess is the plan."""
+    actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
+    job = fast_merge.job(actor, MergeOptions(max_shard_size="30KB"), plan_beside=True)
+    assert job is not None and job.planning is not None
+    confirmed: list[bool] = []
+    try:
+        execute(job, Output(tmp_path / "m"), "merge", Dist.from_env(), _silent,
+                on_file=lambda f, path: confirmed.append(job.planning is None))
+    finally:
+        job.close()
+    assert len(confirmed) == len(job.files) > 1 and all(confirmed)
+
+
+def test_a_guess_stops_being_copied_once_planning_ended_without_confirming_it(guessing, fsdp_root, tmp_path,
+                                                                              monkeypatch):
+    actor = actor_dir(fsdp_root, "llama_fsdp1_w2_tied_bf16")
+    real = first_merge.guess
+    monkeypatch.setattr(first_merge, "guess", lambda *a: dataclasses.replace(real(*a), dtype="float16"))
+    job = fast_merge.job(actor, MergeOptions(), plan_beside=True)
+    assert job is not None
+    try:
+        deadline = time.monotonic() + 120
+        while not job.planning.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(first_merge.Unconfirmed, match=r"\(dtype differ\)"):
+            job.write(tmp_path, Dist.from_env())
+    finally:
+        job.close()
+    [(name, head, _)] = job.files
+    assert (tmp_path / name).stat().st_size == len(head)  # stopped before its first tensor
+
+
+def test_a_process_that_imported_transformers_plans_in_process(fsdp_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert fast_merge.job(actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied"), MergeOptions(), plan_beside=True) is None
+
+
 @pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # huggingface_hub's own PUTs
-def test_a_first_push_uploads_only_once_planning_confirmed_the_guess(guessing, fakehub, fsdp_root, tmp_path,
-                                                                    monkeypatch):
-    """`push CHECKPOINT` streams each file as it is written: a guessed file goes once planning confirmed it, and the
-    Hub gets the full path's weights."""
+def test_a_first_push_publishes_the_full_paths_weights(guessing, fakehub, fsdp_root, tmp_path, monkeypatch):
+    """`push CHECKPOINT` of a guessed first merge: the Hub gets the full path's weights."""
     actor = actor_dir(fsdp_root, "qwen3_fsdp2_w2_tied")
     job = fast_merge.job(actor, MergeOptions(), plan_beside=True)
     assert job is not None and job.planning is not None  # this push guesses
