@@ -1,8 +1,11 @@
-"""Pure pieces: shard geometry against torch's own chunking, the streaming writer against safetensors, plan maths."""
+"""Pure pieces: shard geometry against torch's own chunking, the streaming writer against safetensors, plan maths,
+the pickle memo pruning of the torch-free reader against pickle itself."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import pickletools
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from hubexport.plan import make_plan, parse_size
 from hubexport.safetensors_format import index_json, read_header
 from hubexport.sources.mcore_legacy import gate_up_from_tp_shards
 from hubexport.sources.shards import MeshPlacement, box_runs, covering_coords, local_region
+from hubexport.sources.torchsave import without_idle_memo
 from hubexport.writers.safetensors import write_file
 
 
@@ -130,3 +134,37 @@ def test_box_runs_are_the_boxs_elements_in_order():
             assert [first + j for first in starts for j in range(run)] == want, (shape, box)
     assert box_runs((4, 6), (0, 3), (4, 3)) == (3, [3, 9, 15, 21])  # a column block: one run per row
     assert box_runs((4, 6), (2, 0), (2, 6)) == (12, [12])  # a row block: one run
+
+
+_leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=300) \
+    | st.binary(max_size=300)
+_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=30)
+
+
+def _memo_ops(data: bytes) -> tuple[int, int]:
+    ops = [op.name for op, _, _ in pickletools.genops(data)]
+    return sum(n.endswith("PUT") for n in ops), sum(n.endswith("GET") for n in ops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_values, shared=_values)
+def test_the_pruned_pickle_loads_as_the_pickle_does(value, shared):
+    """Protocol 2 (torch.save's): dropping the PUTs no GET reads back loses nothing, shared objects stay shared
+    (each GET still finds its object), and every PUT left is read back."""
+    obj = {"value": value, "a": [shared, value], "b": (shared, [shared])}
+    data = pickle.dumps(obj, protocol=2)
+    pruned = without_idle_memo(data)
+    loaded = pickle.loads(pruned)
+    assert loaded == pickle.loads(data)
+    assert loaded["a"][0] is loaded["b"][0] is loaded["b"][1][0] or not isinstance(shared, (list, dict))
+    puts, gets = _memo_ops(pruned)
+    assert puts <= len({arg for op, arg, _ in pickletools.genops(pruned) if op.name.endswith("GET")}) <= gets
+    assert len(pruned) < len(data) or _memo_ops(data)[0] == puts
+
+
+@pytest.mark.parametrize("protocol", [0, 4, 5])
+def test_a_pickle_of_other_opcodes_is_left_as_it_is(protocol):
+    """Text opcodes (protocol 0) and MEMOIZE/FRAME (4, 5) are not read: the pickle is unpickled unchanged."""
+    data = pickle.dumps({"x": [1, 2], "y": ("a", "a" * 300)}, protocol=protocol)
+    assert without_idle_memo(data) is data

@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hubexport.sources.shards import MeshPlacement, covering_coords, local_region, one_run
@@ -20,7 +20,7 @@ from hubexport.sources.torchsave import ITEMSIZE, Archive, Stub, Tensor, Unreada
 Run = tuple[int, int, int]  # (index of the rank file, file offset, length)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Located:
     shape: tuple[int, ...]
     dtype: str  # torch's dtype name
@@ -43,94 +43,146 @@ def locate(files: list[Path]) -> dict[str, Located] | None:
     return _locate(stamps)
 
 
+@dataclass(eq=False, frozen=True)
+class _Geometry:
+    """A DTensor's mesh and placements, shared by the tensors laid alike: which rank holds which piece."""
+
+    mesh_shape: tuple[int, ...]
+    placements: tuple[MeshPlacement, ...]
+    covering: dict[int, tuple[int, ...]]  # rank → its mesh coordinate, for the ranks holding each element once
+
+
+@dataclass(slots=True)
+class _Found:
+    """A tensor as rank 0 describes it, and its runs as each rank file is read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    geometry: _Geometry | None  # None: a plain tensor every rank holds whole
+    pieces: list = field(default_factory=list)  # plain: each rank's run; DTensor: (offsets, run, elements)
+
+    def located(self) -> Located | None:
+        if self.geometry is None:
+            return Located(self.shape, self.dtype, tuple(self.pieces[:1]), tuple(self.pieces[1:]))
+        self.pieces.sort()
+        if sum(n for *_, n in self.pieces) != math.prod(self.shape):
+            return None
+        return Located(self.shape, self.dtype, tuple(run for _, run, _ in self.pieces))
+
+
 @functools.lru_cache(maxsize=1)
 def _locate(stamps: tuple[tuple[str, int, int, int], ...]) -> dict[str, Located] | None:
-    try:
-        archives = [read_archive(Path(f)) for f, *_ in stamps]
-    except (Unreadable, OSError):
-        return None
-    first = archives[0].obj
-    if not isinstance(first, dict) or any(not isinstance(a.obj, dict) or a.obj.keys() != first.keys() for a in archives):
-        return None
-    out = {}
-    for name, entry in first.items():
-        found = _dtensor(archives, name, entry) if isinstance(entry, Wrapper) else _plain(archives, name, entry)
+    """One rank file at a time, each let go once its runs are taken: at most one file's unpickled stand-ins are held,
+    whatever the world size."""
+    found: dict[str, _Found] | None = {}
+    for rank, (path, *_) in enumerate(stamps):
+        found = _take_file(Path(path), rank, len(stamps), found)
         if found is None:
             return None
-        out[name] = found
+    out = {}
+    for name in list(found):  # each tensor's pieces let go as its runs are made
+        located = found.pop(name).located()
+        if located is None:
+            return None
+        out[name] = located
     return out
 
 
-def _plain(archives: list[Archive], name: str, t: object) -> Located | None:
-    if not isinstance(t, Tensor):
+def _take_file(path: Path, rank: int, world: int, found: dict[str, _Found]) -> dict[str, _Found] | None:
+    """Rank file `rank`'s runs added to `found` (rank 0's file says what it holds); None when it is not as simple."""
+    try:
+        archive = read_archive(path)
+    except (Unreadable, OSError):
         return None
-    runs = []
-    for i, a in enumerate(archives):
-        other = a.obj[name]
-        where = a.byte_range(other) if isinstance(other, Tensor) else None
-        if where is None or (other.shape, other.dtype) != (t.shape, t.dtype):
-            return None
-        runs.append((i, *where))
-    return Located(t.shape, t.dtype, tuple(runs[:1]), tuple(runs[1:]))
+    if not isinstance(archive.obj, dict):
+        return None
+    if rank == 0:
+        found = _described(archive, world)
+    if found is None or archive.obj.keys() != found.keys():
+        return None
+    return found if all(_take(archive, rank, archive.obj[name], t) for name, t in found.items()) else None
 
 
-def _dtensor(archives: list[Archive], name: str, t: Wrapper) -> Located | None:
-    spec = t.state.get("_spec")
-    geometry = _mesh(archives[0], spec, len(t.shape)) if isinstance(spec, Stub) else None
-    if t.cls.kind != "DTensor" or geometry is None or t.dtype not in ITEMSIZE:
-        return None
-    mesh, mesh_shape, placements = geometry
-    pieces = []
-    for coord in covering_coords(mesh_shape, placements):
-        rank = mesh[coord]
-        if rank >= len(archives):
+def _described(archive: Archive, world: int) -> dict[str, _Found] | None:
+    """Each tensor of rank 0's file: its shape, dtype and, for a DTensor, the geometry its spec gives."""
+    out, geometries = {}, {}
+    for name, t in archive.obj.items():
+        if isinstance(t, Tensor):
+            out[name] = _Found(t.shape, t.dtype, None)
+            continue
+        spec = t.spec if isinstance(t, Wrapper) else None
+        if not isinstance(spec, Stub) or t.cls.kind != "DTensor" or t.dtype not in ITEMSIZE:
             return None
-        local = archives[rank].obj[name]
-        if not isinstance(local, Wrapper) or local.shape != t.shape or not _saved_by(local, rank):
+        geometry = _geometry(archive, spec, len(t.shape), world, geometries)
+        if geometry is None:
             return None
-        lt = local.state.get("_local_tensor")
-        offsets, sizes = local_region(t.shape, mesh_shape, coord, placements)
-        if not isinstance(lt, Tensor) or lt.shape != sizes or lt.dtype != t.dtype:
-            return None
-        if not one_run(t.shape, offsets, sizes):
-            return None  # not a run of the global tensor's bytes: assembled in memory by the torch source
-        if lt.numel:
-            where = archives[rank].byte_range(lt)
-            if where is None:
-                return None
-            pieces.append((offsets, (rank, *where), lt.numel))
-    pieces.sort()
-    if sum(n for *_, n in pieces) != math.prod(t.shape):
-        return None
-    return Located(t.shape, t.dtype, tuple(run for _, run, _ in pieces))
+        out[name] = _Found(t.shape, t.dtype, geometry)
+    return out
+
+
+def _take(archive: Archive, rank: int, local: object, t: _Found) -> bool:
+    """Add this rank's run of the tensor, if it holds one; False when its piece is not what rank 0 describes."""
+    if t.geometry is None:
+        where = archive.byte_range(local) if isinstance(local, Tensor) else None
+        if where is None or (local.shape, local.dtype) != (t.shape, t.dtype):
+            return False
+        t.pieces.append((rank, *where))
+        return True
+    coord = t.geometry.covering.get(rank)
+    if coord is None:
+        return True  # a replica of pieces other ranks hold (HSDP)
+    if not isinstance(local, Wrapper) or local.shape != t.shape or not _saved_by(local, rank):
+        return False
+    lt = local.local
+    offsets, sizes = local_region(t.shape, t.geometry.mesh_shape, coord, t.geometry.placements)
+    if not isinstance(lt, Tensor) or lt.shape != sizes or lt.dtype != t.dtype:
+        return False
+    if not one_run(t.shape, offsets, sizes):
+        return False  # not a run of the global tensor's bytes: assembled in memory by the torch source
+    if lt.numel:
+        where = archive.byte_range(lt)
+        if where is None:
+            return False
+        t.pieces.append((offsets, (rank, *where), lt.numel))
+    return True
 
 
 def _saved_by(local: Wrapper, rank: int) -> bool:
-    spec = local.state.get("_spec")
+    spec = local.spec
     mesh = spec.get("mesh") if isinstance(spec, Stub) else None
     saved = mesh.get("_rank") if isinstance(mesh, Stub) else None
     return saved is None or saved == rank
 
 
-Mesh = tuple[dict[tuple[int, ...], int], tuple[int, ...], tuple[MeshPlacement, ...]]  # coord → rank, shape, placements
-
-
-def _mesh(archive: Archive, spec: Stub, ndim: int) -> Mesh | None:
-    """The device mesh (flat FSDP or HSDP's replicate × shard) and the placements along it; None for any other."""
+def _geometry(archive: Archive, spec: Stub, ndim: int, world: int,
+              known: dict[tuple[int, tuple[MeshPlacement, ...]], _Geometry | None]) -> _Geometry | None:
+    """The device mesh (flat FSDP or HSDP's replicate × shard) and the placements along it; None for any other.
+    `known` keeps each one found in this file: its tensors share one mesh object, whose ranks are read once."""
     mesh, placements = spec.get("mesh"), spec.get("placements")
     if not isinstance(mesh, Stub) or not isinstance(placements, tuple) or not placements:
         return None
-    out = []
+    laid = []
     for p in placements:
         if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
             return None
         if p.kind == "Shard" and not (isinstance(p.get("dim"), int) and ndim and -ndim <= p.get("dim") < ndim):
             return None
-        out.append(MeshPlacement("shard", p.get("dim") % ndim) if p.kind == "Shard" else MeshPlacement("replicate"))
+        laid.append(MeshPlacement("shard", p.get("dim") % ndim) if p.kind == "Shard" else MeshPlacement("replicate"))
+    key = (id(mesh), tuple(laid))
+    if key not in known:
+        known[key] = _new_geometry(archive, mesh, key[1], world)
+    return known[key]
+
+
+def _new_geometry(archive: Archive, mesh: Stub, placements: tuple[MeshPlacement, ...], world: int) -> _Geometry | None:
     grid = _mesh_ranks(archive, mesh)
-    if grid is None or len(grid[1]) != len(out):
+    if grid is None or len(grid[1]) != len(placements):
         return None
-    return grid[0], grid[1], tuple(out)
+    coords = covering_coords(grid[1], placements)
+    covering = {grid[0][c]: c for c in coords}
+    if len(covering) != len(coords) or any(not 0 <= r < world for r in covering):
+        return None
+    return _Geometry(grid[1], placements, covering)
 
 
 def _mesh_ranks(archive: Archive, mesh: Stub) -> tuple[dict[tuple[int, ...], int], tuple[int, ...]] | None:

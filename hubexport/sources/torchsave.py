@@ -6,13 +6,15 @@ caller falls back to torch's own weights-only loader, which then explains what i
 
 from __future__ import annotations
 
+import array
+import functools
 import io
 import os
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,14 @@ class Unreadable(Exception):
     """The archive holds something this reader does not know (torch's loader decides what it is)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Storage:
     dtype: str
     key: str
     numel: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tensor:
     """A plain tensor: a strided view of a storage."""
 
@@ -67,52 +69,63 @@ class Tensor:
 
 
 class Stub:
-    """Any allowed class of torch.distributed (DTensor, its spec, mesh, placements): it keeps the arguments it was
-    made with and the state it was given, and does nothing else."""
+    """Any allowed class of torch.distributed (DTensor, its spec, mesh, placements): it keeps the state it was given,
+    and does nothing else. A kind with `keep` keeps only those keys' values, as a tuple: a rank file holds several
+    stand-ins per tensor."""
 
+    __slots__ = ("state",)
     kind = ""
+    keep: tuple[str, ...] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Stub:
         obj = super().__new__(cls)
-        obj.args, obj.state = args, {}
+        obj.state = {} if cls.keep is None else (None,) * len(cls.keep)
         return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        self.state = object_state(state)
+        state = object_state(state)
+        if self.keep is not None:
+            kept = tuple(state.get(k) for k in self.keep)
+            state = _one_of_each(kept) if all(type(v) is int for v in kept) else kept  # a Shard's (dim,)
+        self.state = state
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.state.get(key, default)
+        if self.keep is None:
+            return self.state.get(key, default)
+        return self.state[self.keep.index(key)] if key in self.keep else default
 
 
-def _stub(kind: str) -> type[Stub]:
-    return type(kind, (Stub,), {"kind": kind})
+def _stub(kind: str, keep: tuple[str, ...] | None = None) -> type[Stub]:
+    return type(kind, (Stub,), {"kind": kind, "keep": keep, "__slots__": ()})
 
 
-@dataclass
+@dataclass(slots=True)
 class Wrapper:
-    """A tensor subclass (a DTensor) as `_rebuild_wrapper_subclass` and `_rebuild_from_type_v2` describe it."""
+    """A tensor subclass (a DTensor) as `_rebuild_wrapper_subclass` and `_rebuild_from_type_v2` describe it: its
+    spec and local tensor, the two fields of its state that are read."""
 
     cls: type[Stub]
     dtype: str
     shape: tuple[int, ...]
-    state: dict[str, Any] = field(default_factory=dict)
+    spec: Any = None
+    local: Any = None
 
 
 def _rebuild_tensor_v2(storage: Storage, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
                        hooks: Any = None, metadata: Any = None) -> Tensor:
     if hooks or metadata or not isinstance(storage, Storage):
         raise Unreadable("tensor with hooks or metadata")
-    return Tensor(storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    return Tensor(storage, int(offset), ints(size), ints(stride))
 
 
 def _rebuild_wrapper_subclass(cls: Any, dtype: str, size: tuple, stride: tuple, offset: int, layout: str,
                               device: str, requires_grad: bool = False) -> Wrapper:
     if not (isinstance(cls, type) and issubclass(cls, Stub)) or layout != "torch.strided":
         raise Unreadable("tensor subclass")
-    return Wrapper(cls, dtype, tuple(int(s) for s in size))
+    return Wrapper(cls, dtype, ints(size))
 
 
 def object_state(state: Any) -> dict[str, Any]:
@@ -130,16 +143,29 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> 
     obj = func(*args)
     if obj.cls is not new_type:
         raise Unreadable("tensor subclass changed on rebuild")
-    obj.state = object_state(state)
+    state = object_state(state)
+    obj.spec, obj.local = state.get("_spec"), state.get("_local_tensor")
     return obj
 
 
 def as_size(*shape: Any) -> tuple[int, ...]:
     """`torch.Size(...)` as the plain tuple it is."""
-    return tuple(int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape))
+    return ints(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
+
+
+_one_of_each = functools.lru_cache(maxsize=4096)(tuple)
+
+
+def ints(values: Any) -> tuple[int, ...]:
+    """A shape or stride as a tuple of ints, one object per distinct value: they repeat layer after layer, and a
+    rank file holds three per tensor (for an 8 GB checkpoint of 1,923 tensors, 1.3 MB of tuples and ints)."""
+    return _one_of_each(tuple(int(v) for v in values))
 
 
 _DIST = "torch.distributed"
+# what a DTensor's spec is read for (`sources/fsdp_files`): its mesh and placements (each its dim), not its tensor
+# meta or shard order
+_SPEC_KEEPS: dict[str, tuple[str, ...]] = {"DTensorSpec": ("mesh", "placements"), "TensorMeta": (), "ShardOrderEntry": ()}
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -150,9 +176,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): as_size,
     **{("torch", n): n for n in ITEMSIZE},
     **{(m, "DTensor"): _stub("DTensor") for m in (f"{_DIST}.tensor", f"{_DIST}.tensor._api", f"{_DIST}._tensor.api")},
-    **{(m, n): _stub(n) for n in ("DTensorSpec", "TensorMeta", "ShardOrderEntry")
+    **{(m, n): _stub(n, keep) for n, keep in _SPEC_KEEPS.items()
        for m in (f"{_DIST}.tensor._dtensor_spec", f"{_DIST}._tensor.placement_types")},
-    **{(m, n): _stub(n) for n in ("Shard", "Replicate", "Partial", "_StridedShard", "_Partial")
+    **{(m, n): _stub(n, ("dim",)) for n in ("Shard", "Replicate", "Partial", "_StridedShard", "_Partial")
        for m in (f"{_DIST}.tensor.placement_types", f"{_DIST}._tensor.placement_types")},
     (f"{_DIST}.device_mesh", "DeviceMesh"): _stub("DeviceMesh"),
     (f"{_DIST}._mesh_layout", "_MeshLayout"): _stub("_MeshLayout"),
@@ -232,37 +258,92 @@ class _Window(io.RawIOBase):
 
 def read_archive(path: Path, start: int = 0, length: int | None = None) -> Archive:
     """Unpickle `path` (or the archive at bytes [start, start + length) of it) with the allowlist and locate its
-    storages; offsets are the file's. Raises Unreadable (or OSError)."""
+    storages; offsets are the file's. The zip directory is dropped before the pickle is read, so the two are never
+    held at once. Raises Unreadable (or OSError)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size - start if length is None else length
             window = _Window(f.fileno(), start, size)
             with zipfile.ZipFile(window) as z:
-                return _read(path, z, window)
+                (at, pickled), offsets = _stored(z, window)
+            pickle_bytes = without_idle_memo(_read_exactly(f.fileno(), at, pickled))
+            return Archive(path, _Unpickler(io.BytesIO(pickle_bytes)).load(), offsets)
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError,
             AttributeError, IndexError, KeyError) as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from None
 
 
-def _read(path: Path, z: zipfile.ZipFile, window: _Window) -> Archive:
+def _read_exactly(fd: int, at: int, n: int) -> bytes:
+    data = os.pread(fd, n, at)
+    if len(data) != n:
+        raise Unreadable("data.pkl is cut short")
+    return data
+
+
+def _stored(z: zipfile.ZipFile, window: _Window) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:
+    """(file offset, length) of data.pkl, and of each storage by its key; torch stores every entry uncompressed."""
     pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
     if len(pickles) != 1:
         raise Unreadable("not one data.pkl")
     prefix = pickles[0].filename.removesuffix("data.pkl")
     if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
         raise Unreadable("a big-endian archive")
-    with z.open(pickles[0]) as f:
-        obj = _Unpickler(f).load()
-    offsets = {}
-    for info in z.infolist():
-        if not info.filename.startswith(prefix + "data/"):
-            continue
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise Unreadable(f"{info.filename} is compressed")
-        window.seek(info.header_offset)
-        sig, name_len, extra_len = _LOCAL_HEADER.unpack(window.read(_LOCAL_HEADER.size))
-        if sig != b"PK\x03\x04":
-            raise Unreadable(f"{info.filename} has no local header")
-        data = window.start + info.header_offset + 30 + name_len + extra_len
-        offsets[info.filename.removeprefix(prefix + "data/")] = (data, info.file_size)
-    return Archive(path, obj, offsets)
+    offsets = {info.filename.removeprefix(prefix + "data/"): _data_range(info, window)
+               for info in z.infolist() if info.filename.startswith(prefix + "data/")}
+    return _data_range(pickles[0], window), offsets
+
+
+def _data_range(info: zipfile.ZipInfo, window: _Window) -> tuple[int, int]:
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise Unreadable(f"{info.filename} is compressed")
+    window.seek(info.header_offset)
+    sig, name_len, extra_len = _LOCAL_HEADER.unpack(window.read(_LOCAL_HEADER.size))
+    if sig != b"PK\x03\x04":
+        raise Unreadable(f"{info.filename} has no local header")
+    return window.start + info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+# Protocol 2's binary opcodes (what torch.save writes) by the bytes of argument after them: fixed sizes, or a length
+# of 1 or 4 bytes followed by that many. Memo opcodes are handled apart; any other opcode leaves a pickle as it is.
+_FIXED = {**dict.fromkeys(b"(.012N\x88\x89t\x85\x86\x87)]}aesuRb\x81Qdlo", 0),
+          ord("K"): 1, 0x80: 1, ord("M"): 2, ord("J"): 4, ord("G"): 8}
+_SIZED = {ord("U"): 1, ord("C"): 1, 0x8C: 1, 0x8A: 1, ord("X"): 4, ord("T"): 4, ord("B"): 4, 0x8B: 4}
+_PUT = {ord("q"): 1, ord("r"): 4}  # BINPUT, LONG_BINPUT
+_GET = {ord("h"): 1, ord("j"): 4}  # BINGET, LONG_BINGET
+_GLOBAL, _STOP = ord("c"), ord(".")
+
+
+def without_idle_memo(data: bytes) -> bytes:
+    """The pickle without its PUTs that no GET reads back. The unpickler's memo holds what each PUT names until the
+    load ends, and torch.save PUTs every tuple, dict and string: a rank file's args tuples and spec states, kept
+    whole whatever the stand-ins keep (~3 KB per tensor). Unchanged when it holds an opcode not listed above."""
+    puts, read, i, end = array.array("q"), set(), 0, len(data)  # each PUT's offset
+    while i < end:
+        op = data[i]
+        i += 1
+        if (n := _FIXED.get(op)) is not None:
+            i += n
+        elif (n := _SIZED.get(op)) is not None:
+            i += n + int.from_bytes(data[i:i + n], "little")
+        elif (n := _PUT.get(op)) is not None:
+            puts.append(i - 1)
+            i += n
+        elif (n := _GET.get(op)) is not None:
+            read.add(int.from_bytes(data[i:i + n], "little"))
+            i += n
+        elif op == _GLOBAL:  # module and name, each ending in a newline
+            i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+        else:
+            return data
+        if op == _STOP:
+            break
+    out, last, view = bytearray(), 0, memoryview(data)
+    for at in puts:
+        n = _PUT[data[at]]
+        if int.from_bytes(data[at + 1:at + 1 + n], "little") not in read:
+            out += view[last:at]
+            last = at + 1 + n
+    out += view[last:]
+    view.release()
+    del data, view, puts  # before the copy: the load's bytes are the one thing left
+    return bytes(out)
