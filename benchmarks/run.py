@@ -131,10 +131,10 @@ def flat_suite(args, env: dict) -> dict:
     return {"runs": runs}
 
 
-def fsdp_flat_suite(args, env: dict, cold: dict) -> dict:
+def fsdp_flat_suite(args, env: dict, cold: dict, bases: dict) -> dict:
     """The FSDP merge of one architecture at 1 GB and 8 GB (synthetic rank files; made once, kept in --work): the
-    fast path, the full path, a first merge (cold cache) now and as it was before `first_merge`, each size against
-    its own floor."""
+    fast path, the full path, a first merge (cold cache) now and as it was before `first_merge`, and the fast path of
+    each --baseline-repo, each size against its own floor."""
     c: dict[str, tuple[Path, Contender]] = {}
     nbytes = {}
     for gb in (1, 8):
@@ -143,6 +143,7 @@ def fsdp_flat_suite(args, env: dict, cold: dict) -> dict:
         c |= {f"{label}, {gb} GB": v for label, v in one_process(merge_cmd, actor, env, cold, args.work,
                                                                 f"primed-fsdp-{gb}gb").items()}
         c[f"{targets.COLD_INLINE}, {gb} GB"] = first_merge_before(actor, cold)
+        c |= {f"{label}, {gb} GB": (actor, (merge_cmd(actor), e)) for label, e in bases.items()}
     runs = run_suite("fsdp-flat", c, args.work, args.repeat,
                      compare=tuple(f"{label}, 8 GB" for label in (targets.ONE, targets.FULL, targets.COLD,
                                                                   targets.COLD_INLINE)))
@@ -190,7 +191,7 @@ def main() -> None:
     if "flat" in suites:
         results["flat"] = flat_suite(args, env)
     if "fsdp-flat" in suites:
-        results["fsdp-flat"] = fsdp_flat_suite(args, env, cold)
+        results["fsdp-flat"] = fsdp_flat_suite(args, env, cold, bases)
     if "push" in suites:
         push = push_suite(actor, args.work, env, args.repeat, args.bandwidth)
         results["push"] = {"bandwidth_bytes_per_s": args.bandwidth, "input_bytes": input_bytes(actor), "runs": push}
