@@ -74,7 +74,7 @@ class _Found:
 def _locate(stamps: tuple[tuple[str, int, int, int], ...]) -> dict[str, Located] | None:
     """One rank file at a time, each let go once its runs are taken: at most one file's unpickled stand-ins are held,
     whatever the world size."""
-    found: dict[str, _Found] | None = {}
+    found: dict[str, _Found] | None = None  # rank 0's file fills it
     for rank, (path, *_) in enumerate(stamps):
         found = _take_file(Path(path), rank, len(stamps), found)
         if found is None:
@@ -88,8 +88,9 @@ def _locate(stamps: tuple[tuple[str, int, int, int], ...]) -> dict[str, Located]
     return out
 
 
-def _take_file(path: Path, rank: int, world: int, found: dict[str, _Found]) -> dict[str, _Found] | None:
-    """Rank file `rank`'s runs added to `found` (rank 0's file says what it holds); None when it is not as simple."""
+def _take_file(path: Path, rank: int, world: int, found: dict[str, _Found] | None) -> dict[str, _Found] | None:
+    """Rank file `rank`'s runs added to `found` (made from rank 0's file, which says what each tensor is); None when
+    the file is not as simple."""
     try:
         archive = read_archive(path)
     except (Unreadable, OSError):
