@@ -137,17 +137,20 @@ def fsdp_flat_suite(args, env: dict, cold: dict, bases: dict) -> dict:
     each --baseline-repo, each size against its own floor."""
     c: dict[str, tuple[Path, Contender]] = {}
     nbytes = {}
-    for gb in (1, 8):
+    sizes = [int(gb) for gb in args.sizes.split(",")]
+    for gb in sizes:
         actor = cases.make_fsdp_synthetic(args.work, gb)
         nbytes[gb] = input_bytes(actor)
         c |= {f"{label}, {gb} GB": v for label, v in one_process(merge_cmd, actor, env, cold, args.work,
                                                                 f"primed-fsdp-{gb}gb").items()}
         c[f"{targets.COLD_INLINE}, {gb} GB"] = first_merge_before(actor, cold)
         c |= {f"{label}, {gb} GB": (actor, (merge_cmd(actor), e)) for label, e in bases.items()}
+        if gb == 8 and not args.no_torchrun:  # enough work for 2 processes by the size rule (launch.py)
+            c |= {f"{label}, 8 GB": v for label, v in torchrun(merge_cmd, actor, env).items()}
     runs = run_suite("fsdp-flat", c, args.work, args.repeat,
                      compare=tuple(f"{label}, 8 GB" for label in (targets.ONE, targets.FULL, targets.COLD,
-                                                                  targets.COLD_INLINE)))
-    for gb in (1, 8):
+                                                                  targets.COLD_INLINE, targets.TORCHRUN)))
+    for gb in sizes:
         print(table({k.removesuffix(f", {gb} GB"): v for k, v in runs.items() if k.endswith(f", {gb} GB")},
                     targets.ONE, nbytes[gb]))
     return {"input_bytes": nbytes, "runs": runs}
@@ -162,6 +165,7 @@ def main() -> None:
     ap.add_argument("--suites", default=",".join(ALL), help=f"comma-separated, of: {', '.join(ALL)}")
     ap.add_argument("--bandwidth", type=float, default=50e6, help="push suite: the emulator's upload link, bytes/s")
     ap.add_argument("--no-torchrun", action="store_true", help="skip the torchrun and --dtype fp32 contenders")
+    ap.add_argument("--sizes", default="1,8", help="fsdp-flat suite: the checkpoint sizes, in GB, of: 1, 8")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

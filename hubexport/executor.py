@@ -22,6 +22,7 @@ from hubexport.detect import is_hf_folder
 from hubexport.dist import Dist
 from hubexport.errors import HubError, TargetError
 from hubexport.first_merge import Unconfirmed
+from hubexport.launch import alone_if
 from hubexport.model_facts import sha256_file
 from hubexport.options import MegatronOptions, MergeOptions, Output, PushOptions
 from hubexport.publishing import Publisher
@@ -72,16 +73,18 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
     why this step of the run (--select); `kept`: whether `out.target` outlives this call (not push's temporary)."""
     from hubexport.resolve import resolve_model
 
-    dist = Dist.from_env()
-    log = log if dist.is_main else _silent
     check_disjoint(out.target, [local_dir, options.lora_base_model], option=out.option)
     check_target(out.target, overwrite=out.overwrite, option=out.option)
-    publisher = _connect(push, local_dir, dist, log) if push else None
-    base = None
-    if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
-        base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
-        options = replace(options, lora_base_model=base.path)
-    job = dist.run(lambda: _hf_job(local_dir, options, fast=dist.world_size == 1, plan_beside=not out.dry_run))
+    alone = alone_if(lambda world: _fast_hf_job(local_dir, options, plan_beside=not out.dry_run, processes=world))
+    with _closed_on_error(alone):
+        dist = Dist.from_env()
+        log = log if dist.is_main else _silent
+        publisher = _connect(push, local_dir, dist, log) if push else None
+        base = None
+        if options.lora_base_model is not None:  # a local folder, or a Hub id downloaded once
+            base = resolve_model(options.lora_base_model, purpose="--base-model", log=log, dist=dist)
+            options = replace(options, lora_base_model=base.path)
+    job = alone or dist.run(lambda: _hf_job(local_dir, options, fast=dist.world_size == 1, plan_beside=not out.dry_run))
     proof = _evidence(job, local_dir, base, push, selection, log, dist) if push else None
     files = _file_gate(proof, push) if publisher is not None and not out.dry_run else None
     stream = publisher.stream(files and files.admit) if publisher is not None and not out.dry_run else None  # rank 0
@@ -139,13 +142,29 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
 def _hf_job(local_dir: Path, options: MergeOptions, *, fast: bool, plan_beside: bool = False) -> Job:
     """The fast path's job when it can repeat a recorded merge, or write a first one while it is planned (one
     process, `first_merge`), else the full path's."""
-    from hubexport import fast_merge
-
-    if fast and (job := fast_merge.job(local_dir, options, plan_beside=plan_beside)) is not None:
+    if fast and (job := _fast_hf_job(local_dir, options, plan_beside=plan_beside)) is not None:
         return job
     from hubexport.to_hf import HfJob, prepare
 
     return HfJob(prepare(local_dir, options), local_dir)
+
+
+def _fast_hf_job(local_dir: Path, options: MergeOptions, *, plan_beside: bool, processes: int = 1) -> Job | None:
+    """`processes`: torchrun's, as one process writing at least as many files at a time."""
+    from hubexport import fast_merge
+
+    return fast_merge.job(local_dir, options, plan_beside=plan_beside, writers=max(processes, fast_merge.WRITERS))
+
+
+@contextlib.contextmanager
+def _closed_on_error(job: Job | None) -> Iterator[None]:
+    """A job made before the steps in the block is closed when one of them fails."""
+    try:
+        yield
+    except BaseException:
+        if job is not None:
+            job.close()
+        raise
 
 
 def _mcore_job(model: ResolvedModel, options: MegatronOptions, dist: Dist) -> Job:

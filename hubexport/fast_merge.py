@@ -18,7 +18,9 @@ import itertools
 import json
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,10 +41,15 @@ from hubexport.sources.fsdp_files import Located, Run, locate
 from hubexport.sources.mcore import TorchDistSource
 from hubexport.writers.safetensors import CHUNK, Fsyncs, write_parts
 
+# Output files written at a time, each with its own sha256 thread: the hash, not the kernel copy, bounds one file's
+# pace. 8 GB here (2 cores): 9.5 s one at a time, 7.7 s two, 7.6 s four (benchmarks/README.md).
+WRITERS = min(os.cpu_count() or 1, 4)
 
-def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False) -> FastJob | None:
+
+def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False, writers: int = WRITERS) -> FastJob | None:
     """The fast job for this checkpoint, or None when the full path must run. `plan_beside`: a first FSDP merge may
-    write a guessed recipe while it is planned (`first_merge`; not for a dry run, which writes nothing)."""
+    write a guessed recipe while it is planned (`first_merge`; not for a dry run, which writes nothing). `writers`:
+    how many output files are written at a time (torchrun's N processes as one: `launch.alone_if`)."""
     if os.environ.get("HUBEXPORT_NO_FAST_PATH") == "1":
         return None
     layout = detect(Path(local_dir), options.backend)
@@ -63,7 +70,7 @@ def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False) ->
         if planning is not None:
             planning.close()
         return None
-    fast = FastJob(Path(local_dir), layout, recipe, tensors, files, planning)
+    fast = FastJob(Path(local_dir), layout, recipe, tensors, files, planning, writers)
     try:
         if fast.checks_hold():
             return fast
@@ -212,19 +219,25 @@ class FastJob:
     """The executor's job (see executor.Job) for a recorded merge, one process."""
 
     def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors,
-                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None = None) -> None:
+                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None = None,
+                 writers: int = WRITERS) -> None:
         self.layout, self.recipe, self.tensors, self.files = layout, recipe, tensors, files
         self.planning = planning  # a guessed recipe's planning, until it confirms the guess
+        self.writers = max(1, min(writers, len(files)))
         self.inputs = tuple(p for p in (source, layout.root, layout.hf_dir, *layout.files) if p is not None)
+        self._confirming = threading.Lock()  # the writers and the caller's on_file may each confirm
+        self._stop = threading.Event()  # a file failed: the other writers stop too
+        self._pasting = threading.Lock()
 
     def _confirm(self) -> None:
         """A guessed recipe becomes the planned one, or Unconfirmed is raised: before any file leaves the job."""
-        if self.planning is not None:
-            try:
-                self.recipe = self.planning.confirm(self.recipe)
-            finally:
-                self.planning.close()
-                self.planning = None
+        with self._confirming:
+            if self.planning is not None:
+                try:
+                    self.recipe = self.planning.confirm(self.recipe)
+                finally:
+                    self.planning.close()
+                    self.planning = None
 
     def checks_hold(self) -> bool:
         """Tied aliases hold their weight's bytes and every rank's copy of a plain tensor is the same."""
@@ -251,23 +264,51 @@ class FastJob:
         """Checked when the job was made (checks_hold)."""
 
     def write(self, tmp: Path, dist: Dist, on_file: OnFile | None = None) -> list[WrittenFile]:
+        """`writers` files at a time, each handed to `on_file` in order once it is written."""
         written = []
-        with Fsyncs() as fsyncs:
-            for name, head, outputs in self.files:
-                sha = write_parts(tmp / name, head, self._parts(outputs), fsync=False)
-                fsyncs.add(tmp / name)
-                written.append(WrittenFile(name, (tmp / name).stat().st_size, sha))
-                if on_file is not None:
-                    self._confirm()
-                    on_file(written[-1], tmp / name)
+        with Fsyncs() as fsyncs, ThreadPoolExecutor(self.writers, thread_name_prefix="hubexport-writer") as pool:
+            try:
+                pending = [pool.submit(self._write_file, tmp, name, head, outputs, fsyncs)
+                           for name, head, outputs in self.files]
+                for future in pending:
+                    written.append(future.result())
+                    if on_file is not None:
+                        self._confirm()
+                        on_file(written[-1], tmp / written[-1].name)
+            except BaseException:
+                self._stop.set()  # nothing more is written for nothing
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return written
 
+    def _write_file(self, tmp: Path, name: str, head: bytes, outputs: list[Output], fsyncs: Fsyncs) -> WrittenFile:
+        parts = self._parts(outputs)
+        try:
+            sha = write_parts(tmp / name, head, parts, fsync=False)
+        finally:
+            parts.close()  # a failed file lets go of the paste lock now, not when its traceback goes
+        fsyncs.add(tmp / name)
+        return WrittenFile(name, (tmp / name).stat().st_size, sha)
+
     def _parts(self, outputs: list[Output]) -> Iterator[FileSlices | memoryview]:
-        """The outputs' bytes; a guess stops as soon as its planning has ended and not confirmed it (a model that
-        converts its weights on saving is not copied whole for nothing)."""
-        for part in _parts(outputs):
-            if self.planning is not None and self.planning.done():
+        """The outputs' bytes; a pasted output holds the paste lock until it is written, so memory holds one
+        (the planned peak) however many files are written at a time."""
+        for _, found in outputs:
+            if isinstance(found, Assembled):
+                with self._pasting:
+                    yield from self._going(found.parts())
+            else:
+                yield from self._going((found,))
+
+    def _going(self, parts: Iterable[FileSlices | memoryview]) -> Iterator[FileSlices | memoryview]:
+        """Each part, unless another file failed meanwhile; a guess stops as soon as its planning has ended and not
+        confirmed it (a model that converts its weights on saving is not copied whole for nothing)."""
+        for part in parts:
+            planning = self.planning  # another writer may confirm it meanwhile
+            if planning is not None and planning.done():
                 self._confirm()
+            if self._stop.is_set():
+                raise Stopped
             yield part
 
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
@@ -292,9 +333,8 @@ class FastJob:
             self.planning.close()
 
 
-def _parts(outputs: list[Output]) -> Iterator[FileSlices | memoryview]:
-    for _, found in outputs:
-        yield from found.parts() if isinstance(found, Assembled) else (found,)
+class Stopped(Exception):
+    """Another file of the job failed: this one is left unfinished (its error is the one reported)."""
 
 
 def _nbytes(outputs: list[Output]) -> int:

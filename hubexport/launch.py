@@ -1,15 +1,24 @@
-"""Under torchrun, before anything heavy is imported: when the work is too small to pay for N processes' start-up
-(each imports torch, transformers and gloo: seconds of CPU on a small machine), every rank but 0 leaves at once and
-rank 0 does the work as a single process, so N processes are never slower than 1. The output is the one-process
-output, byte for byte. Only on one node (several nodes may write to node-local folders), and only when the input
-is a local folder whose weight bytes can be counted; otherwise every rank takes its share, as before.
-Imports nothing beyond the standard library."""
+"""Under torchrun, before anything heavy is imported, every rank but 0 leaves and rank 0 works as a single process
+wherever N processes would lose to one, so N processes are never slower than 1:
+- `solo_if_small`: the work is too small to pay for N processes' start-up (each imports torch, transformers and
+  gloo: seconds of CPU on a small machine), decided from the command line and the input's size alone;
+- `alone_if`: one process would copy the merge file to file without torch (a recorded merge, or a first one written
+  while it is planned, `fast_merge`), while N processes would each import torch and take the full path. Rank 0
+  decides and writes at least N files at a time; the others learn it from a file in torchrun's own folder for this
+  attempt.
+The output is the one-process output, byte for byte. Only on one node (several nodes may write to node-local
+folders); otherwise every rank takes its share, as before. Imports nothing beyond the standard library."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # Below this much input per rank, a rank's share of the work is shorter than its start-up on a 2-core machine.
 MIN_BYTES_PER_RANK = 2_000_000_000
@@ -54,6 +63,61 @@ def solo_if_small(argv: list[str], env: dict[str, str] | os._Environ = os.enviro
         sys.exit(0)
     print(f"torchrun: {total / 1e9:.2f} GB of weights is too little work for {world} processes (each needs "
           f"{per_rank / 1e9:.1f} GB to pay for its start-up; {ENV} sets it): working as 1 process", file=sys.stderr)
+    _alone(env)
+    return True
+
+
+def _alone(env: dict[str, str] | os._Environ) -> None:
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE"):
         env.pop(name, None)
-    return True
+
+
+DECISION = "hubexport-alone"  # in torchrun's attempt folder: "1" when rank 0 works alone, else "0"
+
+
+def alone_if(make: Callable[[int], T | None], env: dict[str, str] | os._Environ = os.environ) -> T | None:
+    """Under torchrun on one node, rank 0 makes the job one process would run (`make(world size)`, None when there
+    is none) and works alone when there is one; the other ranks wait for its decision and leave when it says so.
+    Returns rank 0's job, else None: every rank then takes its share. Must be called by every rank at the same
+    point, before torch.distributed is set up."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1 or int(env.get("LOCAL_WORLD_SIZE", "0")) != world or env.get(ENV) == "0" or _joined():
+        return None
+    folder = _attempt_folder(env)
+    if folder is None:
+        return None
+    decision = folder / DECISION
+    if int(env.get("RANK", "0")) != 0:
+        while not decision.is_file():  # rank 0 always writes it; if rank 0 dies, torchrun stops this rank
+            time.sleep(0.01)
+        if decision.read_text() == "1":
+            sys.exit(0)
+        return None
+    job = None
+    try:
+        job = make(world)
+    finally:  # also when making it failed: the other ranks must not wait for ever
+        staged = folder / f".{DECISION}"
+        staged.write_text("1" if job is not None else "0")
+        os.replace(staged, decision)
+    if job is not None:
+        print(f"torchrun: one process copies this merge file to file without torch, several files at a time, where "
+              f"{world} processes would each import torch to plan it: working as 1 process", file=sys.stderr)
+        _alone(env)
+    return job
+
+
+def _joined() -> bool:
+    """torch.distributed is set up already (e.g. `push` merging a checkpoint): every rank stays."""
+    tdist = sys.modules.get("torch.distributed")
+    return tdist is not None and tdist.is_available() and tdist.is_initialized()
+
+
+def _attempt_folder(env: dict[str, str] | os._Environ) -> Path | None:
+    """The folder torchrun's agent made for this attempt, shared by the node's workers and new for each attempt: each
+    worker's error file is `<attempt>/<local rank>/error.json`. None under another launcher."""
+    error = Path(env.get("TORCHELASTIC_ERROR_FILE", ""))
+    folder = error.parent.parent
+    if error.parent.name != env.get("LOCAL_RANK") or not folder.name.startswith("attempt_") or not folder.is_dir():
+        return None
+    return folder

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ import torch
 
 from hubexport import fast_merge
 from hubexport.detect import detect
+from hubexport.dist import Dist
 from hubexport.errors import CheckpointError, ConfigError
-from hubexport.executor import merge
+from hubexport.executor import execute, merge
 from hubexport.mapping.ops import same_bytes
 from hubexport.options import MergeOptions, Output
 from hubexport.sources.fsdp import FsdpSource
@@ -114,6 +116,41 @@ def test_another_config_or_option_is_not_the_recorded_merge(primed, tmp_path):
     result = merge(primed, Output(tmp_path / "second"), log=_silent)
     assert json.loads((tmp_path / "second" / "config.json").read_text())["rms_norm_eps"] == 1e-5
     assert result.architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_files_written_side_by_side_are_the_same_files(primed, writers, tmp_path):
+    """However many files are written at a time, each is the one-at-a-time file, and reaches `on_file` in order."""
+    options = MergeOptions(max_shard_size="4KB")
+    merge(primed, Output(tmp_path / "full"), options, log=_silent)  # records this shard size's merge
+    job = fast_merge.job(primed, options, writers=writers)
+    assert job is not None and len(job.files) > 3 and job.writers == writers
+    heard: list[str] = []
+    try:
+        execute(job, Output(tmp_path / "fast"), "merge", Dist.from_env(), _silent,
+                on_file=lambda f, path: heard.append(f.name))
+    finally:
+        job.close()
+    assert heard == [name for name, *_ in job.files]
+    assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "full")
+
+
+def test_a_failed_file_is_the_error_and_every_writer_has_stopped(primed, tmp_path):
+    """The failing file's own error is raised (not another writer's stop), once no writer writes any more."""
+    options = MergeOptions(max_shard_size="4KB")
+    merge(primed, Output(tmp_path / "full"), options, log=_silent)
+    job = fast_merge.job(primed, options, writers=2)
+    assert job is not None and len(job.files) > 4
+    second = job.files[1][0]
+    (tmp_path / "out" / second).mkdir(parents=True)  # it cannot be opened for writing
+    try:
+        with pytest.raises(IsADirectoryError, match=second):
+            job.write(tmp_path / "out", Dist.from_env())
+    finally:
+        job.close()
+    left = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()}
+    time.sleep(0.2)
+    assert {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir()} == left
 
 
 def test_a_rank_file_the_reader_does_not_know_goes_to_the_full_path(primed, tmp_path):

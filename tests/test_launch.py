@@ -1,6 +1,6 @@
-"""torchrun with more processes than the work pays for: every rank but 0 leaves before importing torch, rank 0
-merges as one process and says so; the output is the one-process output byte for byte. With the threshold at 0 every
-rank takes its share, with the same bytes."""
+"""torchrun with more processes than the work pays for (too little work, or a recorded merge one process repeats
+without torch): every rank but 0 leaves before importing torch, rank 0 merges as one process and says so; the output
+is the one-process output byte for byte. With the threshold at 0 every rank takes its share, with the same bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hubexport.examples import FsdpCase, make_checkpoints
-from hubexport.launch import ENV, input_folder, solo_if_small
+from hubexport.launch import DECISION, ENV, alone_if, input_folder, solo_if_small
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,3 +80,58 @@ def test_torchrun_on_small_work_runs_one_process_with_the_same_bytes(actor: Path
     assert files(tmp_path / "solo") == one
     assert files(tmp_path / "every") == one
     assert files(tmp_path / "script") == one
+
+
+def attempt(tmp_path: Path, rank: int) -> dict[str, str]:
+    """The variables torchrun gives the worker of `rank` on one node of 2, with its agent's attempt folder."""
+    (tmp_path / "attempt_0" / str(rank)).mkdir(parents=True, exist_ok=True)
+    return {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "TORCHELASTIC_ERROR_FILE": str(tmp_path / "attempt_0" / str(rank) / "error.json")}
+
+
+def test_rank_0_decides_and_the_others_follow(tmp_path: Path) -> None:
+    env = attempt(tmp_path, 0)
+    assert alone_if(lambda world: f"a job, {world} writers", env) == "a job, 2 writers"
+    assert "WORLD_SIZE" not in env and "RANK" not in env  # rank 0 is now a single process
+    assert (tmp_path / "attempt_0" / DECISION).read_text() == "1"
+    with pytest.raises(SystemExit) as left:
+        alone_if(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1))
+    assert left.value.code == 0
+
+    env = attempt(tmp_path, 0)
+    assert alone_if(lambda world: None, env) is None and env["WORLD_SIZE"] == "2"  # no recorded merge: every rank
+    assert (tmp_path / "attempt_0" / DECISION).read_text() == "0"
+    assert alone_if(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1)) is None
+
+
+def test_a_failure_to_decide_still_tells_the_other_ranks(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        alone_if(lambda world: (_ for _ in ()).throw(OSError("unreadable")), attempt(tmp_path, 0))
+    assert (tmp_path / "attempt_0" / DECISION).read_text() == "0"
+
+
+def test_nothing_is_decided_elsewhere(tmp_path: Path) -> None:
+    env = attempt(tmp_path, 0)
+    never = lambda world: pytest.fail("not asked")  # noqa: E731
+    assert alone_if(never, {**env, "LOCAL_WORLD_SIZE": "1"}) is None  # several nodes
+    assert alone_if(never, {**env, ENV: "0"}) is None  # the tests of the multi-rank path
+    assert alone_if(never, {k: v for k, v in env.items() if k != "TORCHELASTIC_ERROR_FILE"}) is None  # another launcher
+    assert alone_if(never, {**env, "LOCAL_RANK": "1"}) is None  # not torchrun's layout
+    assert alone_if(never, {}) is None
+    assert not (tmp_path / "attempt_0" / DECISION).exists()
+
+
+def test_torchrun_repeating_a_recorded_merge_runs_one_process_with_the_same_bytes(actor: Path, tmp_path: Path) -> None:
+    """Enough work for 2 processes by the size rule (1 byte per rank), but one process has a fast path: a first
+    merge written while it is planned, then the recorded merge, each written several files at a time."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), ENV: "1"}
+    first = merge(actor, tmp_path / "first", 2, env)
+    again = merge(actor, tmp_path / "again", 2, env)
+    for proc in (first, again):
+        assert "one process copies this merge file to file without torch, several files at a time" in proc.stderr, proc.stderr
+    assert "planning did not confirm" not in first.stderr
+    single = merge(actor, tmp_path / "one", 1, {**env, "HF_HOME": str(tmp_path / "hf-single")})
+    one = files(tmp_path / "one")
+    assert len([n for n in one if n.endswith(".safetensors")]) > 2  # more files than writers
+    assert files(tmp_path / "first") == one and files(tmp_path / "again") == one
+    assert "working as 1 process" not in single.stderr

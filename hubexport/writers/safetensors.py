@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,10 @@ from hubexport.safetensors_format import header_bytes
 if TYPE_CHECKING:  # a file made of copied slices alone (the fast merge path) is written without torch
     import torch
 
-CHUNK = 16 << 20  # read-back and fallback copy buffer
+CHUNK = 16 << 20  # fallback copy buffer
+# Read-back buffer, one per hashing thread: sha256 of 1 MiB pieces from the page cache is no slower than of 16 MiB
+# ones (1.66 against 1.60 GB/s here), and several files are hashed at once (fast_merge.WRITERS).
+READ_BACK = 1 << 20
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 Fetched = Union["torch.Tensor", FileSlices]
 Part = memoryview | FileSlices  # bytes in memory, or bytes to copy from checkpoint files
@@ -148,7 +152,7 @@ def read_back(sink: Sink, fd: int, start: int, length: int) -> None:
     buf = _scratch()
     end = start + length
     while start < end:
-        n = os.preadv(fd, [buf[:min(CHUNK, end - start)]], start)
+        n = os.preadv(fd, [buf[:min(READ_BACK, end - start)]], start)
         if n == 0:
             raise OSError(errno.EIO, "the file is shorter than what was written to it")
         sink.update(buf[:n])
@@ -160,10 +164,12 @@ _local = threading.local()
 
 def _scratch() -> memoryview:
     """This thread's read-back buffer, made once. One per call zeroed as many bytes as it then read, and left freed
-    blocks in each thread's malloc arena: peak RSS grew with the number of tensors (59 → 72 MB from 1 to 8 GB)."""
+    blocks in each thread's malloc arena: peak RSS grew with the number of tensors (59 → 72 MB from 1 to 8 GB). It is
+    mapped, not allocated: each file's hashing thread takes its buffer with it when it ends (from the heap, each left
+    its megabyte in its arena: 1.1 MB more at 21 files than at 3)."""
     buf = getattr(_local, "buf", None)
     if buf is None:
-        buf = _local.buf = memoryview(bytearray(CHUNK))
+        buf = _local.buf = memoryview(mmap.mmap(-1, READ_BACK))
     return buf
 
 
