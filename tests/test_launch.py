@@ -135,3 +135,15 @@ def test_torchrun_repeating_a_recorded_merge_runs_one_process_with_the_same_byte
     assert len([n for n in one if n.endswith(".safetensors")]) > 2  # more files than writers
     assert files(tmp_path / "first") == one and files(tmp_path / "again") == one
     assert "working as 1 process" not in single.stderr
+
+
+def test_ranks_already_joined_all_stay(tmp_path: Path) -> None:
+    """`push` sets up torch.distributed before it merges: no rank may leave the group then."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", rank=0, world_size=1, store=tdist.HashStore())
+    try:
+        assert alone_if(lambda world: pytest.fail("not asked"), attempt(tmp_path, 0)) is None
+    finally:
+        tdist.destroy_process_group()
+    assert not (tmp_path / "attempt_0" / DECISION).exists()
