@@ -133,8 +133,8 @@ def flat_suite(args, env: dict) -> dict:
 
 def fsdp_flat_suite(args, env: dict, cold: dict, bases: dict) -> dict:
     """The FSDP merge of one architecture at 1 GB and 8 GB (synthetic rank files; made once, kept in --work): the
-    fast path, the full path, a first merge (cold cache) now and as it was before `first_merge`, and the fast path of
-    each --baseline-repo, each size against its own floor."""
+    fast path, the full path, a first merge (cold cache) now and as it was before `first_merge`, the fast path of
+    each --baseline-repo, and torchrun with 2 and 1 processes at 8 GB, each size against its own floor."""
     c: dict[str, tuple[Path, Contender]] = {}
     nbytes = {}
     sizes = [int(gb) for gb in args.sizes.split(",")]

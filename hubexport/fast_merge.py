@@ -219,8 +219,8 @@ class FastJob:
     """The executor's job (see executor.Job) for a recorded merge, one process."""
 
     def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors,
-                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None = None,
-                 writers: int = WRITERS) -> None:
+                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None,
+                 writers: int) -> None:
         self.layout, self.recipe, self.tensors, self.files = layout, recipe, tensors, files
         self.planning = planning  # a guessed recipe's planning, until it confirms the guess
         self.writers = max(1, min(writers, len(files)))

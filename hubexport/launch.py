@@ -49,8 +49,8 @@ def weight_bytes(folder: Path) -> int:
 def solo_if_small(argv: list[str], env: dict[str, str] | os._Environ = os.environ) -> bool:
     """Decide, from the command line alone, whether this torchrun job runs as one process. Rank 0 then drops the
     torchrun variables and carries on; the other ranks exit 0. Returns whether it fell back."""
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world <= 1 or int(env.get("LOCAL_WORLD_SIZE", "0")) != world:
+    world = _one_node(env)
+    if world is None:
         return False
     folder = input_folder([a for a in argv if a != "--debug"])
     if folder is None:
@@ -67,6 +67,12 @@ def solo_if_small(argv: list[str], env: dict[str, str] | os._Environ = os.enviro
     return True
 
 
+def _one_node(env: dict[str, str] | os._Environ) -> int | None:
+    """The world size of a torchrun job whose processes are all on this node, else None."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    return world if world > 1 and int(env.get("LOCAL_WORLD_SIZE", "0")) == world else None
+
+
 def _alone(env: dict[str, str] | os._Environ) -> None:
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE"):
         env.pop(name, None)
@@ -80,8 +86,8 @@ def alone_if(make: Callable[[int], T | None], env: dict[str, str] | os._Environ 
     is none) and works alone when there is one; the other ranks wait for its decision and leave when it says so.
     Returns rank 0's job, else None: every rank then takes its share. Must be called by every rank at the same
     point, before torch.distributed is set up."""
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world <= 1 or int(env.get("LOCAL_WORLD_SIZE", "0")) != world or env.get(ENV) == "0" or _joined():
+    world = _one_node(env)
+    if world is None or env.get(ENV) == "0" or _joined():
         return None
     folder = _attempt_folder(env)
     if folder is None:
