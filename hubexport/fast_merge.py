@@ -81,7 +81,7 @@ def job(local_dir: Path, options: MergeOptions, *, plan_beside: bool = False, wr
 
 
 class Tensors(Protocol):
-    """The checkpoint's tensors as byte runs of its files."""
+    """The checkpoint's tensors as byte runs of its files; `slices` and `region` are called from every writer thread."""
 
     def shapes(self) -> merge_recipe.Shapes: ...
     def slices(self, name: str) -> FileSlices | None: ...  # None: not runs of file bytes
@@ -162,32 +162,54 @@ class Assembled:
 Output = tuple[str, FileSlices | Assembled]  # an output tensor's name and its bytes
 
 
-def _files(recipe: Recipe, tensors: Tensors) -> list[tuple[str, bytes, list[Output]]] | None:
-    """(name, header, outputs in order) of each output file; None when the recipe does not fit the tensors."""
-    copies = recipe.copy_map()
-    out = []
+@dataclass(frozen=True)
+class _File:
+    """An output file of the recipe. Its outputs are resolved again when it is written, so memory holds one file's
+    (~250 bytes a tensor), not the whole model's."""
+
+    name: str
+    header: str  # as recorded: 8-byte length + JSON, latin-1
+    nbytes: int
+
+
+def _files(recipe: Recipe, tensors: Tensors) -> list[_File] | None:
+    """Each output file; None when the recipe does not fit the tensors."""
+    copies, out = recipe.copy_map(), []
     for name, text in recipe.files:
         if Path(name).name != name or not name.endswith(".safetensors"):
             return None  # a file name next to the others, never a path
-        head = text.encode("latin-1")
-        try:
-            (n,) = struct.unpack("<Q", head[:8])
-            entries = json.loads(head[8:8 + n])
-        except (struct.error, ValueError):
+        outputs = _outputs(text, copies, tensors)
+        if outputs is None:
             return None
-        if not isinstance(entries, dict):
-            return None
-        entries.pop("__metadata__", None)
-        try:
-            order = sorted(entries, key=lambda t: entries[t]["data_offsets"][0])
-            outputs = [(t, _bytes_of(copies.get(t) or Copy(t), tensors)) for t in order]
-            fits = len(head) == 8 + n and _fits(outputs, entries)
-        except (KeyError, TypeError, IndexError):
-            return None
-        if not fits:
-            return None
-        out.append((name, head, outputs))
+        out.append(_File(name, text, _nbytes(outputs)))
     return out
+
+
+def _outputs(header: str, copies: dict[str, Copy], tensors: Tensors) -> list[Output] | None:
+    """A recorded header's outputs in file order, each with its bytes; None when they do not fit the header."""
+    entries = _entries(header)
+    if entries is None:
+        return None
+    try:
+        order = sorted(entries, key=lambda t: entries[t]["data_offsets"][0])
+        outputs = [(t, _bytes_of(copies.get(t) or Copy(t), tensors)) for t in order]
+        return outputs if _fits(outputs, entries) else None
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _entries(header: str) -> dict[str, dict] | None:
+    """A recorded header's tensor entries; None when it is not one JSON object exactly as long as it says."""
+    head = header.encode("latin-1")
+    try:
+        (n,) = struct.unpack("<Q", head[:8])
+        entries = json.loads(head[8:8 + n])
+    except (struct.error, ValueError):
+        return None
+    if not isinstance(entries, dict) or len(head) != 8 + n:
+        return None
+    entries.pop("__metadata__", None)
+    return entries
 
 
 def _bytes_of(copy: Copy, tensors: Tensors) -> FileSlices | Assembled | None:
@@ -218,10 +240,10 @@ def _fits(outputs: list[tuple[str, FileSlices | Assembled | None]], entries: dic
 class FastJob:
     """The executor's job (see executor.Job) for a recorded merge, one process."""
 
-    def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors,
-                 files: list[tuple[str, bytes, list[Output]]], planning: first_merge.Planning | None,
-                 writers: int) -> None:
+    def __init__(self, source: Path, layout: Layout, recipe: Recipe, tensors: Tensors, files: list[_File],
+                 planning: first_merge.Planning | None, writers: int) -> None:
         self.layout, self.recipe, self.tensors, self.files = layout, recipe, tensors, files
+        self._copies = recipe.copy_map()
         self.planning = planning  # a guessed recipe's planning, until it confirms the guess
         self.writers = max(1, min(writers, len(files)))
         self.inputs = tuple(p for p in (source, layout.root, layout.hf_dir, *layout.files) if p is not None)
@@ -254,11 +276,11 @@ class FastJob:
                       notes=[*layout.notes, *r.notes])
 
     def describe(self, result: Result) -> list[str]:
-        total = sum(_nbytes(outputs) for *_, outputs in self.files)
+        total = sum(f.nbytes for f in self.files)
         return [*result.notes, plan_line(result, len(self.files), total)]
 
     def planned_files(self) -> list[WrittenFile]:
-        return [WrittenFile(name, _nbytes(outputs), None) for name, _, outputs in self.files]
+        return [WrittenFile(f.name, f.nbytes, None) for f in self.files]
 
     def precheck(self) -> None:
         """Checked when the job was made (checks_hold)."""
@@ -268,8 +290,7 @@ class FastJob:
         written = []
         with Fsyncs() as fsyncs, ThreadPoolExecutor(self.writers, thread_name_prefix="hubexport-writer") as pool:
             try:
-                pending = [pool.submit(self._write_file, tmp, name, head, outputs, fsyncs)
-                           for name, head, outputs in self.files]
+                pending = [pool.submit(self._write_file, tmp, f, fsyncs) for f in self.files]
                 for future in pending:
                     written.append(future.result())
                     if on_file is not None:
@@ -281,14 +302,20 @@ class FastJob:
                 raise
         return written
 
-    def _write_file(self, tmp: Path, name: str, head: bytes, outputs: list[Output], fsyncs: Fsyncs) -> WrittenFile:
-        parts = self._parts(outputs)
+    def outputs(self, f: _File) -> list[Output]:
+        """The file's outputs, each with its bytes: as when the job was made, which they fitted."""
+        outputs = _outputs(f.header, self._copies, self.tensors)
+        assert outputs is not None
+        return outputs
+
+    def _write_file(self, tmp: Path, f: _File, fsyncs: Fsyncs) -> WrittenFile:
+        parts = self._parts(self.outputs(f))
         try:
-            sha = write_parts(tmp / name, head, parts, fsync=False)
+            sha = write_parts(tmp / f.name, f.header.encode("latin-1"), parts, fsync=False)
         finally:
             parts.close()  # a failed file lets go of the paste lock now, not when its traceback goes
-        fsyncs.add(tmp / name)
-        return WrittenFile(name, (tmp / name).stat().st_size, sha)
+        fsyncs.add(tmp / f.name)
+        return WrittenFile(f.name, (tmp / f.name).stat().st_size, sha)
 
     def _parts(self, outputs: list[Output]) -> Iterator[FileSlices | memoryview]:
         """The outputs' bytes; a pasted output holds the paste lock until it is written, so memory holds one
@@ -313,8 +340,8 @@ class FastJob:
 
     def finish(self, tmp: Path, files: list[WrittenFile]) -> None:
         self._confirm()
-        for name, _, outputs in self.files:
-            check_complete(tmp / name, {t for t, _ in outputs})
+        for f in self.files:
+            check_complete(tmp / f.name, set(_entries(f.header)))
         if self.recipe.index is not None:
             (tmp / INDEX_NAME).write_bytes(self.recipe.index.encode())
         (tmp / "config.json").write_bytes(self.recipe.config.encode())

@@ -87,8 +87,9 @@ def test_columns_split_by_tp_are_pasted_in_memory(cases, runs, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(runs["tp2_untied"][3].parent / "hf-home"))
     job = fast_merge.job(cases["tp2_untied"], MergeOptions())
     try:
-        pasted = {t for *_, outputs in job.files for t, found in outputs if isinstance(found, fast_merge.Assembled)}
-        every = {t for *_, outputs in job.files for t, _ in outputs}
+        outputs = [output for f in job.files for output in job.outputs(f)]
+        pasted = {t for t, found in outputs if isinstance(found, fast_merge.Assembled)}
+        every = {t for t, _ in outputs}
     finally:
         job.close()
     assert pasted == {t for t in every if ".o_proj." in t or ".down_proj." in t} != set()

@@ -131,7 +131,7 @@ def test_files_written_side_by_side_are_the_same_files(primed, writers, tmp_path
                 on_file=lambda f, path: heard.append(f.name))
     finally:
         job.close()
-    assert heard == [name for name, *_ in job.files]
+    assert heard == [f.name for f in job.files]
     assert folder_bytes(tmp_path / "fast") == folder_bytes(tmp_path / "full")
 
 
@@ -141,7 +141,7 @@ def test_a_failed_file_is_the_error_and_every_writer_has_stopped(primed, tmp_pat
     merge(primed, Output(tmp_path / "full"), options, log=_silent)
     job = fast_merge.job(primed, options, writers=2)
     assert job is not None and len(job.files) > 4
-    second = job.files[1][0]
+    second = job.files[1].name
     (tmp_path / "out" / second).mkdir(parents=True)  # it cannot be opened for writing
     try:
         with pytest.raises(IsADirectoryError, match=second):

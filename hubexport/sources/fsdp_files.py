@@ -59,15 +59,16 @@ class _Found:
     shape: tuple[int, ...]
     dtype: str
     geometry: _Geometry | None  # None: a plain tensor every rank holds whole
-    pieces: list = field(default_factory=list)  # plain: each rank's run; DTensor: (offsets, run, elements)
+    # plain: each rank's run; DTensor: (its first element in the tensor, *its run), flat (~150 bytes a piece)
+    pieces: list = field(default_factory=list)
 
     def located(self) -> Located | None:
         if self.geometry is None:
             return Located(self.shape, self.dtype, tuple(self.pieces[:1]), tuple(self.pieces[1:]))
         self.pieces.sort()
-        if sum(n for *_, n in self.pieces) != math.prod(self.shape):
+        if sum(n for *_, n in self.pieces) != math.prod(self.shape) * ITEMSIZE[self.dtype]:
             return None
-        return Located(self.shape, self.dtype, tuple(run for _, run, _ in self.pieces))
+        return Located(self.shape, self.dtype, tuple(piece[1:] for piece in self.pieces))
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,7 +93,7 @@ def _take_file(path: Path, rank: int, world: int, found: dict[str, _Found] | Non
     """Rank file `rank`'s runs added to `found` (made from rank 0's file, which says what each tensor is); None when
     the file is not as simple."""
     try:
-        archive = read_archive(path)
+        archive = read_archive(path, slim=_local)
     except (Unreadable, OSError):
         return None
     if not isinstance(archive.obj, dict):
@@ -104,6 +105,48 @@ def _take_file(path: Path, rank: int, world: int, found: dict[str, _Found] | Non
     return found if all(_take(archive, rank, archive.obj[name], t) for name, t in found.items()) else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """A rank file's DTensor as far as locating reads it, made as soon as it is unpickled: its stand-ins (spec,
+    placements, local tensor, storage: ~450 bytes) go at once, not when the file's ~2,000 tensors are all read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    mesh: Stub  # shared by the file's tensors
+    laid: tuple[MeshPlacement, ...] | None  # None: a placement other than Shard(dim) or Replicate
+    saved_by: object  # the rank the mesh says saved it (None: not recorded)
+    local_shape: tuple[int, ...] | None  # None: the local tensor is not a plain tensor of the DTensor's dtype
+    where: tuple[int, int] | None  # (file offset, length) of the local tensor's bytes
+
+
+def _local(t: Wrapper, archive: Archive) -> _Local | None:
+    """The DTensor's mesh, placements and local piece; None for anything that is not a DTensor with a spec."""
+    spec = t.spec
+    mesh = spec.get("mesh") if isinstance(spec, Stub) else None
+    if t.cls.kind != "DTensor" or not isinstance(mesh, Stub):
+        return None
+    lt = t.local
+    plain = isinstance(lt, Tensor) and lt.dtype == t.dtype
+    return _Local(t.shape, t.dtype, mesh, _laid(spec.get("placements"), len(t.shape)), mesh.get("_rank"),
+                  lt.shape if plain else None, archive.byte_range(lt) if plain and lt.numel else None)
+
+
+def _laid(placements: object, ndim: int) -> tuple[MeshPlacement, ...] | None:
+    if not isinstance(placements, tuple) or not placements:
+        return None
+    laid = []
+    for p in placements:
+        if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
+            return None
+        if p.kind == "Shard" and not (isinstance(p.get("dim"), int) and ndim and -ndim <= p.get("dim") < ndim):
+            return None
+        laid.append(MeshPlacement("shard", p.get("dim") % ndim) if p.kind == "Shard" else MeshPlacement("replicate"))
+    return _one_laying(tuple(laid))
+
+
+_one_laying = functools.lru_cache(maxsize=64)(tuple)  # one object per distinct laying, not one per tensor
+
+
 def _described(archive: Archive, world: int) -> dict[str, _Found] | None:
     """Each tensor of rank 0's file: its shape, dtype and, for a DTensor, the geometry its spec gives."""
     out, geometries = {}, {}
@@ -111,13 +154,14 @@ def _described(archive: Archive, world: int) -> dict[str, _Found] | None:
         if isinstance(t, Tensor):
             out[name] = _Found(t.shape, t.dtype, None)
             continue
-        spec = t.spec if isinstance(t, Wrapper) else None
-        if not isinstance(spec, Stub) or t.cls.kind != "DTensor" or t.dtype not in ITEMSIZE:
+        if not isinstance(t, _Local) or t.dtype not in ITEMSIZE or t.laid is None:
             return None
-        geometry = _geometry(archive, spec, len(t.shape), world, geometries)
-        if geometry is None:
+        key = (id(t.mesh), t.laid)
+        if key not in geometries:  # the file's tensors share one mesh object, whose ranks are read once
+            geometries[key] = _new_geometry(archive, t.mesh, t.laid, world)
+        if geometries[key] is None:
             return None
-        out[name] = _Found(t.shape, t.dtype, geometry)
+        out[name] = _Found(t.shape, t.dtype, geometries[key])
     return out
 
 
@@ -132,47 +176,21 @@ def _take(archive: Archive, rank: int, local: object, t: _Found) -> bool:
     coord = t.geometry.covering.get(rank)
     if coord is None:
         return True  # a replica of pieces other ranks hold (HSDP)
-    if not isinstance(local, Wrapper) or local.shape != t.shape or not _saved_by(local, rank):
+    if not isinstance(local, _Local) or (local.shape, local.dtype) != (t.shape, t.dtype):
         return False
-    lt = local.local
+    if local.saved_by not in (None, rank):
+        return False
     offsets, sizes = local_region(t.shape, t.geometry.mesh_shape, coord, t.geometry.placements)
-    if not isinstance(lt, Tensor) or lt.shape != sizes or lt.dtype != t.dtype:
+    if local.local_shape != sizes:
         return False
     if not one_run(t.shape, offsets, sizes):
         return False  # not a run of the global tensor's bytes: assembled in memory by the torch source
-    if lt.numel:
-        where = archive.byte_range(lt)
-        if where is None:
+    if math.prod(sizes):
+        if local.where is None:
             return False
-        t.pieces.append((offsets, (rank, *where), lt.numel))
+        first = sum(o * math.prod(t.shape[i + 1:]) for i, o in enumerate(offsets))
+        t.pieces.append((first, rank, *local.where))
     return True
-
-
-def _saved_by(local: Wrapper, rank: int) -> bool:
-    spec = local.spec
-    mesh = spec.get("mesh") if isinstance(spec, Stub) else None
-    saved = mesh.get("_rank") if isinstance(mesh, Stub) else None
-    return saved is None or saved == rank
-
-
-def _geometry(archive: Archive, spec: Stub, ndim: int, world: int,
-              known: dict[tuple[int, tuple[MeshPlacement, ...]], _Geometry | None]) -> _Geometry | None:
-    """The device mesh (flat FSDP or HSDP's replicate × shard) and the placements along it; None for any other.
-    `known` keeps each one found in this file: its tensors share one mesh object, whose ranks are read once."""
-    mesh, placements = spec.get("mesh"), spec.get("placements")
-    if not isinstance(mesh, Stub) or not isinstance(placements, tuple) or not placements:
-        return None
-    laid = []
-    for p in placements:
-        if not isinstance(p, Stub) or p.kind not in ("Shard", "Replicate"):
-            return None
-        if p.kind == "Shard" and not (isinstance(p.get("dim"), int) and ndim and -ndim <= p.get("dim") < ndim):
-            return None
-        laid.append(MeshPlacement("shard", p.get("dim") % ndim) if p.kind == "Shard" else MeshPlacement("replicate"))
-    key = (id(mesh), tuple(laid))
-    if key not in known:
-        known[key] = _new_geometry(archive, mesh, key[1], world)
-    return known[key]
 
 
 def _new_geometry(archive: Archive, mesh: Stub, placements: tuple[MeshPlacement, ...], world: int) -> _Geometry | None:

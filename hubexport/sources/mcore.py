@@ -143,10 +143,11 @@ class TorchDistSource(Source):
     def pieces(self, name: str) -> list[Piece] | None:
         """Where each stored chunk's part of the tensor lies (their headers read, no data, each chunk's once); None
         when torch must load them (`read`)."""
-        if name not in self._pieces:  # a group's outputs ask for the same input one after another
+        known = self._pieces  # a group's outputs ask for the same input one after another
+        if name not in known:  # (each caller reads its own dict: the fast path's writers call from several threads)
             entry = self._entries[name]
-            self._pieces = {name: region_pieces(self.dir, self._tensors[entry.key], entry.lead, self._blobs)}
-        return self._pieces[name]
+            known = self._pieces = {name: region_pieces(self.dir, self._tensors[entry.key], entry.lead, self._blobs)}
+        return known[name]
 
     def region(self, name: str) -> Region | None:
         """The tensor's bytes to paste in memory without torch (when they are not runs of file bytes: `slices`)."""
@@ -161,7 +162,9 @@ class TorchDistSource(Source):
 
     def _fd(self, file: str) -> int:
         if file not in self._fds:
-            self._fds[file] = os.open(self.dir / file, os.O_RDONLY)
+            fd = os.open(self.dir / file, os.O_RDONLY)
+            if self._fds.setdefault(file, fd) != fd:  # another thread opened it meanwhile
+                os.close(fd)
         return self._fds[file]
 
     def close(self) -> None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import array
 import functools
-import io
+import mmap
 import os
 import pickle
 import struct
-import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hubexport.sources import zipdir
 
 # torch dtype name → bytes per element, for the dtypes a checkpoint's weights and buffers use
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
@@ -194,13 +196,19 @@ class _StorageType:
 class _Unpickler(pickle.Unpickler):
     """Every global the pickle names must be in the allowlist; storage classes stand for their dtype."""
 
+    def __init__(self, file: mmap.mmap, archive: Archive, slim: Slim | None) -> None:
+        super().__init__(file)
+        rebuild = _rebuild_from_type_v2
+        self._rebuild = rebuild if slim is None else (lambda *args: slim(rebuild(*args), archive))
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGES:
             return _StorageType(_STORAGES[name])
         try:
-            return _ALLOWED[module, name]
+            found = _ALLOWED[module, name]
         except KeyError:
             raise Unreadable(f"{module}.{name}") from None
+        return self._rebuild if found is _rebuild_from_type_v2 else found
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
@@ -228,79 +236,77 @@ class Archive:
         return start + begin, length
 
 
-class _Window(io.RawIOBase):
-    """Bytes [start, start + length) of an open file as a file of their own (a torch.save blob inside a .distcp)."""
+@dataclass(frozen=True)
+class _Window:
+    """Bytes [start, start + length) of an open file as an archive of their own (a torch.save blob in a .distcp)."""
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+    fd: int
+    start: int
+    length: int
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = min(max(base + offset, 0), self.length)
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")[:max(self.length - self.pos, 0)]
-        n = os.preadv(self.fd, [view], self.start + self.pos) if len(view) else 0
-        self.pos += n
-        return n
+    def pread(self, n: int, at: int) -> bytes:
+        """Up to n bytes from `at` (of the window), never past its end."""
+        return os.pread(self.fd, max(min(n, self.length - at), 0), self.start + at)
 
 
-def read_archive(path: Path, start: int = 0, length: int | None = None) -> Archive:
+# What a tensor subclass (a DTensor) is replaced by as soon as it is unpickled, given the archive being read (its
+# offsets are known): its stand-ins then go at once, not when the whole file is read.
+Slim = Callable[[Wrapper, Archive], Any]
+
+
+def read_archive(path: Path, start: int = 0, length: int | None = None, slim: Slim | None = None) -> Archive:
     """Unpickle `path` (or the archive at bytes [start, start + length) of it) with the allowlist and locate its
     storages; offsets are the file's. The zip directory is dropped before the pickle is read, so the two are never
     held at once. Raises Unreadable (or OSError)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size - start if length is None else length
-            window = _Window(f.fileno(), start, size)
-            with zipfile.ZipFile(window) as z:
-                (at, pickled), offsets = _stored(z, window)
-            pickle_bytes = without_idle_memo(_read_exactly(f.fileno(), at, pickled))
-            return Archive(path, _Unpickler(io.BytesIO(pickle_bytes)).load(), offsets)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError,
+            (at, pickled), offsets = _directory(_Window(f.fileno(), start, size))
+            archive = Archive(path, None, offsets)
+            with _pruned(f.fileno(), at, pickled) as data:
+                archive.obj = _Unpickler(data, archive, slim).load()
+            return archive
+    except (pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError,
             AttributeError, IndexError, KeyError) as e:
         raise Unreadable(f"{type(e).__name__}: {e}") from None
 
 
-def _read_exactly(fd: int, at: int, n: int) -> bytes:
-    data = os.pread(fd, n, at)
-    if len(data) != n:
+def _pruned(fd: int, at: int, n: int) -> mmap.mmap:
+    """data.pkl without its idle PUTs, pruned where it is read. In a mapping of its own: unmapped when closed, where
+    the heap would keep its freed pages (and glibc's threshold for mapping large blocks would rise to its size)."""
+    data = mmap.mmap(-1, max(n, 1))
+    if n and os.preadv(fd, [data], at) != n:
+        data.close()
         raise Unreadable("data.pkl is cut short")
+    without_idle_memo(data)
     return data
 
 
-def _stored(z: zipfile.ZipFile, window: _Window) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:
-    """(file offset, length) of data.pkl, and of each storage by its key; torch stores every entry uncompressed."""
-    pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+def _directory(window: _Window) -> tuple[tuple[int, int], dict[str, tuple[int, int]]]:
+    """(file offset, length) of data.pkl, and of each storage by its key; torch stores every entry uncompressed. The
+    zip directory is read twice (once for data.pkl's folder), not held."""
+    pickles = [e for e in zipdir.entries(window) if e[0].endswith("/data.pkl") or e[0] == "data.pkl"]
     if len(pickles) != 1:
         raise Unreadable("not one data.pkl")
-    prefix = pickles[0].filename.removesuffix("data.pkl")
-    if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
+    prefix = pickles[0][0].removesuffix("data.pkl")
+    offsets, byteorder = {}, None
+    for entry in zipdir.entries(window):
+        if entry[0].startswith(prefix + "data/"):
+            offsets[entry[0].removeprefix(prefix + "data/")] = _data_range(*entry, window)
+        elif entry[0] == prefix + "byteorder":
+            byteorder = _data_range(*entry, window)
+    if byteorder is not None and os.pread(window.fd, byteorder[1], byteorder[0]) != b"little":
         raise Unreadable("a big-endian archive")
-    offsets = {info.filename.removeprefix(prefix + "data/"): _data_range(info, window)
-               for info in z.infolist() if info.filename.startswith(prefix + "data/")}
-    return _data_range(pickles[0], window), offsets
+    return _data_range(*pickles[0], window), offsets
 
 
-def _data_range(info: zipfile.ZipInfo, window: _Window) -> tuple[int, int]:
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise Unreadable(f"{info.filename} is compressed")
-    window.seek(info.header_offset)
-    sig, name_len, extra_len = _LOCAL_HEADER.unpack(window.read(_LOCAL_HEADER.size))
+def _data_range(name: str, header: int, size: int, stored: bool, window: _Window) -> tuple[int, int]:
+    if not stored:
+        raise Unreadable(f"{name} is compressed")
+    sig, name_len, extra_len = _LOCAL_HEADER.unpack(window.pread(_LOCAL_HEADER.size, header))
     if sig != b"PK\x03\x04":
-        raise Unreadable(f"{info.filename} has no local header")
-    return window.start + info.header_offset + 30 + name_len + extra_len, info.file_size
+        raise Unreadable(f"{name} has no local header")
+    return window.start + header + _LOCAL_HEADER.size + name_len + extra_len, size
 
 
 # Protocol 2's binary opcodes (what torch.save writes) by the bytes of argument after them: fixed sizes, or a length
@@ -313,11 +319,13 @@ _GET = {ord("h"): 1, ord("j"): 4}  # BINGET, LONG_BINGET
 _GLOBAL, _STOP = ord("c"), ord(".")
 
 
-def without_idle_memo(data: bytes) -> bytes:
-    """The pickle without its PUTs that no GET reads back. The unpickler's memo holds what each PUT names until the
-    load ends, and torch.save PUTs every tuple, dict and string: a rank file's args tuples and spec states, kept
-    whole whatever the stand-ins keep (~3 KB per tensor). Unchanged when it holds an opcode not listed above."""
-    puts, read, i, end = array.array("q"), set(), 0, len(data)  # each PUT's offset
+def without_idle_memo(data: bytearray | mmap.mmap) -> int:
+    """Prunes, in place, the pickle's PUTs that no GET reads back, and returns its length after (the bytes past it are
+    left as they were). The unpickler's memo holds what each PUT names until the load ends, and torch.save PUTs every
+    tuple, dict and string: a rank file's args tuples and spec states, kept whole whatever the stand-ins keep (~3 KB
+    per tensor). Unchanged when it holds an opcode not listed above."""
+    # each PUT's offset (65,000 in a rank file of 2,000 DTensors): 4 bytes each where they fit
+    puts, read, i, end = array.array("I" if len(data) < 1 << 32 else "q"), set(), 0, len(data)
     while i < end:
         op = data[i]
         i += 1
@@ -331,19 +339,28 @@ def without_idle_memo(data: bytes) -> bytes:
         elif (n := _GET.get(op)) is not None:
             read.add(int.from_bytes(data[i:i + n], "little"))
             i += n
-        elif op == _GLOBAL:  # module and name, each ending in a newline
-            i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+        elif op == _GLOBAL and (i := _past_lines(data, i, 2)) >= 0:  # module and name, each ending in a newline
+            pass
         else:
-            return data
+            return end  # an opcode not listed, or a GLOBAL cut short
         if op == _STOP:
             break
-    out, last, view = bytearray(), 0, memoryview(data)
-    for at in puts:
-        n = _PUT[data[at]]
-        if int.from_bytes(data[at + 1:at + 1 + n], "little") not in read:
-            out += view[last:at]
-            last = at + 1 + n
-    out += view[last:]
-    view.release()
-    del data, view, puts  # before the copy: the load's bytes are the one thing left
-    return bytes(out)
+    kept, last = 0, 0  # bytes [last, at) move down to `kept`: only bytes already read are overwritten
+    with memoryview(data) as view:
+        for at in puts:
+            n = _PUT[data[at]]
+            if int.from_bytes(data[at + 1:at + 1 + n], "little") not in read:
+                view[kept:kept + at - last] = view[last:at]  # overlapping: memoryview copies with memmove
+                kept, last = kept + at - last, at + 1 + n
+        view[kept:kept + end - last] = view[last:]
+    return kept + end - last
+
+
+def _past_lines(data: bytearray | mmap.mmap, i: int, lines: int) -> int:
+    """The offset just past `lines` more newlines from i; -1 when the data ends first."""
+    for _ in range(lines):
+        i = data.find(b"\n", i)
+        if i < 0:
+            return -1
+        i += 1
+    return i
