@@ -175,8 +175,8 @@ def test_a_guess_stops_being_copied_once_planning_ended_without_confirming_it(gu
             job.write(tmp_path, Dist.from_env())
     finally:
         job.close()
-    [(name, head, _)] = job.files
-    assert (tmp_path / name).stat().st_size == len(head)  # stopped before its first tensor
+    [f] = job.files
+    assert (tmp_path / f.name).stat().st_size == len(f.header)  # stopped before its first tensor
 
 
 def test_a_process_that_imported_transformers_plans_in_process(fsdp_root, tmp_path, monkeypatch):
