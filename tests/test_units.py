@@ -164,6 +164,14 @@ def test_the_pruned_pickle_loads_as_the_pickle_does(value, shared):
     assert len(pruned) < len(data) or _memo_ops(data)[0] == puts
 
 
+def test_a_pickle_cut_before_its_stop_is_left_as_it_is():
+    """Pruning leaves stale bytes past the pickle's new end: one without STOP must fail at its end, not read them."""
+    data = pickle.dumps({"x": [1, 2], "y": ("a", "a")}, protocol=2)[:-1]
+    pruned = bytearray(data)
+    assert without_idle_memo(pruned) == len(data) and pruned == data
+    assert without_idle_memo(bytearray(data + b".")) < len(data)  # with its STOP, it is pruned
+
+
 @pytest.mark.parametrize("protocol", [0, 4, 5])
 def test_a_pickle_of_other_opcodes_is_left_as_it_is(protocol):
     """Text opcodes (protocol 0) and MEMOIZE/FRAME (4, 5) are not read: the pickle is unpickled unchanged."""

@@ -345,6 +345,8 @@ def without_idle_memo(data: bytearray | mmap.mmap) -> int:
             return end  # an opcode not listed, or a GLOBAL cut short
         if op == _STOP:
             break
+    else:
+        return end  # no STOP: left whole, so the load fails where it ends (not in the stale bytes pruning leaves)
     kept, last = 0, 0  # bytes [last, at) move down to `kept`: only bytes already read are overwritten
     with memoryview(data) as view:
         for at in puts:
