@@ -75,7 +75,8 @@ def merge(local_dir: Path, out: Output, options: MergeOptions = MergeOptions(), 
 
     check_disjoint(out.target, [local_dir, options.lora_base_model], option=out.option)
     check_target(out.target, overwrite=out.overwrite, option=out.option)
-    alone = alone_if(lambda world: _fast_hf_job(local_dir, options, plan_beside=not out.dry_run, processes=world))
+    alone = alone_if(lambda world: _fast_hf_job(local_dir, options, plan_beside=not out.dry_run, processes=world),
+                     why="copies this merge file to file without torch, several files at a time")
     with _closed_on_error(alone):
         dist = Dist.from_env()
         log = log if dist.is_main else _silent
@@ -169,13 +170,26 @@ def _closed_on_error(job: Job | None) -> Iterator[None]:
 
 def _mcore_job(model: ResolvedModel, options: MegatronOptions, dist: Dist) -> Job:
     """The fast path's job when it can repeat a recorded conversion (one process), else the full path's."""
-    from hubexport import fast_to_mcore
-
-    if dist.world_size == 1 and (job := fast_to_mcore.job(model, options)) is not None:
+    if dist.world_size == 1 and (job := _fast_mcore_job(model, options)) is not None:
         return job
     from hubexport.to_mcore import McoreJob
 
     return McoreJob(model, options, dist)
+
+
+def _fast_mcore_job(model: ResolvedModel, options: MegatronOptions) -> Job | None:
+    from hubexport import fast_to_mcore
+
+    return fast_to_mcore.job(model, options)
+
+
+def _model(hf_model: str | Path, out: Output, log: Log, dist: Dist | None = None) -> ResolvedModel:
+    """The folder to convert (a Hub id fetched once), never the target or around it."""
+    from hubexport.resolve import resolve_model
+
+    model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
+    check_disjoint(out.target, [model.path], option=out.option)
+    return model
 
 
 def _file_gate(proof: Evidence, push: PushOptions) -> FileGate | None:
@@ -200,15 +214,16 @@ def to_megatron(hf_model: str | Path, out: Output, options: MegatronOptions = Me
                 log: Log = print) -> Result:
     """Convert a Hugging Face folder, or a Hub id `ORG/NAME[@REVISION]` (downloaded once), into a megatron-core
     torch_dist checkpoint at `out.target`."""
-    from hubexport.resolve import resolve_model
-
-    dist = Dist.from_env()
-    log = log if dist.is_main else _silent
     check_disjoint(out.target, [hf_model], option=out.option)
     check_target(out.target, overwrite=out.overwrite, option=out.option)
-    model = resolve_model(hf_model, purpose="--hf-model-path", log=log, dist=dist)
-    check_disjoint(out.target, [model.path], option=out.option)
-    job = dist.run(lambda: _mcore_job(model, options, dist))
+    job = alone_if(lambda world: _fast_mcore_job(_model(hf_model, out, log), options),
+                   why="copies this conversion file to file without torch")
+    with _closed_on_error(job):
+        dist = Dist.from_env()
+        log = log if dist.is_main else _silent
+        if job is None:
+            model = _model(hf_model, out, log, dist)
+            job = dist.run(lambda: _mcore_job(model, options, dist))
     try:
         return execute(job, out, "to-megatron", dist, log)
     finally:

@@ -2,10 +2,10 @@
 wherever N processes would lose to one, so N processes are never slower than 1:
 - `solo_if_small`: the work is too small to pay for N processes' start-up (each imports torch, transformers and
   gloo: seconds of CPU on a small machine), decided from the command line and the input's size alone;
-- `alone_if`: one process would copy the merge file to file without torch (a recorded merge, or a first one written
-  while it is planned, `fast_merge`), while N processes would each import torch and take the full path. Rank 0
-  decides and writes at least N files at a time; the others learn it from a file in torchrun's own folder for this
-  attempt.
+- `alone_if`: one process would copy the output file to file without torch (a recorded merge, or a first one
+  written while it is planned, `fast_merge`; a recorded to-megatron, `fast_to_mcore`), while N processes would each
+  import torch and take the full path. Rank 0 decides (a merge then writes at least N files at a time); the others
+  learn it from a file in torchrun's own folder for this attempt.
 The output is the one-process output, byte for byte. Only on one node (several nodes may write to node-local
 folders); otherwise every rank takes its share, as before. Imports nothing beyond the standard library."""
 
@@ -81,11 +81,11 @@ def _alone(env: dict[str, str] | os._Environ) -> None:
 DECISION = "hubexport-alone"  # in torchrun's attempt folder: "1" when rank 0 works alone, else "0"
 
 
-def alone_if(make: Callable[[int], T | None], env: dict[str, str] | os._Environ = os.environ) -> T | None:
+def alone_if(make: Callable[[int], T | None], env: dict[str, str] | os._Environ = os.environ, *, why: str) -> T | None:
     """Under torchrun on one node, rank 0 makes the job one process would run (`make(world size)`, None when there
-    is none) and works alone when there is one; the other ranks wait for its decision and leave when it says so.
-    Returns rank 0's job, else None: every rank then takes its share. Must be called by every rank at the same
-    point, before torch.distributed is set up."""
+    is none) and works alone when there is one, saying `why`; the other ranks wait for its decision and leave when it
+    says so. Returns rank 0's job, else None: every rank then takes its share. Must be called by every rank at the
+    same point, before torch.distributed is set up."""
     world = _one_node(env)
     if world is None or env.get(ENV) == "0" or _joined():
         return None
@@ -107,8 +107,8 @@ def alone_if(make: Callable[[int], T | None], env: dict[str, str] | os._Environ 
         staged.write_text("1" if job is not None else "0")
         os.replace(staged, decision)
     if job is not None:
-        print(f"torchrun: one process copies this merge file to file without torch, several files at a time, where "
-              f"{world} processes would each import torch to plan it: working as 1 process", file=sys.stderr)
+        print(f"torchrun: one process {why}, where {world} processes would each import torch to plan it: working as "
+              "1 process", file=sys.stderr)
         _alone(env)
     return job
 

@@ -82,6 +82,10 @@ def test_torchrun_on_small_work_runs_one_process_with_the_same_bytes(actor: Path
     assert files(tmp_path / "script") == one
 
 
+def alone(make, env: dict[str, str]):
+    return alone_if(make, env, why="repeats a recorded job")
+
+
 def attempt(tmp_path: Path, rank: int) -> dict[str, str]:
     """The variables torchrun gives the worker of `rank` on one node of 2, with its agent's attempt folder."""
     (tmp_path / "attempt_0" / str(rank)).mkdir(parents=True, exist_ok=True)
@@ -91,33 +95,33 @@ def attempt(tmp_path: Path, rank: int) -> dict[str, str]:
 
 def test_rank_0_decides_and_the_others_follow(tmp_path: Path) -> None:
     env = attempt(tmp_path, 0)
-    assert alone_if(lambda world: f"a job, {world} writers", env) == "a job, 2 writers"
+    assert alone(lambda world: f"a job, {world} writers", env) == "a job, 2 writers"
     assert "WORLD_SIZE" not in env and "RANK" not in env  # rank 0 is now a single process
     assert (tmp_path / "attempt_0" / DECISION).read_text() == "1"
     with pytest.raises(SystemExit) as left:
-        alone_if(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1))
+        alone(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1))
     assert left.value.code == 0
 
     env = attempt(tmp_path, 0)
-    assert alone_if(lambda world: None, env) is None and env["WORLD_SIZE"] == "2"  # no recorded merge: every rank
+    assert alone(lambda world: None, env) is None and env["WORLD_SIZE"] == "2"  # no recorded merge: every rank
     assert (tmp_path / "attempt_0" / DECISION).read_text() == "0"
-    assert alone_if(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1)) is None
+    assert alone(lambda world: pytest.fail("only rank 0 makes the job"), attempt(tmp_path, 1)) is None
 
 
 def test_a_failure_to_decide_still_tells_the_other_ranks(tmp_path: Path) -> None:
     with pytest.raises(OSError):
-        alone_if(lambda world: (_ for _ in ()).throw(OSError("unreadable")), attempt(tmp_path, 0))
+        alone(lambda world: (_ for _ in ()).throw(OSError("unreadable")), attempt(tmp_path, 0))
     assert (tmp_path / "attempt_0" / DECISION).read_text() == "0"
 
 
 def test_nothing_is_decided_elsewhere(tmp_path: Path) -> None:
     env = attempt(tmp_path, 0)
     never = lambda world: pytest.fail("not asked")  # noqa: E731
-    assert alone_if(never, {**env, "LOCAL_WORLD_SIZE": "1"}) is None  # several nodes
-    assert alone_if(never, {**env, ENV: "0"}) is None  # the tests of the multi-rank path
-    assert alone_if(never, {k: v for k, v in env.items() if k != "TORCHELASTIC_ERROR_FILE"}) is None  # another launcher
-    assert alone_if(never, {**env, "LOCAL_RANK": "1"}) is None  # not torchrun's layout
-    assert alone_if(never, {}) is None
+    assert alone(never, {**env, "LOCAL_WORLD_SIZE": "1"}) is None  # several nodes
+    assert alone(never, {**env, ENV: "0"}) is None  # the tests of the multi-rank path
+    assert alone(never, {k: v for k, v in env.items() if k != "TORCHELASTIC_ERROR_FILE"}) is None  # another launcher
+    assert alone(never, {**env, "LOCAL_RANK": "1"}) is None  # not torchrun's layout
+    assert alone(never, {}) is None
     assert not (tmp_path / "attempt_0" / DECISION).exists()
 
 
@@ -137,13 +141,40 @@ def test_torchrun_repeating_a_recorded_merge_runs_one_process_with_the_same_byte
     assert "working as 1 process" not in single.stderr
 
 
+def to_megatron(model: Path, out: Path, nproc: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(torchrun if nproc > 1 else [sys.executable]), "-m", "hubexport", "to-megatron", "--hf-model-path",
+           str(model), "--output-path", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_torchrun_repeating_a_recorded_conversion_runs_one_process_with_the_same_bytes(actor: Path,
+                                                                                       tmp_path: Path) -> None:
+    """to-megatron with enough work for 2 processes by the size rule: once one process has recorded the conversion,
+    rank 0 repeats it alone, without torch, and writes what one process writes; before that, both ranks convert."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), ENV: "1"}
+    merge(actor, tmp_path / "model", 1, env)
+    cold = to_megatron(tmp_path / "model", tmp_path / "cold", 2, env)  # nothing recorded: every rank converts
+    single = to_megatron(tmp_path / "model", tmp_path / "one", 1, env)  # one process records it
+    again = to_megatron(tmp_path / "model", tmp_path / "again", 2, env)
+    assert "working as 1 process" not in cold.stderr + single.stderr
+    assert "one process copies this conversion file to file without torch" in again.stderr, again.stderr
+    assert tree(tmp_path / "again") == tree(tmp_path / "one") and len(tree(tmp_path / "one")) > 1
+
+
 def test_ranks_already_joined_all_stay(tmp_path: Path) -> None:
     """`push` sets up torch.distributed before it merges: no rank may leave the group then."""
     import torch.distributed as tdist
 
     tdist.init_process_group("gloo", rank=0, world_size=1, store=tdist.HashStore())
     try:
-        assert alone_if(lambda world: pytest.fail("not asked"), attempt(tmp_path, 0)) is None
+        assert alone(lambda world: pytest.fail("not asked"), attempt(tmp_path, 0)) is None
     finally:
         tdist.destroy_process_group()
     assert not (tmp_path / "attempt_0" / DECISION).exists()
