@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hubexport.sources.shards import MeshPlacement, covering_coords, local_region, one_run
+from hubexport.sources.shards import MeshPlacement, covering_coords, local_region, one_run, row_major_strides
 from hubexport.sources.torchsave import ITEMSIZE, Archive, Stub, Tensor, Unreadable, Wrapper, read_archive
 
 Run = tuple[int, int, int]  # (index of the rank file, file offset, length)
@@ -188,7 +188,7 @@ def _take(archive: Archive, rank: int, local: object, t: _Found) -> bool:
     if math.prod(sizes):
         if local.where is None:
             return False
-        first = sum(o * math.prod(t.shape[i + 1:]) for i, o in enumerate(offsets))
+        first = sum(o * s for o, s in zip(offsets, row_major_strides(t.shape), strict=True))
         t.pieces.append((first, rank, *local.where))
     return True
 
@@ -210,7 +210,7 @@ def _mesh_ranks(archive: Archive, mesh: Stub) -> tuple[dict[tuple[int, ...], int
     if isinstance(mesh.get("mesh"), Tensor):  # contiguous (else _ints refuses it): its elements in row-major order
         t = mesh.get("mesh")
         values, shape = _ints(archive, t), t.shape
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        stride = row_major_strides(shape)
     else:
         rank_map, layout = mesh.get("_rank_map"), mesh.get("_layout")
         axes = layout.get("axes") if isinstance(layout, Stub) else None

@@ -51,15 +51,21 @@ def one_run(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, 
 
 
 
+def row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Each dimension's stride, in elements, in a contiguous row-major tensor of `shape`."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return tuple(strides)
+
+
 def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, list[int]]:
     """A box (offsets, sizes) of a row-major tensor of `shape` as runs of elements contiguous in both the box's own
     row-major order and the tensor's: (elements per run, each run's first element in the tensor), in box order.
     The dimensions from the last one the box cuts on are one run (a column block of a matrix: one run per row)."""
     cut = max((i for i, (o, n, full) in enumerate(zip(offsets, sizes, shape, strict=True)) if o or n != full),
               default=0)
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * shape[i + 1]
+    strides = row_major_strides(shape)
     run = 1
     for n in sizes[cut:]:
         run *= n
